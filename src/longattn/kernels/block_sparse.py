@@ -1,0 +1,418 @@
+"""Triton block-sparse flash attention: forward, and backward as two kernels (dQ per query block; dK/dV per
+kv block over the transposed lists, GQA heads summed in-program, so no atomics and deterministic results).
+
+Each program walks the block list of its (batch, head, block): *full* blocks with no masking, then *partial*
+blocks whose element mask is read from the BlockSparse's bit tiles. Tokens come from the blocks' start/length
+tables, so plain batches, sequence tails and packed variable-length batches share one code path. An optional
+additive bias given by low-rank factors (bias = U @ W.T, as FlashBias) is one extra small dot per tile.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from longattn.masks.block_sparse import BlockSparse
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(name: str, sizes: list[tuple[int, int, int]]) -> list[triton.Config]:
+    """Autotuning candidates (sub-tile size, warps, stages); the interpreter gets only the smallest tile."""
+    if INTERPRET:
+        sizes = [min(sizes)]
+    return [triton.Config({name: s}, num_warps=w, num_stages=st) for s, w, st in sizes]
+
+
+def _prune_split(configs, named_args, **kwargs):
+    """Keep sub-tile sizes no larger than the sparse block they split (both are powers of two)."""
+    args = {**named_args, **kwargs}
+    out = []
+    for c in configs:
+        name, limit = ("BLOCK_N", args["BLOCK_KV"]) if "BLOCK_N" in c.kwargs else ("BLOCK_M1", args["BLOCK_Q"])
+        if c.kwargs[name] <= limit:
+            out.append(c)
+    return out or [min(configs, key=lambda c: next(iter(c.kwargs.values())))]
+
+
+# -------------------------------------------------------------------------------------------------- forward
+@triton.autotune(
+    configs=_configs("BLOCK_N", [(64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3)]),
+    key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_BIAS", "DTYPE_KEY"],
+    prune_configs_by={"early_config_prune": _prune_split},
+)
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, LSE, BU, BW,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
+    s_ub, s_uh, s_um, s_wb, s_wh, s_wn,
+    IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch,
+    QS, QL, KS, KL,
+    qk_scale, H, GROUP,
+    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, PREC: tl.constexpr,
+    DTYPE_KEY: tl.constexpr,
+):
+    SPLIT: tl.constexpr = BLOCK_KV // BLOCK_N
+    WORDS: tl.constexpr = BLOCK_KV // 32
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = (h // GROUP).to(tl.int64)
+    q0 = tl.load(QS + pid_m).to(tl.int64)
+    qlen = tl.load(QL + pid_m)
+    offs_m = tl.arange(0, BLOCK_Q)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_valid = offs_m < qlen
+    q = tl.load(Q + b * s_qb + h * s_qh + (q0 + offs_m)[:, None] * s_qm + offs_d[None, :],
+                mask=m_valid[:, None], other=0.0)
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+    if HAS_BIAS:
+        offs_r = tl.arange(0, RANK)
+        u = tl.load(BU + b * s_ub + h * s_uh + (q0 + offs_m)[:, None] * s_um + offs_r[None, :],
+                    mask=m_valid[:, None], other=0.0)
+        w_base = BW + b * s_wb + h * s_wh
+    row = b * s_ib + h * s_ih + pid_m * s_im
+    crow = b * s_cb + h * s_ch + pid_m
+    n_full = tl.load(FULL + crow) * SPLIT
+    n_all = tl.load(CNT + crow) * SPLIT
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
+    for j in range(0, n_full):
+        kb = tl.load(IDX + row + j // SPLIT)
+        k0 = (tl.load(KS + kb) + (j % SPLIT) * BLOCK_N).to(tl.int64)
+        kt = tl.load(k_base + (k0 + offs_n)[None, :] * s_kn + offs_d[:, None])
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        if HAS_BIAS:
+            wt = tl.load(w_base + (k0 + offs_n)[None, :] * s_wn + offs_r[:, None])
+            s += tl.dot(u, wt, input_precision=PREC) * 1.4426950408889634
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + (k0 + offs_n)[:, None] * s_vn + offs_d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    for j in range(n_full, n_all):
+        e = j // SPLIT
+        kb = tl.load(IDX + row + e)
+        cols = (j % SPLIT) * BLOCK_N + offs_n
+        k0 = tl.load(KS + kb).to(tl.int64)
+        n_valid = cols < tl.load(KL + kb)
+        kt = tl.load(k_base + (k0 + cols)[None, :] * s_kn + offs_d[:, None], mask=n_valid[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        if HAS_BIAS:
+            wt = tl.load(w_base + (k0 + cols)[None, :] * s_wn + offs_r[:, None], mask=n_valid[None, :], other=0.0)
+            s += tl.dot(u, wt, input_precision=PREC) * 1.4426950408889634
+        tile = tl.load(TID + row + e).to(tl.int64)
+        words = tl.load(TILES + tile * (BLOCK_Q * WORDS) + offs_m[:, None] * WORDS + (cols // 32)[None, :])
+        keep = ((words >> (cols % 32)[None, :]) & 1) != 0
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + (k0 + cols)[:, None] * s_vn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(Out + b * s_ob + h * s_oh + (q0 + offs_m)[:, None] * s_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=m_valid[:, None])
+    tl.store(LSE + b * s_lb + h * s_lh + q0 + offs_m, lse, mask=m_valid)
+
+
+# -------------------------------------------------------------------------------------------------- backward
+@triton.autotune(
+    configs=_configs("BLOCK_N", [(32, 4, 3), (64, 8, 3), (64, 4, 3), (32, 8, 4)]),
+    key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_BIAS", "DTYPE_KEY"],
+    prune_configs_by={"early_config_prune": _prune_split},
+)
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, BU, BW, DU,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_lb, s_lh,
+    s_ub, s_uh, s_um, s_wb, s_wh, s_wn,
+    IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch,
+    QS, QL, KS, KL,
+    sm_scale, H, GROUP,
+    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, PREC: tl.constexpr,
+    DTYPE_KEY: tl.constexpr,
+):
+    """dQ (and dU) for one query block; Q, DO, DQ, DU share the q strides (contiguous copies)."""
+    SPLIT: tl.constexpr = BLOCK_KV // BLOCK_N
+    WORDS: tl.constexpr = BLOCK_KV // 32
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = (h // GROUP).to(tl.int64)
+    q0 = tl.load(QS + pid_m).to(tl.int64)
+    qlen = tl.load(QL + pid_m)
+    offs_m = tl.arange(0, BLOCK_Q)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_valid = offs_m < qlen
+    q_off = b * s_qb + h * s_qh + (q0 + offs_m)[:, None] * s_qm + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=m_valid[:, None], other=0.0)
+    do = tl.load(DO + q_off, mask=m_valid[:, None], other=0.0)
+    lse = tl.load(LSE + b * s_lb + h * s_lh + q0 + offs_m, mask=m_valid, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + b * s_lb + h * s_lh + q0 + offs_m, mask=m_valid, other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+    if HAS_BIAS:
+        offs_r = tl.arange(0, RANK)
+        u_off = b * s_ub + h * s_uh + (q0 + offs_m)[:, None] * s_um + offs_r[None, :]
+        u = tl.load(BU + u_off, mask=m_valid[:, None], other=0.0)
+        w_base = BW + b * s_wb + h * s_wh
+        du = tl.zeros([BLOCK_Q, RANK], tl.float32)
+    row = b * s_ib + h * s_ih + pid_m * s_im
+    crow = b * s_cb + h * s_ch + pid_m
+    n_full = tl.load(FULL + crow) * SPLIT
+    n_all = tl.load(CNT + crow) * SPLIT
+    dq = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
+    for j in range(0, n_all):
+        e = j // SPLIT
+        kb = tl.load(IDX + row + e)
+        cols = (j % SPLIT) * BLOCK_N + offs_n
+        k0 = tl.load(KS + kb).to(tl.int64)
+        partial = j >= n_full
+        n_valid = cols < tl.load(KL + kb)
+        kt = tl.load(k_base + (k0 + cols)[None, :] * s_kn + offs_d[:, None], mask=n_valid[None, :], other=0.0)
+        vt = tl.load(v_base + (k0 + cols)[None, :] * s_vn + offs_d[:, None], mask=n_valid[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        if HAS_BIAS:
+            wt = tl.load(w_base + (k0 + cols)[None, :] * s_wn + offs_r[:, None], mask=n_valid[None, :], other=0.0)
+            s += tl.dot(u, wt, input_precision=PREC) * 1.4426950408889634
+        p = tl.math.exp2(s - lse[:, None])
+        if partial:
+            tile = tl.load(TID + row + e).to(tl.int64)
+            words = tl.load(TILES + tile * (BLOCK_Q * WORDS) + offs_m[:, None] * WORDS + (cols // 32)[None, :])
+            p = tl.where(((words >> (cols % 32)[None, :]) & 1) != 0, p, 0.0)
+        dp = tl.dot(do, vt, input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+        if HAS_BIAS:
+            du += tl.dot(ds.to(wt.dtype), tl.trans(wt), input_precision=PREC)
+    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_valid[:, None])
+    if HAS_BIAS:
+        tl.store(DU + u_off, du.to(DU.dtype.element_ty), mask=m_valid[:, None])
+
+
+@triton.autotune(
+    configs=_configs("BLOCK_M1", [(32, 4, 3), (64, 8, 3), (32, 8, 3), (64, 4, 2), (16, 4, 3)]),
+    key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_BIAS", "DTYPE_KEY"],
+    prune_configs_by={"early_config_prune": _prune_split},
+)
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, BU, BW, DW,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_lb, s_lh,
+    s_ub, s_uh, s_um, s_wb, s_wh, s_wn,
+    IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch,
+    QS, QL, KS, KL,
+    sm_scale, HKV, GROUP,
+    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M1: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, PREC: tl.constexpr,
+    DTYPE_KEY: tl.constexpr,
+):
+    """dK, dV for one kv block (summed over the GQA group's query heads) and dW per query head.
+    Q/DO share strides, K/V/DK/DV share strides, LSE/DELTA share strides; lists are the transposed (CSC) ones."""
+    SPLIT: tl.constexpr = BLOCK_Q // BLOCK_M1
+    WORDS: tl.constexpr = BLOCK_KV // 32
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = (pid_bh % HKV).to(tl.int64)
+    k0 = tl.load(KS + pid_n).to(tl.int64)
+    klen = tl.load(KL + pid_n)
+    offs_n = tl.arange(0, BLOCK_KV)
+    offs_m = tl.arange(0, BLOCK_M1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_valid = offs_n < klen
+    kv_off = b * s_kb + hk * s_kh + (k0 + offs_n)[:, None] * s_kn + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=n_valid[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=n_valid[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_KV, HEAD_DIM], tl.float32)
+    if HAS_BIAS:
+        offs_r = tl.arange(0, RANK)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        if HAS_BIAS:
+            w_off = b * s_wb + h * s_wh + (k0 + offs_n)[:, None] * s_wn + offs_r[None, :]
+            w = tl.load(BW + w_off, mask=n_valid[:, None], other=0.0)
+            dw = tl.zeros([BLOCK_KV, RANK], tl.float32)
+        row = b * s_ib + h * s_ih + pid_n * s_im
+        crow = b * s_cb + h * s_ch + pid_n
+        n_full = tl.load(FULL + crow) * SPLIT
+        n_all = tl.load(CNT + crow) * SPLIT
+        for j in range(0, n_all):
+            e = j // SPLIT
+            qb = tl.load(IDX + row + e)
+            rows = (j % SPLIT) * BLOCK_M1 + offs_m
+            q0 = tl.load(QS + qb).to(tl.int64)
+            m_valid = rows < tl.load(QL + qb)
+            q_off = b * s_qb + h * s_qh + (q0 + rows)[None, :] * s_qm + offs_d[:, None]
+            qt = tl.load(Q + q_off, mask=m_valid[None, :], other=0.0)  # [D, M1]
+            lse = tl.load(LSE + b * s_lb + h * s_lh + q0 + rows, mask=m_valid, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+            delta = tl.load(DELTA + b * s_lb + h * s_lh + q0 + rows, mask=m_valid, other=0.0)
+            st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # [KV, M1]
+            if HAS_BIAS:
+                ut = tl.load(BU + b * s_ub + h * s_uh + (q0 + rows)[None, :] * s_um + offs_r[:, None],
+                             mask=m_valid[None, :], other=0.0)
+                st += tl.dot(w, ut, input_precision=PREC) * 1.4426950408889634
+            pt = tl.math.exp2(st - lse[None, :])
+            if j >= n_full:
+                tile = tl.load(TID + row + e).to(tl.int64)
+                words = tl.load(TILES + tile * (BLOCK_Q * WORDS) + rows[None, :] * WORDS + (offs_n // 32)[:, None])
+                pt = tl.where(((words >> (offs_n % 32)[:, None]) & 1) != 0, pt, 0.0)
+            do = tl.load(DO + b * s_qb + h * s_qh + (q0 + rows)[:, None] * s_qm + offs_d[None, :],
+                         mask=m_valid[:, None], other=0.0)  # [M1, D]
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)
+            if HAS_BIAS:
+                dw += tl.dot(dst.to(ut.dtype), tl.trans(ut), input_precision=PREC)
+        if HAS_BIAS:
+            tl.store(DW + w_off, dw.to(DW.dtype.element_ty), mask=n_valid[:, None])
+    tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=n_valid[:, None])
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
+
+
+# -------------------------------------------------------------------------------------------------- launchers
+def _list_args(bs_lists) -> tuple:
+    """Lists then strides for the kernels; broadcast (size-1) batch/head dims get stride 0."""
+    idx, cnt, full, tid = bs_lists
+    s_ib = idx.stride(0) if idx.shape[0] > 1 else 0
+    s_ih = idx.stride(1) if idx.shape[1] > 1 else 0
+    s_cb = cnt.stride(0) if cnt.shape[0] > 1 else 0
+    s_ch = cnt.stride(1) if cnt.shape[1] > 1 else 0
+    return (idx, cnt, full, tid, s_ib, s_ih, idx.stride(2), s_cb, s_ch)
+
+
+def _tiles(bs: BlockSparse) -> Tensor:
+    return bs.tiles if bs.tiles.numel() else torch.zeros(1, *bs.tiles.shape[1:], dtype=torch.int32,
+                                                         device=bs.device)
+
+
+def _bias_args(bias: tuple[Tensor, Tensor] | None, q: Tensor) -> tuple[Tensor, Tensor, tuple, int]:
+    if bias is None:
+        return q, q, (0,) * 6, 16
+    u, w = bias
+    return u, w, (u.stride(0), u.stride(1), u.stride(2), w.stride(0), w.stride(1), w.stride(2)), u.shape[-1]
+
+
+def _prec(q: Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def block_sparse_forward(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale: float,
+                         bias: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Launch the forward kernel. Inputs validated by the caller; last dims contiguous, bias rank padded to 16k."""
+    B, H, Sq, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    bu, bw, bias_strides, rank = _bias_args(bias, q)
+    bq, bkv = bs.block_size
+    lists = _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
+    grid = (len(bs.q_blocks), B * H)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, bu, bw,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), *bias_strides,
+        *lists[:4], _tiles(bs), *lists[4:],
+        bs.q_blocks.starts, bs.q_blocks.lens, bs.kv_blocks.starts, bs.kv_blocks.lens,
+        scale * LOG2E, H, H // k.shape[1],
+        BLOCK_Q=bq, BLOCK_KV=bkv, HEAD_DIM=D, HAS_BIAS=bias is not None, RANK=rank, PREC=_prec(q),
+        DTYPE_KEY=str(q.dtype),
+    )
+    return out, lse
+
+
+def block_sparse_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                          dlse: Tensor | None, bs: BlockSparse, scale: float,
+                          bias: tuple[Tensor, Tensor] | None = None):
+    """Gradients (dq, dk, dv, du, dw). A gradient on the LSE output folds into delta (dL/ds += dlse * p)."""
+    B, H, Sq, D = q.shape
+    Hkv = k.shape[1]
+    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
+    delta = (do.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if bias is not None:
+        bias = (bias[0].contiguous(), bias[1].contiguous())
+    bu, bw, bias_strides, rank = _bias_args(bias, q)
+    du, dw = (torch.empty_like(bu), torch.empty_like(bw)) if bias is not None else (q, q)
+    bq, bkv = bs.block_size
+    lists = _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
+    common = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, RANK=rank, PREC=_prec(q), DTYPE_KEY=str(q.dtype))
+    _bwd_dq_kernel[(len(bs.q_blocks), B * H)](
+        q, k, v, do, lse, delta, dq, bu, bw, du,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), *bias_strides,
+        *lists[:4], _tiles(bs), *lists[4:],
+        bs.q_blocks.starts, bs.q_blocks.lens, bs.kv_blocks.starts, bs.kv_blocks.lens,
+        scale, H, H // Hkv, BLOCK_Q=bq, BLOCK_KV=bkv, **common,
+    )
+    tl_lists = _list_args(tuple(bs.transposed()))
+    _bwd_dkdv_kernel[(len(bs.kv_blocks), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, bu, bw, dw,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        lse.stride(0), lse.stride(1), *bias_strides,
+        *tl_lists[:4], _tiles(bs), *tl_lists[4:],
+        bs.q_blocks.starts, bs.q_blocks.lens, bs.kv_blocks.starts, bs.kv_blocks.lens,
+        scale, Hkv, H // Hkv, BLOCK_Q=bq, BLOCK_KV=bkv, **common,
+    )
+    return dq, dk, dv, (du if bias is not None else None), (dw if bias is not None else None)
+
+
+class BlockSparseAttention(torch.autograd.Function):
+    """Autograd wrapper: returns (out, lse); both carry gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias_u, bias_w, bs, scale):
+        bias = (bias_u, bias_w) if bias_u is not None else None
+        out, lse = block_sparse_forward(q, k, v, bs, scale, bias)
+        ctx.save_for_backward(q, k, v, out, lse, bias_u, bias_w)
+        ctx.bs, ctx.scale = bs, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, bias_u, bias_w = ctx.saved_tensors
+        bias = (bias_u, bias_w) if bias_u is not None else None
+        dq, dk, dv, du, dw = block_sparse_backward(dout, q, k, v, out, lse, dlse, ctx.bs, ctx.scale, bias)
+        return dq, dk, dv, du, dw, None, None
+
+
+def pad_rank(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero-pad bias factors' rank to a multiple of 16 (tensor-core dot minimum); the product is unchanged."""
+    r = u.shape[-1]
+    rp = max(16, math.ceil(r / 16) * 16)
+    if rp == r:
+        return u, w
+    return torch.nn.functional.pad(u, (0, rp - r)), torch.nn.functional.pad(w, (0, rp - r))

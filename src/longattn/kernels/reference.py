@@ -1,0 +1,128 @@
+"""The oracle: plain PyTorch attention computed in query chunks (memory O(seq_q_chunk × seq_kv)).
+
+It accepts every mask kind the library knows (mask_mod, BlockSparse, causal flag, packed variable-length
+sequences, low-rank additive bias), any dtype including float64, and autograd (each chunk is checkpointed, so
+the backward also stays O(chunk × seq_kv)). It is the CPU execution path and the yardstick of every kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from longattn.masks.block_sparse import BlockSparse
+from longattn.masks.core import MaskMod, evaluate
+
+DEFAULT_CHUNK = 1024
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskMod | BlockSparse | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    bias: tuple[Tensor, Tensor] | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_kv: Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[Tensor, Tensor]:
+    """Return (out [B, Hq, Sq, D] in q.dtype, lse [B, Hq, Sq] float32 or float64; -inf where nothing attended).
+
+    ``compute_dtype`` defaults to float32 for half inputs (accurate CPU path); pass the input dtype to get
+    "plain PyTorch in low precision", the baseline error the kernels are held to.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if compute_dtype is None:
+        compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    if isinstance(mask, BlockSparse):
+        chunk = max(mask.block_size[0], chunk - chunk % mask.block_size[0])
+    row_mask = _row_mask_fn(mask, causal, B, Hq, Sq, Skv, cu_seqlens_q, cu_seqlens_kv, q.device)
+    kx = k.repeat_interleave(group, dim=1) if group > 1 else k
+    vx = v.repeat_interleave(group, dim=1) if group > 1 else v
+    outs, lses = [], []
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, *(bias if bias is not None else ())))
+    for lo in range(0, Sq, chunk):
+        hi = min(Sq, lo + chunk)
+        allowed = row_mask(lo, hi)
+        args = (q[:, :, lo:hi], kx, vx, allowed, scale, compute_dtype)
+        if bias is not None:
+            args = (*args, bias[0][:, :, lo:hi], bias[1])
+        fn = _chunk_attention
+        o, lse = checkpoint(fn, *args, use_reentrant=False) if needs_grad else fn(*args)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
+
+
+def _chunk_attention(q, k, v, allowed, scale, compute_dtype, bias_u=None, bias_v=None):
+    s = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-1, -2)) * scale
+    if bias_u is not None:
+        s = s + torch.matmul(bias_u.to(compute_dtype), bias_v.to(compute_dtype).transpose(-1, -2))
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    denom = p.sum(-1, keepdim=True)
+    out = torch.matmul(p, v.to(compute_dtype)) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    return out, (m + torch.log(denom)).squeeze(-1).to(lse_dtype)
+
+
+def _row_mask_fn(mask, causal, B, H, Sq, Skv, cu_q, cu_kv, device):
+    """A function (lo, hi) -> bool mask broadcastable to [B, H, hi - lo, Skv], or None for all-True."""
+    kv = torch.arange(Skv, device=device)
+    if cu_q is not None or cu_kv is not None:
+        cu_q = (cu_kv if cu_q is None else cu_q).to(device).long()
+        cu_kv = (cu_q if cu_kv is None else cu_kv).to(device).long()
+        doc_q = torch.repeat_interleave(torch.arange(len(cu_q) - 1, device=device), cu_q[1:] - cu_q[:-1])
+        doc_kv = torch.repeat_interleave(torch.arange(len(cu_kv) - 1, device=device), cu_kv[1:] - cu_kv[:-1])
+        pos_q, pos_kv = torch.arange(Sq, device=device) - cu_q[doc_q], kv - cu_kv[doc_kv]
+        offset = (cu_kv[1:] - cu_kv[:-1]) - (cu_q[1:] - cu_q[:-1])
+        if isinstance(mask, BlockSparse):
+            raise ValueError("mask: a BlockSparse built with cu_seqlens already encodes them; do not pass both")
+
+        def varlen_rows(lo, hi):
+            dq, pq = doc_q[lo:hi].view(-1, 1), pos_q[lo:hi].view(-1, 1)
+            m = dq == doc_kv.view(1, -1)
+            if causal:
+                m = m & (pos_kv.view(1, -1) <= pq + offset[dq])
+            m = m.view(1, 1, *m.shape)
+            if mask is not None:
+                m = m & evaluate(mask, dq.view(1, 1, -1, 1), torch.arange(H, device=device).view(1, -1, 1, 1),
+                                 pq.view(1, 1, -1, 1), pos_kv.view(1, 1, 1, -1))
+            return m
+
+        return varlen_rows
+
+    if mask is None and not causal:
+        return lambda lo, hi: None
+
+    def rows(lo, hi):
+        m = None
+        if causal:
+            q_pos = torch.arange(lo, hi, device=device).view(-1, 1) + (Skv - Sq)
+            m = (kv.view(1, -1) <= q_pos).view(1, 1, hi - lo, Skv)
+        if isinstance(mask, BlockSparse):
+            bq = mask.block_size[0]
+            el = mask.dense_rows(lo // bq, math.ceil(hi / bq))
+            m = el if m is None else m & el
+        elif mask is not None:
+            el = evaluate(mask, torch.arange(B, device=device).view(-1, 1, 1, 1),
+                          torch.arange(H, device=device).view(1, -1, 1, 1),
+                          torch.arange(lo, hi, device=device).view(1, 1, -1, 1), kv.view(1, 1, 1, -1))
+            m = el if m is None else m & el
+        return m
+
+    return rows

@@ -1,0 +1,428 @@
+"""BlockSparse: the block-level description of an attention mask that every kernel consumes.
+
+Rows are query blocks, entries are kv blocks. For each (batch, head, query block) the kv-block list holds the
+*full* blocks first (every element attended, no masking needed) and then the *partial* ones, whose exact
+element mask is a bit tile (``block_q`` rows × ``block_kv // 32`` int32 words). Identical tiles (every causal
+diagonal block, say) are stored once. Batch and head dimensions are 1 when the mask does not depend on them.
+
+Blocks are *virtual*: block ``i`` covers tokens ``q_starts[i] : q_starts[i] + q_lens[i]``. For a plain batch
+they tile the sequence; for packed variable-length batches (``cu_seqlens``) they restart at every sequence,
+so no block straddles two sequences and no padding work is done.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from longattn.masks.core import MaskFn, MaskMod, as_mask_mod, evaluate
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+_EVAL_CHUNK_ELEMS = 1 << 25  # elements of mask evaluated at once when classifying candidate blocks
+
+
+@dataclass
+class Blocks1D:
+    """Token ranges of the virtual blocks along one axis, and the sequence (document) each belongs to."""
+
+    starts: Tensor  # int32 [n] first token of the block in the (packed) sequence
+    lens: Tensor  # int32 [n] valid tokens in the block (< block size only at a sequence's tail)
+    local: Tensor  # int64 [n] first token of the block relative to its own sequence
+    seq: Tensor  # int64 [n] sequence index (0 for a plain batch)
+    block: int
+    total: int  # tokens along the axis
+
+    @staticmethod
+    def plain(total: int, block: int, device) -> Blocks1D:
+        starts = torch.arange(0, max(total, 1), block, device=device, dtype=torch.int64)[: math.ceil(total / block)]
+        lens = (total - starts).clamp(max=block)
+        return Blocks1D(starts.int(), lens.int(), starts, torch.zeros_like(starts), block, total)
+
+    @staticmethod
+    def packed(cu_seqlens: Tensor, block: int) -> Blocks1D:
+        cu = cu_seqlens.to(torch.int64)
+        lens_seq = cu[1:] - cu[:-1]
+        nblk = (lens_seq + block - 1) // block
+        seq = torch.repeat_interleave(torch.arange(len(lens_seq), device=cu.device), nblk)
+        first = torch.cumsum(nblk, 0) - nblk
+        local = (torch.arange(int(nblk.sum()), device=cu.device) - first[seq]) * block
+        lens = (lens_seq[seq] - local).clamp(max=block)
+        return Blocks1D((cu[seq] + local).int(), lens.int(), local, seq, block, int(cu[-1]))
+
+    def __len__(self) -> int:
+        return self.starts.numel()
+
+
+class BlockLists(NamedTuple):
+    """Padded per-row block lists: entries [B', H', rows, maxK], counts [B', H', rows], tile ids like entries."""
+
+    indices: Tensor
+    counts: Tensor
+    full_counts: Tensor
+    tile_ids: Tensor
+
+
+@dataclass
+class BlockSparse:
+    """CSR block description of an attention mask (see module docstring). Build with the ``from_*`` methods."""
+
+    kv_indices: Tensor  # int32 [B', H', nQB, maxK]: full entries first, then partial; padding undefined
+    kv_counts: Tensor  # int32 [B', H', nQB]: entries in use
+    full_counts: Tensor  # int32 [B', H', nQB]: leading entries that are full
+    tile_ids: Tensor  # int32 [B', H', nQB, maxK]: bit tile of each partial entry, -1 for full
+    tiles: Tensor  # int32 [T, block_q, block_kv // 32]: bit j of word w in row r is element (r, 32 w + j)
+    q_blocks: Blocks1D
+    kv_blocks: Blocks1D
+    mask_mod: MaskMod | None = None  # the predicate it was built from, when known (for FlexAttention)
+    _transposed: BlockLists | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def block_size(self) -> tuple[int, int]:
+        return self.q_blocks.block, self.kv_blocks.block
+
+    @property
+    def seq_q(self) -> int:
+        return self.q_blocks.total
+
+    @property
+    def seq_kv(self) -> int:
+        return self.kv_blocks.total
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B', H', seq_q, seq_kv); B' and H' are 1 where the mask is shared."""
+        return (*self.kv_counts.shape[:2], self.seq_q, self.seq_kv)
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_indices.device
+
+    @property
+    def varlen(self) -> bool:
+        return bool((self.q_blocks.seq.numel() and int(self.q_blocks.seq.max()) > 0)
+                    or (self.kv_blocks.seq.numel() and int(self.kv_blocks.seq.max()) > 0))
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_mask_mod(
+        cls,
+        mask_mod: MaskFn,
+        B: int,
+        H: int,
+        seq_q: int,
+        seq_kv: int,
+        block: int | tuple[int, int] = (128, 128),
+        *,
+        device: torch.device | str | None = None,
+        cu_seqlens_q: Tensor | None = None,
+        cu_seqlens_kv: Tensor | None = None,
+    ) -> BlockSparse:
+        """Build from a mask_mod without materialising seq_q × seq_kv: block bounds classify most blocks,
+        only undecided blocks are evaluated element by element (in chunks).
+
+        With ``cu_seqlens_*`` the batch is packed (B must be 1): blocks restart at each sequence, the mask
+        sees ``b`` = sequence index and sequence-local ``q_idx`` / ``kv_idx``, cross-sequence pairs are empty.
+        """
+        mask = as_mask_mod(mask_mod, "mask_mod")
+        bq, bkv = _check_block(block)
+        for name, v in (("B", B), ("H", H), ("seq_q", seq_q), ("seq_kv", seq_kv)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        qb, kb = _axis_blocks(seq_q, seq_kv, bq, bkv, device, cu_seqlens_q, cu_seqlens_kv, B)
+        bi, hi = _bh_extent(mask, B, H, qb, device)
+        b_idx = torch.arange(bi, device=device).view(-1, 1, 1, 1)
+        h_idx = torch.arange(hi, device=device).view(1, -1, 1, 1)
+        if qb.seq.max() > 0 or kb.seq.max() > 0:  # packed: b is the sequence of the block
+            b_idx = qb.seq.view(1, 1, -1, 1)
+        q_lo = qb.local.view(1, 1, -1, 1)
+        kv_lo = kb.local.view(1, 1, 1, -1)
+        any_, all_ = mask.block_bounds(b_idx, h_idx, q_lo, q_lo + qb.lens.view(1, 1, -1, 1) - 1,
+                                       kv_lo, kv_lo + kb.lens.view(1, 1, 1, -1) - 1)
+        shape = (bi, hi, len(qb), len(kb))
+        cls_map = torch.full(shape, PARTIAL, dtype=torch.int8, device=device)
+        cls_map[~any_.expand(shape)] = EMPTY
+        cls_map[all_.expand(shape)] = FULL
+        return cls._finish(cls_map, mask, qb, kb)
+
+    @classmethod
+    def from_block_mask(
+        cls,
+        block_mask: Tensor,
+        seq_q: int,
+        seq_kv: int,
+        block: int | tuple[int, int] = (128, 128),
+    ) -> BlockSparse:
+        """Build from a bool block map [B', H', nQB, nKB] (True = attend the whole block); tail blocks are
+        clipped to the sequence. This is how dynamic methods hand their selection to the kernels."""
+        bq, bkv = _check_block(block)
+        if not isinstance(block_mask, Tensor) or block_mask.dtype != torch.bool or block_mask.dim() != 4:
+            raise TypeError(f"block_mask: expected a 4-D bool tensor [B, H, nQB, nKB], got "
+                            f"{getattr(block_mask, 'dtype', type(block_mask).__name__)} "
+                            f"{tuple(getattr(block_mask, 'shape', ()))}")
+        qb, kb = Blocks1D.plain(seq_q, bq, block_mask.device), Blocks1D.plain(seq_kv, bkv, block_mask.device)
+        if block_mask.shape[2:] != (len(qb), len(kb)):
+            raise ValueError(f"block_mask: expected block grid ({len(qb)}, {len(kb)}) for seq ({seq_q}, {seq_kv}) "
+                             f"and block ({bq}, {bkv}), got {tuple(block_mask.shape[2:])}")
+        cls_map = torch.where(block_mask, FULL, EMPTY).to(torch.int8)
+        table = block_mask.contiguous()
+
+        def in_selected_block(b, h, q, kv):
+            t = table.to(q.device)
+            return t[b % t.shape[0], h % t.shape[1], q // bq, kv // bkv]
+
+        return cls._finish(cls_map, MaskMod(in_selected_block, name="block_mask"), qb, kb)
+
+    @classmethod
+    def from_flex(cls, block_mask) -> BlockSparse:
+        """Convert a torch FlexAttention ``BlockMask``; its partial blocks are evaluated with its mask_mod."""
+        bq, bkv = block_mask.BLOCK_SIZE
+        seq_q, seq_kv = block_mask.seq_lengths
+        n_q, n_kv = math.ceil(seq_q / bq), math.ceil(seq_kv / bkv)
+        device = block_mask.kv_indices.device
+        pos = torch.arange(block_mask.kv_indices.shape[-1], device=device)
+
+        def scatter(counts: Tensor, indices: Tensor, value: int, out: Tensor) -> None:
+            valid = (pos < counts[..., None]) & (indices < n_kv)
+            bb, hh, qq, ee = torch.nonzero(valid, as_tuple=True)
+            out[bb, hh, qq, indices[bb, hh, qq, ee].long()] = value
+
+        cls_map = torch.zeros((*block_mask.kv_num_blocks.shape[:2], n_q, n_kv), dtype=torch.int8, device=device)
+        scatter(block_mask.kv_num_blocks[..., :n_q], block_mask.kv_indices[..., :n_q, :], PARTIAL, cls_map)
+        if block_mask.full_kv_num_blocks is not None:
+            scatter(block_mask.full_kv_num_blocks[..., :n_q], block_mask.full_kv_indices[..., :n_q, :], FULL, cls_map)
+        qb, kb = Blocks1D.plain(seq_q, bq, device), Blocks1D.plain(seq_kv, bkv, device)
+        return cls._finish(cls_map, as_mask_mod(block_mask.mask_mod), qb, kb)
+
+    @classmethod
+    def _finish(cls, cls_map: Tensor, mask: MaskMod, qb: Blocks1D, kb: Blocks1D) -> BlockSparse:
+        """Resolve undecided blocks elementwise, force incomplete blocks partial, dedup tiles, emit CSR."""
+        if qb.seq.max() > 0 or kb.seq.max() > 0:
+            cls_map[:, :, qb.seq.view(-1, 1) != kb.seq.view(1, -1)] = EMPTY
+        # A full block must be complete: the kernel reads it without bounds checks.
+        short = (qb.lens.view(-1, 1) < qb.block) | (kb.lens.view(1, -1) < kb.block)
+        cls_map[(cls_map == FULL) & short.view(1, 1, *short.shape)] = PARTIAL
+        bb, hh, qq, kk = torch.nonzero(cls_map == PARTIAL, as_tuple=True)
+        bits = _evaluate_blocks(mask, bb, hh, qq, kk, qb, kb)
+        n_valid = qb.lens[qq].long() * kb.lens[kk].long()
+        n_true = bits.view(bits.shape[0], -1).sum(1)
+        complete = (qb.lens[qq] == qb.block) & (kb.lens[kk] == kb.block)
+        cls_map[bb, hh, qq, kk] = torch.where(
+            n_true == 0, EMPTY, torch.where((n_true == n_valid) & complete, FULL, PARTIAL)).to(torch.int8)
+        keep = (n_true > 0) & ~((n_true == n_valid) & complete)
+        tiles, inverse = _dedup_tiles(_pack_bits(bits[keep]))
+        tile_map = torch.full(cls_map.shape, -1, dtype=torch.int32, device=cls_map.device)
+        tile_map[bb[keep], hh[keep], qq[keep], kk[keep]] = inverse.int()
+        kv_indices, kv_counts, full_counts, tile_ids = _csr(cls_map, tile_map)
+        return cls(kv_indices, kv_counts, full_counts, tile_ids, tiles, qb, kb, mask)
+
+    # ------------------------------------------------------------------ views
+    def block_map(self) -> tuple[Tensor, Tensor]:
+        """Dense block class map [B', H', nQB, nKB] (EMPTY/PARTIAL/FULL) and tile map (-1 where none)."""
+        shape = (*self.kv_counts.shape, len(self.kv_blocks))
+        cls_map = torch.zeros(shape, dtype=torch.int8, device=self.device)
+        tile_map = torch.full(shape, -1, dtype=torch.int32, device=self.device)
+        pos = torch.arange(self.kv_indices.shape[-1], device=self.device)
+        used = pos < self.kv_counts[..., None]
+        full = pos < self.full_counts[..., None]
+        bb, hh, qq, ee = torch.nonzero(used, as_tuple=True)
+        kk = self.kv_indices[bb, hh, qq, ee].long()
+        cls_map[bb, hh, qq, kk] = torch.where(full[bb, hh, qq, ee], FULL, PARTIAL).to(torch.int8)
+        tile_map[bb, hh, qq, kk] = self.tile_ids[bb, hh, qq, ee]
+        return cls_map, tile_map
+
+    def transposed(self) -> BlockLists:
+        """The same blocks listed per kv block (CSC): entries are query blocks, full first, with the *same*
+        (untransposed) tile ids. Used by the dK/dV backward kernel; built once and cached."""
+        if self._transposed is None:
+            cls_map, tile_map = self.block_map()
+            self._transposed = BlockLists(*_csr(cls_map.transpose(2, 3), tile_map.transpose(2, 3)))
+        return self._transposed
+
+    def dense_rows(self, q_block_lo: int, q_block_hi: int) -> Tensor:
+        """Element mask [B', H', rows, seq_kv] for query blocks [lo, hi) (rows = their valid tokens)."""
+        code, table = self._element_lookup()
+        el = table[code[:, :, q_block_lo:q_block_hi]]  # [B', H', nq, nKB, bq, bkv]
+        el = el.permute(0, 1, 2, 4, 3, 5).reshape(*el.shape[:2], el.shape[2] * el.shape[4], -1)
+        rows = _token_positions(self.q_blocks, q_block_lo, q_block_hi, self.q_blocks.block) >= 0
+        cols = _token_positions(self.kv_blocks, 0, len(self.kv_blocks), self.kv_blocks.block) >= 0
+        return el[:, :, rows][..., cols]  # blocks tile the tokens in order, so valid slots are the tokens
+
+    def to_dense(self) -> Tensor:
+        """Element mask [B', H', seq_q, seq_kv] (tests and small inputs only: O(seq_q × seq_kv) memory)."""
+        return self.dense_rows(0, len(self.q_blocks))
+
+    def density(self) -> float:
+        """Fraction of the query × key area the kernels compute (full + partial blocks): the retained work."""
+        cls_map, _ = self.block_map()
+        area = self.q_blocks.lens.view(-1, 1).double() * self.kv_blocks.lens.view(1, -1).double()
+        if self.varlen:
+            area = area * (self.q_blocks.seq.view(-1, 1) == self.kv_blocks.seq.view(1, -1))
+        return float(((cls_map != EMPTY) * area).sum() / (area.sum() * cls_map.shape[0] * cls_map.shape[1]))
+
+    def mask_density(self) -> float:
+        """Fraction of query × key pairs the mask keeps (exact: full blocks plus set bits of partial tiles)."""
+        cls_map, tile_map = self.block_map()
+        area = self.q_blocks.lens.view(-1, 1).double() * self.kv_blocks.lens.view(1, -1).double()
+        if self.varlen:
+            area = area * (self.q_blocks.seq.view(-1, 1) == self.kv_blocks.seq.view(1, -1))
+        ones_per_tile = _unpack_bits(self.tiles, self.kv_blocks.block).flatten(1).sum(1).double()
+        kept = ((cls_map == FULL) * area).sum()
+        kept += ones_per_tile[tile_map[cls_map == PARTIAL].long()].sum()
+        return float(kept / (area.sum() * cls_map.shape[0] * cls_map.shape[1]))
+
+    def to(self, device: torch.device | str) -> BlockSparse:
+        """Copy to another device."""
+        def move(x: Blocks1D) -> Blocks1D:
+            return Blocks1D(x.starts.to(device), x.lens.to(device), x.local.to(device), x.seq.to(device),
+                            x.block, x.total)
+        return BlockSparse(self.kv_indices.to(device), self.kv_counts.to(device), self.full_counts.to(device),
+                           self.tile_ids.to(device), self.tiles.to(device), move(self.q_blocks),
+                           move(self.kv_blocks), self.mask_mod)
+
+    def to_flex(self):
+        """A torch FlexAttention ``BlockMask`` with the same blocks; partial blocks use the source mask_mod
+        when known, else a lookup into our bit tiles."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        if self.varlen:
+            raise ValueError("to_flex: packed variable-length BlockSparse has no FlexAttention equivalent; "
+                             "build it with masks.document(...) on the packed sequence instead")
+        pos = torch.arange(self.kv_indices.shape[-1], device=self.device)
+        partial_idx = torch.where(pos >= self.full_counts[..., None], self.kv_indices, 0)
+        order = torch.argsort((pos < self.full_counts[..., None]).int(), dim=-1, stable=True)
+        partial_idx = torch.gather(partial_idx, -1, order).contiguous()
+        partial_counts = (self.kv_counts - self.full_counts).contiguous()
+        mask_mod = self.mask_mod if self.mask_mod is not None else self._tile_lookup_mask_mod()
+        return BlockMask.from_kv_blocks(partial_counts, partial_idx, self.full_counts.contiguous(),
+                                        self.kv_indices.contiguous(), BLOCK_SIZE=self.block_size,
+                                        mask_mod=mask_mod, seq_lengths=(self.seq_q, self.seq_kv))
+
+    def _element_lookup(self) -> tuple[Tensor, Tensor]:
+        """Per-block code [B', H', nQB, nKB] into a tile table [T + 2, bq, bkv] (0 empty, 1 full, 2+ tiles)."""
+        cls_map, tile_map = self.block_map()
+        code = torch.where(cls_map == FULL, 1, torch.where(cls_map == PARTIAL, tile_map.long() + 2, 0))
+        bq, bkv = self.block_size
+        table = torch.cat([torch.zeros(1, bq, bkv, dtype=torch.bool, device=self.device),
+                           torch.ones(1, bq, bkv, dtype=torch.bool, device=self.device),
+                           _unpack_bits(self.tiles, bkv)])
+        return code, table
+
+    def _tile_lookup_mask_mod(self) -> MaskMod:
+        code, table = self._element_lookup()
+        bq, bkv = self.block_size
+
+        def block_sparse_tiles(b, h, q, kv):
+            c = code[b % code.shape[0], h % code.shape[1], q // bq, kv // bkv]
+            return table[c, q % bq, kv % bkv]
+
+        return MaskMod(block_sparse_tiles)
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_block(block: int | Sequence[int]) -> tuple[int, int]:
+    bq, bkv = (block, block) if isinstance(block, int) else tuple(block)
+    if not (isinstance(bq, int) and bq >= 16 and bq & (bq - 1) == 0):
+        raise ValueError(f"block: expected a query block size that is a power of two >= 16, got {bq!r}")
+    if not (isinstance(bkv, int) and bkv >= 32 and bkv & (bkv - 1) == 0):
+        raise ValueError(f"block: expected a kv block size that is a power of two >= 32, got {bkv!r}")
+    return bq, bkv
+
+
+def _axis_blocks(seq_q, seq_kv, bq, bkv, device, cu_q, cu_kv, B) -> tuple[Blocks1D, Blocks1D]:
+    if cu_q is None and cu_kv is None:
+        return Blocks1D.plain(seq_q, bq, device), Blocks1D.plain(seq_kv, bkv, device)
+    cu_kv = cu_q if cu_kv is None else cu_kv
+    cu_q = cu_kv if cu_q is None else cu_q
+    for name, cu, total in (("cu_seqlens_q", cu_q, seq_q), ("cu_seqlens_kv", cu_kv, seq_kv)):
+        if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}: expected a 1-D int32/int64 tensor of cumulative lengths, got "
+                            f"{getattr(cu, 'dtype', type(cu).__name__)}")
+        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total}, got {cu.tolist()}")
+    if cu_q.numel() != cu_kv.numel():
+        raise ValueError(f"cu_seqlens_kv: expected {cu_q.numel()} offsets like cu_seqlens_q, got {cu_kv.numel()}")
+    if B != 1:
+        raise ValueError(f"B: packed variable-length batches (cu_seqlens) need B=1, got {B}")
+    return Blocks1D.packed(cu_q.to(device), bq), Blocks1D.packed(cu_kv.to(device), bkv)
+
+
+def _bh_extent(mask: MaskMod, B: int, H: int, qb: Blocks1D, device) -> tuple[int, int]:
+    """Batch and head extents the mask actually depends on (1 where it ignores b or h)."""
+    probe = evaluate(mask, torch.arange(B, device=device).view(-1, 1, 1, 1),
+                     torch.arange(H, device=device).view(1, -1, 1, 1),
+                     torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
+                     torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device))
+    bi = B if probe.dim() == 4 and probe.shape[0] == B else 1
+    hi = H if probe.dim() == 4 and probe.shape[1] == H else 1
+    if qb.seq.max() > 0:
+        bi = 1
+    return bi, hi
+
+
+def _evaluate_blocks(mask: MaskMod, bb, hh, qq, kk, qb: Blocks1D, kb: Blocks1D) -> Tensor:
+    """Elementwise mask of the listed blocks: bool [n, block_q, block_kv], False outside the sequences."""
+    n, bq, bkv = bb.numel(), qb.block, kb.block
+    out = torch.zeros(n, bq, bkv, dtype=torch.bool, device=bb.device)
+    r = torch.arange(bq, device=bb.device).view(1, bq, 1)
+    c = torch.arange(bkv, device=bb.device).view(1, 1, bkv)
+    packed = bool(qb.seq.max() > 0 or kb.seq.max() > 0)
+    step = max(1, _EVAL_CHUNK_ELEMS // (bq * bkv))
+    for lo in range(0, n, step):
+        sl = slice(lo, lo + step)
+        q_local, kv_local = qb.local[qq[sl]].view(-1, 1, 1), kb.local[kk[sl]].view(-1, 1, 1)
+        b = qb.seq[qq[sl]].view(-1, 1, 1) if packed else bb[sl].view(-1, 1, 1).long()
+        m = evaluate(mask, b, hh[sl].view(-1, 1, 1).long(), q_local + r, kv_local + c)
+        valid = (r < qb.lens[qq[sl]].view(-1, 1, 1)) & (c < kb.lens[kk[sl]].view(-1, 1, 1))
+        out[sl] = m & valid
+    return out
+
+
+def _pack_bits(bits: Tensor) -> Tensor:
+    """bool [n, R, C] -> int32 [n, R, C // 32] (bit j of word w = column 32 w + j)."""
+    n, r, c = bits.shape
+    weights = torch.tensor([1 << j for j in range(32)], dtype=torch.int64, device=bits.device)
+    words = (bits.view(n, r, c // 32, 32).long() * weights).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).int()
+
+
+def _unpack_bits(tiles: Tensor, cols: int) -> Tensor:
+    """int32 [T, R, C // 32] -> bool [T, R, C]."""
+    shifts = torch.arange(32, device=tiles.device, dtype=torch.int32)
+    bits = (tiles.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*tiles.shape[:2], cols).bool()
+
+
+def _dedup_tiles(packed: Tensor) -> tuple[Tensor, Tensor]:
+    if packed.shape[0] == 0:
+        return packed, torch.zeros(0, dtype=torch.long, device=packed.device)
+    flat = packed.view(packed.shape[0], -1)
+    uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    return uniq.view(-1, *packed.shape[1:]).contiguous(), inverse
+
+
+def _csr(cls_map: Tensor, tile_map: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per row: full blocks (ascending), then partial blocks (ascending); padded to the longest row."""
+    n = cls_map.shape[-1]
+    col = torch.arange(n, device=cls_map.device, dtype=torch.int32)
+    key = torch.where(cls_map == FULL, col, torch.where(cls_map == PARTIAL, col + n, col + 2 * n))
+    order = torch.argsort(key, dim=-1).int()
+    kv_counts = (cls_map != EMPTY).sum(-1, dtype=torch.int32)
+    full_counts = (cls_map == FULL).sum(-1, dtype=torch.int32)
+    width = max(1, int(kv_counts.max())) if kv_counts.numel() else 1
+    kv_indices = order[..., :width].contiguous()
+    tile_ids = torch.gather(tile_map, -1, kv_indices.long()).contiguous()
+    return kv_indices, kv_counts.contiguous(), full_counts.contiguous(), tile_ids
+
+
+def _token_positions(blocks: Blocks1D, lo: int, hi: int, block: int) -> Tensor:
+    """Token index of every row slot of blocks [lo, hi), -1 for slots past a block's valid length."""
+    r = torch.arange(block, device=blocks.starts.device).view(1, -1)
+    starts, lens = blocks.starts[lo:hi].long().view(-1, 1), blocks.lens[lo:hi].long().view(-1, 1)
+    return torch.where(r < lens, starts + r, -1).view(-1)
