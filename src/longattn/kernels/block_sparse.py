@@ -322,6 +322,15 @@ def _bias_args(bias: tuple[Tensor, Tensor] | None, q: Tensor) -> tuple[Tensor, T
     return u, w, (u.stride(0), u.stride(1), u.stride(2), w.stride(0), w.stride(1), w.stride(2)), u.shape[-1]
 
 
+def _empty_like(t: Tensor) -> Tensor:
+    """Output buffer allocation (one place, so tests can poison fresh buffers with NaN)."""
+    return torch.empty_like(t)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _prec(q: Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
@@ -330,8 +339,8 @@ def block_sparse_forward(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale
                          bias: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel. Inputs validated by the caller; last dims contiguous, bias rank padded to 16k."""
     B, H, Sq, D = q.shape
-    out = torch.empty_like(q)
-    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    out = _empty_like(q)
+    lse = _empty((B, H, Sq), torch.float32, q.device)
     bu, bw, bias_strides, rank = _bias_args(bias, q)
     bq, bkv = bs.block_size
     lists = _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
@@ -362,11 +371,11 @@ def block_sparse_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         delta = delta - dlse.float()
     delta = delta.contiguous()
     lse = lse.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     if bias is not None:
         bias = (bias[0].contiguous(), bias[1].contiguous())
     bu, bw, bias_strides, rank = _bias_args(bias, q)
-    du, dw = (torch.empty_like(bu), torch.empty_like(bw)) if bias is not None else (q, q)
+    du, dw = (_empty_like(bu), _empty_like(bw)) if bias is not None else (q, q)
     bq, bkv = bs.block_size
     lists = _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
     common = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, RANK=rank, PREC=_prec(q), DTYPE_KEY=str(q.dtype))

@@ -7,6 +7,7 @@ the backward also stays O(chunk × seq_kv)). It is the CPU execution path and th
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -15,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longattn.masks.block_sparse import BlockSparse
 from longattn.masks.core import MaskMod, evaluate
+from longattn.masks.varlen import packed
 
 DEFAULT_CHUNK = 1024
 
@@ -44,16 +46,13 @@ def reference_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if compute_dtype is None:
         compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    if isinstance(mask, BlockSparse):
-        chunk = max(mask.block_size[0], chunk - chunk % mask.block_size[0])
     row_mask = _row_mask_fn(mask, causal, B, Hq, Sq, Skv, cu_seqlens_q, cu_seqlens_kv, q.device)
     kx = k.repeat_interleave(group, dim=1) if group > 1 else k
     vx = v.repeat_interleave(group, dim=1) if group > 1 else v
     outs, lses = [], []
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, *(bias if bias is not None else ())))
-    for lo in range(0, Sq, chunk):
-        hi = min(Sq, lo + chunk)
+    for lo, hi in _chunks(mask, Sq, chunk):
         allowed = row_mask(lo, hi)
         args = (q[:, :, lo:hi], kx, vx, allowed, scale, compute_dtype)
         if bias is not None:
@@ -80,31 +79,25 @@ def _chunk_attention(q, k, v, allowed, scale, compute_dtype, bias_u=None, bias_v
     return out, (m + torch.log(denom)).squeeze(-1).to(lse_dtype)
 
 
+def _chunks(mask, Sq: int, chunk: int) -> list[tuple[int, int]]:
+    """Query ranges to process at once; with a BlockSparse they follow its (possibly ragged) query blocks."""
+    if not isinstance(mask, BlockSparse):
+        return [(lo, min(Sq, lo + chunk)) for lo in range(0, Sq, chunk)]
+    starts = mask.q_blocks.starts.tolist()
+    per = max(1, chunk // mask.block_size[0])
+    bounds = starts[::per] + [Sq]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
 def _row_mask_fn(mask, causal, B, H, Sq, Skv, cu_q, cu_kv, device):
     """A function (lo, hi) -> bool mask broadcastable to [B, H, hi - lo, Skv], or None for all-True."""
     kv = torch.arange(Skv, device=device)
     if cu_q is not None or cu_kv is not None:
-        cu_q = (cu_kv if cu_q is None else cu_q).to(device).long()
-        cu_kv = (cu_q if cu_kv is None else cu_kv).to(device).long()
-        doc_q = torch.repeat_interleave(torch.arange(len(cu_q) - 1, device=device), cu_q[1:] - cu_q[:-1])
-        doc_kv = torch.repeat_interleave(torch.arange(len(cu_kv) - 1, device=device), cu_kv[1:] - cu_kv[:-1])
-        pos_q, pos_kv = torch.arange(Sq, device=device) - cu_q[doc_q], kv - cu_kv[doc_kv]
-        offset = (cu_kv[1:] - cu_kv[:-1]) - (cu_q[1:] - cu_q[:-1])
         if isinstance(mask, BlockSparse):
             raise ValueError("mask: a BlockSparse built with cu_seqlens already encodes them; do not pass both")
-
-        def varlen_rows(lo, hi):
-            dq, pq = doc_q[lo:hi].view(-1, 1), pos_q[lo:hi].view(-1, 1)
-            m = dq == doc_kv.view(1, -1)
-            if causal:
-                m = m & (pos_kv.view(1, -1) <= pq + offset[dq])
-            m = m.view(1, 1, *m.shape)
-            if mask is not None:
-                m = m & evaluate(mask, dq.view(1, 1, -1, 1), torch.arange(H, device=device).view(1, -1, 1, 1),
-                                 pq.view(1, 1, -1, 1), pos_kv.view(1, 1, 1, -1))
-            return m
-
-        return varlen_rows
+        cu_q = (cu_kv if cu_q is None else cu_q).to(device)
+        cu_kv = (cu_q if cu_kv is None else cu_kv).to(device)
+        mask, causal = packed(cu_q, cu_kv, causal=causal, inner=mask), False
 
     if mask is None and not causal:
         return lambda lo, hi: None
@@ -115,8 +108,8 @@ def _row_mask_fn(mask, causal, B, H, Sq, Skv, cu_q, cu_kv, device):
             q_pos = torch.arange(lo, hi, device=device).view(-1, 1) + (Skv - Sq)
             m = (kv.view(1, -1) <= q_pos).view(1, 1, hi - lo, Skv)
         if isinstance(mask, BlockSparse):
-            bq = mask.block_size[0]
-            el = mask.dense_rows(lo // bq, math.ceil(hi / bq))
+            starts = mask.q_blocks.starts.tolist()
+            el = mask.dense_rows(starts.index(lo), bisect.bisect_left(starts, hi))
             m = el if m is None else m & el
         elif mask is not None:
             el = evaluate(mask, torch.arange(B, device=device).view(-1, 1, 1, 1),

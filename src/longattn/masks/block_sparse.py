@@ -211,7 +211,7 @@ class BlockSparse:
         bb, hh, qq, kk = torch.nonzero(cls_map == PARTIAL, as_tuple=True)
         bits = _evaluate_blocks(mask, bb, hh, qq, kk, qb, kb)
         n_valid = qb.lens[qq].long() * kb.lens[kk].long()
-        n_true = bits.view(bits.shape[0], -1).sum(1)
+        n_true = bits.flatten(1).sum(1)
         complete = (qb.lens[qq] == qb.block) & (kb.lens[kk] == kb.block)
         cls_map[bb, hh, qq, kk] = torch.where(
             n_true == 0, EMPTY, torch.where((n_true == n_valid) & complete, FULL, PARTIAL)).to(torch.int8)
@@ -340,17 +340,22 @@ def _axis_blocks(seq_q, seq_kv, bq, bkv, device, cu_q, cu_kv, B) -> tuple[Blocks
         return Blocks1D.plain(seq_q, bq, device), Blocks1D.plain(seq_kv, bkv, device)
     cu_kv = cu_q if cu_kv is None else cu_kv
     cu_q = cu_kv if cu_q is None else cu_q
-    for name, cu, total in (("cu_seqlens_q", cu_q, seq_q), ("cu_seqlens_kv", cu_kv, seq_kv)):
-        if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name}: expected a 1-D int32/int64 tensor of cumulative lengths, got "
-                            f"{getattr(cu, 'dtype', type(cu).__name__)}")
-        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total}, got {cu.tolist()}")
+    check_cu_seqlens("cu_seqlens_q", cu_q, seq_q)
+    check_cu_seqlens("cu_seqlens_kv", cu_kv, seq_kv)
     if cu_q.numel() != cu_kv.numel():
         raise ValueError(f"cu_seqlens_kv: expected {cu_q.numel()} offsets like cu_seqlens_q, got {cu_kv.numel()}")
     if B != 1:
         raise ValueError(f"B: packed variable-length batches (cu_seqlens) need B=1, got {B}")
     return Blocks1D.packed(cu_q.to(device), bq), Blocks1D.packed(cu_kv.to(device), bkv)
+
+
+def check_cu_seqlens(name: str, cu, total: int) -> None:
+    """Raise unless ``cu`` is a 1-D int tensor of non-decreasing offsets from 0 to ``total``."""
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected a 1-D int32/int64 tensor of cumulative lengths, got "
+                        f"{getattr(cu, 'dtype', type(cu).__name__)}")
+    if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total}, got {cu.tolist()}")
 
 
 def _bh_extent(mask: MaskMod, B: int, H: int, qb: Blocks1D, device) -> tuple[int, int]:
@@ -378,9 +383,11 @@ def _evaluate_blocks(mask: MaskMod, bb, hh, qq, kk, qb: Blocks1D, kb: Blocks1D) 
         sl = slice(lo, lo + step)
         q_local, kv_local = qb.local[qq[sl]].view(-1, 1, 1), kb.local[kk[sl]].view(-1, 1, 1)
         b = qb.seq[qq[sl]].view(-1, 1, 1) if packed else bb[sl].view(-1, 1, 1).long()
-        m = evaluate(mask, b, hh[sl].view(-1, 1, 1).long(), q_local + r, kv_local + c)
-        valid = (r < qb.lens[qq[sl]].view(-1, 1, 1)) & (c < kb.lens[kk[sl]].view(-1, 1, 1))
-        out[sl] = m & valid
+        q_len, kv_len = qb.lens[qq[sl]].view(-1, 1, 1).long(), kb.lens[kk[sl]].view(-1, 1, 1).long()
+        # Slots past a sequence's end are evaluated at its last token (masks may index tables) and dropped.
+        m = evaluate(mask, b, hh[sl].view(-1, 1, 1).long(), q_local + torch.minimum(r, q_len - 1),
+                     kv_local + torch.minimum(c, kv_len - 1))
+        out[sl] = m & (r < q_len) & (c < kv_len)
     return out
 
 

@@ -1,0 +1,13 @@
+"""longattn: fast, measured long-context attention behind one API.
+
+``attention`` dispatches exact, masked, block-sparse, biased and packed-varlen attention to the fastest correct
+backend; ``masks`` holds FlexAttention-style patterns; ``BlockSparse`` is the block description kernels consume.
+"""
+
+from longattn import masks
+from longattn.attention import attention, sparse_attention
+from longattn.masks.block_sparse import BlockSparse
+from longattn.methods import registry as methods
+
+__version__ = "0.1.0"
+__all__ = ["BlockSparse", "attention", "masks", "methods", "sparse_attention", "__version__"]

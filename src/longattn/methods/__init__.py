@@ -1,0 +1,1 @@
+"""Methods from the papers, registered by name (see registry)."""
