@@ -13,7 +13,7 @@ from mask_oracles import CASES, Case, grids
 from longattn import masks as M
 
 BY_ID = {c.id: c for c in CASES}
-SETTINGS = settings(max_examples=12, deadline=None)
+SETTINGS = settings(max_examples=10, deadline=None)
 
 
 @cache
@@ -64,7 +64,7 @@ def bounds_of(mask: M.MaskMod, case: Case, q_rng, kv_rng):
 
 def ranges(n: int) -> st.SearchStrategy[list[tuple[int, int]]]:
     pair = st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)).map(lambda t: (min(t), max(t)))
-    return st.lists(pair, min_size=1, max_size=6)
+    return st.lists(pair, min_size=1, max_size=8)
 
 
 def check(mask, case, q_rng, kv_rng, *, exact: bool) -> None:
@@ -79,8 +79,9 @@ def check(mask, case, q_rng, kv_rng, *, exact: bool) -> None:
         assert torch.equal(all_, b_all), f"all bound not exact: {where}"
 
 
-# one representative grid per family keeps the hypothesis run short; oracle tests cover the rest
-BOUNDS_CASES = [c for c in CASES if c.Q * c.K >= 49 or c.Q == 1]
+# three grids per 1-D family (square small, square larger, short-wide) keep the hypothesis run short;
+# the aligned-block test below and the oracle tests cover every case
+BOUNDS_CASES = [c for c in CASES if not c.id.endswith(("-7x7", "-1x1", "-33x70"))]
 
 
 @pytest.mark.parametrize("case", BOUNDS_CASES, ids=[c.id for c in BOUNDS_CASES])

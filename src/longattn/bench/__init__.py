@@ -1,0 +1,1 @@
+"""Benchmarks behind ``longattn bench``: kernels (patterns × lengths × fwd/bwd, anchors in the same process)."""

@@ -1,0 +1,57 @@
+"""The kernel suite at GPU sizes in bf16 and fp16, forward and backward (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longattn import masks
+from longattn.masks.block_sparse import BlockSparse
+from tests.kernels.test_block_sparse_kernel import _inputs, _run_block_sparse
+from tests.oracle import check_against_oracle
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+GPU_MASKS = {
+    "causal": lambda S: masks.causal(),
+    "sliding": lambda S: masks.sliding_window(1000),
+    "sinks": lambda S: masks.sinks(64, 777),
+    "dilated": lambda S: masks.dilated(4, 3, granularity=128),
+    "strided": lambda S: masks.strided(4, local_window=256, granularity=128),
+    "power": lambda S: masks.power(granularity=128, local=2),
+    "document": lambda S: masks.document([S // 3, S - S // 3 - 5, 5]) & masks.causal(),
+    "per_head": lambda S: masks.per_head_window([64, 300, 1000, 4000, 64, 300, 1000, 4000]),
+    "neighborhood2d": lambda S: masks.neighborhood((S // 64, 64), 13) if S % 64 == 0 else masks.full(),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mask_name", list(GPU_MASKS))
+@pytest.mark.parametrize("shape", [(4097, 128, 8, 1), (2048, 64, 8, 2), (3000, 128, 8, 8)],
+                         ids=lambda s: f"s{s[0]}-d{s[1]}-h{s[2]}/{s[3]}")
+def test_gpu_matches_oracle(shape, mask_name, dtype):
+    S, D, Hq, Hkv = shape
+    q, k, v = _inputs(1, Hq, Hkv, S, S, D, dtype)
+    mask = GPU_MASKS[mask_name](S)
+    bs = BlockSparse.from_mask_mod(mask, 1, Hq, S, S, (128, 128), device="cuda")
+    check_against_oracle(_run_block_sparse(bs), q, k, v, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_block_64(dtype):
+    q, k, v = _inputs(2, 4, 2, 1500, 1700, 64, dtype)
+    mask = masks.sinks(16, 200, offset=200)
+    bs = BlockSparse.from_mask_mod(mask, 2, 4, 1500, 1700, (64, 64), device="cuda")
+    check_against_oracle(_run_block_sparse(bs), q, k, v, mask=mask)
+
+
+def test_build_128k_under_a_second():
+    import time
+
+    for mask in (masks.causal(), masks.sliding_window(4096), masks.sinks(128, 4096)):
+        BlockSparse.from_mask_mod(mask, 1, 1, 4096, 4096, 128, device="cuda")  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        BlockSparse.from_mask_mod(mask, 1, 1, 131072, 131072, 128, device="cuda")
+        torch.cuda.synchronize()
+        assert time.perf_counter() - t0 < 1.0, f"{mask.name} took {time.perf_counter() - t0:.2f}s"
