@@ -6,7 +6,7 @@ mkdir -p "${OUT:-/tmp/out}"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 if [ "${1:-tests}" != "notests" ]; then
-  python3 -m pytest tests/gpu tests/kernels -q -x -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+  python3 -m pytest ${TESTS:-tests/gpu tests/kernels} -q -x -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 fi
 LENGTHS=${2:-64k}
 python3 -m longattn.cli bench kernels --lengths "$LENGTHS" --patterns "${PATTERNS:-causal,sliding_window,sink_window,dilated,random_90,random_0}" \

@@ -172,7 +172,8 @@ def o_neighborhood(grid, ks, ds, ss, cs):
     n = 1
     for g in grid:
         n *= g
-    tables = [[axis_neighbours(i, L, k, d, s, c) for i in range(L)] for L, k, d, s, c in zip(grid, ks, ds, ss, cs)]
+    tables = [[axis_neighbours(i, L, k, d, s, c) for i in range(L)]
+              for L, k, d, s, c in zip(grid, ks, ds, ss, cs, strict=True)]
 
     def f(b, h, q, k):
         if q >= n or k >= n:
@@ -281,6 +282,7 @@ def _cases() -> list[Case]:
     for sq, skv, blk, nr, nh, Q, K, exact in [
         (30, 30, 4, 2, None, 33, 33, True), (33, 70, 8, 3, 2, 33, 70, True), (7, 130, 16, 9, 3, 7, 130, True),
         (1, 1, 1, 1, None, 1, 1, True), (64, 64, 8, 1, 2, 70, 70, True), (33, 33, 1, 3, None, 33, 33, False),
+        (20, 29, 8, 4, None, 22, 33, True),  # every kv block drawn: the partial last block must stop at seq_kv
     ]:
         def make_rb(sq=sq, skv=skv, blk=blk, nr=nr, nh=nh):
             return M.random_blocks(sq, skv, blk, nr, seed=7, num_heads=nh)

@@ -6,9 +6,10 @@ from functools import cache
 
 import pytest
 import torch
+from bound_checks import aligned, bounds_of, brute, check, ranges
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mask_oracles import CASES, Case, grids
+from mask_oracles import CASES, grids
 
 from longattn import masks as M
 
@@ -23,22 +24,6 @@ def mask_and_dense(case_id: str) -> tuple[M.MaskMod, torch.Tensor]:
     return mask, M.evaluate(mask, *grids(case.B, case.H, case.Q, case.K)).expand(case.B, case.H, case.Q, case.K)
 
 
-def brute(dense: torch.Tensor, q_rng: list[tuple[int, int]], kv_rng: list[tuple[int, int]]):
-    """(any, all) of every q-range x kv-range rectangle, from exact True counts (2-D prefix sums): [B, H, nq, nkv]."""
-    B, H, Q, K = dense.shape
-    c = torch.zeros(B, H, Q + 1, K + 1, dtype=torch.int64)
-    c[:, :, 1:, 1:] = dense.long().cumsum(2).cumsum(3)
-    ql, qh = (torch.tensor([r[i] for r in q_rng]) for i in (0, 1))
-    kl, kh = (torch.tensor([r[i] for r in kv_rng]) for i in (0, 1))
-
-    def at(qi, ki):
-        return c[:, :, qi.view(-1, 1), ki.view(1, -1)]
-
-    count = at(qh + 1, kh + 1) - at(ql, kh + 1) - at(qh + 1, kl) + at(ql, kl)
-    area = (qh - ql + 1).view(-1, 1) * (kh - kl + 1).view(1, -1)
-    return count > 0, count == area
-
-
 def test_brute_counts_match_slicing():
     """The prefix-sum oracle of rectangle any/all agrees with slicing the dense mask."""
     g = torch.Generator().manual_seed(0)
@@ -49,34 +34,6 @@ def test_brute_counts_match_slicing():
         for j, (kl, kh) in enumerate(kv_rng):
             sub = dense[:, :, ql:qh + 1, kl:kh + 1].flatten(2)
             assert torch.equal(any_[:, :, i, j], sub.any(-1)) and torch.equal(all_[:, :, i, j], sub.all(-1))
-
-
-def bounds_of(mask: M.MaskMod, case: Case, q_rng, kv_rng):
-    """The mask's bounds on the rectangles, with b/h as broadcast grids and ranges as [1,1,nq,1] x [1,1,1,nkv]."""
-    b, h, _, _ = grids(case.B, case.H, 1, 1)
-    ql, qh = (torch.tensor([r[i] for r in q_rng]).view(1, 1, -1, 1) for i in (0, 1))
-    kl, kh = (torch.tensor([r[i] for r in kv_rng]).view(1, 1, 1, -1) for i in (0, 1))
-    any_, all_ = mask.block_bounds(b, h, ql, qh, kl, kh)
-    assert any_.dtype == torch.bool and all_.dtype == torch.bool
-    shape = (case.B, case.H, len(q_rng), len(kv_rng))
-    return any_.expand(shape), all_.expand(shape)
-
-
-def ranges(n: int) -> st.SearchStrategy[list[tuple[int, int]]]:
-    pair = st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)).map(lambda t: (min(t), max(t)))
-    return st.lists(pair, min_size=1, max_size=8)
-
-
-def check(mask, case, q_rng, kv_rng, *, exact: bool) -> None:
-    dense = mask_and_dense(case.id)[1]
-    b_any, b_all = brute(dense, q_rng, kv_rng)
-    any_, all_ = bounds_of(mask, case, q_rng, kv_rng)
-    where = f"{mask.name} q={q_rng} kv={kv_rng}"
-    assert bool((any_ | ~b_any).all()), f"any bound misses a True element: {where}"
-    assert bool((~all_ | b_all).all()), f"all bound claims a rectangle that has a False element: {where}"
-    if exact:
-        assert torch.equal(any_, b_any), f"any bound not exact: {where}"
-        assert torch.equal(all_, b_all), f"all bound not exact: {where}"
 
 
 # three grids per 1-D family (square small, square larger, short-wide) keep the hypothesis run short;
@@ -91,11 +48,7 @@ def test_bounds_sound_on_random_rectangles(case, data):
     mask = mask_and_dense(case.id)[0]
     q_rng = data.draw(ranges(case.Q), label="q ranges")
     kv_rng = data.draw(ranges(case.K), label="kv ranges")
-    check(mask, case, q_rng, kv_rng, exact=case.exact)
-
-
-def aligned(n: int, block: int) -> list[tuple[int, int]]:
-    return [(lo, min(lo + block, n) - 1) for lo in range(0, n, block)]
+    check(mask, mask_and_dense(case.id)[1], q_rng, kv_rng, exact=case.exact)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.exact], ids=[c.id for c in CASES if c.exact])
@@ -104,7 +57,21 @@ def test_bounds_exact_on_aligned_blocks(case):
     mask = mask_and_dense(case.id)[0]
     for mult in (1, 2, 3, 8):
         blk = case.granularity * mult
-        check(mask, case, aligned(case.Q, blk), aligned(case.K, blk), exact=True)
+        check(mask, mask_and_dense(case.id)[1], aligned(case.Q, blk), aligned(case.K, blk), exact=True)
+
+
+def every_range(n: int) -> list[tuple[int, int]]:
+    return [(lo, hi) for lo in range(n) for hi in range(lo, n)]
+
+
+SMALL_EXACT = [c for c in CASES if c.exact and c.Q <= 33 and c.K <= 33]
+
+
+@pytest.mark.parametrize("case", SMALL_EXACT, ids=[c.id for c in SMALL_EXACT])
+def test_bounds_exact_on_every_rectangle_of_small_grids(case):
+    """Exhaustive: every q-range x kv-range rectangle (33 x 33 grid: 561^2 of them) has exact bounds."""
+    mask, dn = mask_and_dense(case.id)
+    check(mask, dn, every_range(case.Q), every_range(case.K), exact=True)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.id.startswith("radial")],
@@ -114,16 +81,15 @@ def test_radial_bounds_exact_within_frames(case):
     mask = mask_and_dense(case.id)[0]
     tpf = case.granularity
     for blk in [d for d in range(1, tpf + 1) if tpf % d == 0]:
-        check(mask, case, aligned(case.Q, blk), aligned(case.K, blk), exact=True)
-    check(mask, case, aligned(case.Q, tpf + 1), aligned(case.K, 2 * tpf), exact=False)
+        check(mask, mask_and_dense(case.id)[1], aligned(case.Q, blk), aligned(case.K, blk), exact=True)
+    check(mask, mask_and_dense(case.id)[1], aligned(case.Q, tpf + 1), aligned(case.K, 2 * tpf), exact=False)
 
 
 def test_neighborhood_bounds_skip_far_blocks():
     """Conservative 2-D bounds still rule out far-away tiles (the point of having them)."""
     mask = M.neighborhood((32, 32), (5, 5))
     tiles = aligned(1024, 64)
-    case = Case("nb", lambda: mask, lambda: None, 1, 1, 1024, 1024, False)
-    any_, _ = bounds_of(mask, case, tiles, tiles)
+    any_, _ = bounds_of(mask, 1, 1, tiles, tiles)
     assert 0 < int(any_.sum()) <= 3 * 16  # a band of width 3 tiles at most
 
 

@@ -22,32 +22,32 @@ from longattn.masks.core import MaskMod
 CHECK_HEADS = 2  # heads checked against the reference in every row (the reference is O(seq²) work)
 
 
-def random_blocks_causal(seq: int, heads: int, keep: float, block: int, seed: int = 0) -> MaskMod:
+def random_blocks_causal(seq: int, heads: int, keep: float, block: int, seed: int = 0,
+                         device: torch.device | str = "cpu") -> MaskMod:
     """Causal mask whose off-diagonal blocks are kept with probability ``keep``, independently per head
-    (the shape dynamic sparse-prefill methods produce); the diagonal block is always kept."""
+    (the shape dynamic sparse-prefill methods produce); the diagonal block is always kept. The table lives on
+    ``device`` and is captured directly, so torch.compile can trace the mask (FlexAttention anchor)."""
     n = math.ceil(seq / block)
     g = torch.Generator().manual_seed(seed)
-    table = (torch.rand(heads, n, n, generator=g) < keep) | torch.eye(n, dtype=torch.bool)
-    cache: dict[torch.device, torch.Tensor] = {}
+    table = ((torch.rand(heads, n, n, generator=g) < keep) | torch.eye(n, dtype=torch.bool)).to(device)
 
     def random_blocks(b, h, q, kv):
-        t = cache.setdefault(q.device, table.to(q.device))
-        return t[h, q // block, kv // block] & (kv <= q)
+        return table[h, q // block, kv // block] & (kv <= q)
 
     def bounds(b, h, q_lo, q_hi, kv_lo, kv_hi):
-        sel = cache.setdefault(q_lo.device, table.to(q_lo.device))[h, q_lo // block, kv_lo // block]
+        sel = table[h, q_lo // block, kv_lo // block]
         return sel & (kv_lo <= q_hi), sel & (kv_hi <= q_lo)
 
     return MaskMod(random_blocks, bounds=bounds, name=f"random_blocks(keep={keep})")
 
 
-PATTERNS: dict[str, Callable[[int, int, int], MaskMod]] = {
-    "causal": lambda S, H, blk: masks.causal(),
-    "sliding_window": lambda S, H, blk: masks.sliding_window(4096),
-    "sink_window": lambda S, H, blk: masks.sinks(128, 4096),
-    "dilated": lambda S, H, blk: masks.dilated(32, 4, granularity=blk),
-    "random_90": lambda S, H, blk: random_blocks_causal(S, H, 0.1, blk),
-    "random_0": lambda S, H, blk: random_blocks_causal(S, H, 1.0, blk),
+PATTERNS: dict[str, Callable[..., MaskMod]] = {
+    "causal": lambda S, H, blk, dev: masks.causal(),
+    "sliding_window": lambda S, H, blk, dev: masks.sliding_window(4096),
+    "sink_window": lambda S, H, blk, dev: masks.sinks(128, 4096),
+    "dilated": lambda S, H, blk, dev: masks.dilated(32, 4, granularity=blk),
+    "random_90": lambda S, H, blk, dev: random_blocks_causal(S, H, 0.1, blk, device=dev),
+    "random_0": lambda S, H, blk, dev: random_blocks_causal(S, H, 1.0, blk, device=dev),
 }
 
 
@@ -108,7 +108,7 @@ def run(patterns: list[str], lengths: list[int], *, directions: tuple[str, ...] 
         q = torch.randn(batch, heads, S, head_dim, device=dev, dtype=dtype, generator=g)
         k = torch.randn(batch, shape.heads_kv, S, head_dim, device=dev, dtype=dtype, generator=g)
         v = torch.randn(batch, shape.heads_kv, S, head_dim, device=dev, dtype=dtype, generator=g)
-        mask = PATTERNS[name](S, heads, block)
+        mask = PATTERNS[name](S, heads, block, dev)
         t_build = median_ms(lambda m=mask, s=S: BlockSparse.from_mask_mod(m, batch, heads, s, s, block, device=dev),
                             dev, warmup=1, reps=3)
         bs = BlockSparse.from_mask_mod(mask, batch, heads, S, S, block, device=dev)
@@ -175,6 +175,10 @@ def _anchors(direction, shape: Shape, mask, bs: BlockSparse, dev, cache, on_gpu)
     if on_gpu:
         flex = torch.compile(flex_attention, dynamic=False)
         block_mask = bs.to_flex()
-        res["flex_ms"] = _timed(direction, lambda: flex(*leaves, block_mask=block_mask, enable_gqa=gqa),
-                                leaves, dev)[0]
+        try:
+            res["flex_ms"] = _timed(direction, lambda: flex(*leaves, block_mask=block_mask, enable_gqa=gqa),
+                                    leaves, dev)[0]
+        except (RuntimeError, torch.OutOfMemoryError) as e:  # recorded in the row, never silently dropped
+            res["flex_ms"], res["flex_error"] = None, str(e).splitlines()[0][:200]
+            torch.cuda.empty_cache()
     return res

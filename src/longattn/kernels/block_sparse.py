@@ -42,10 +42,23 @@ def _prune_split(configs, named_args, **kwargs):
     return out or [min(configs, key=lambda c: next(iter(c.kwargs.values())))]
 
 
+@triton.jit
+def _block_span(STARTS, LENS, i, BLOCK: tl.constexpr, SEQ, PACKED: tl.constexpr):
+    """(first token, valid length) of virtual block i: read from the tables only for packed batches, so the
+    plain path has no dependent loads in its inner loop."""
+    if PACKED:
+        start = tl.load(STARTS + i).to(tl.int64)
+        length = tl.load(LENS + i)
+    else:
+        start = i.to(tl.int64) * BLOCK
+        length = tl.minimum(SEQ - start, BLOCK).to(tl.int32)
+    return start, length
+
+
 # -------------------------------------------------------------------------------------------------- forward
 @triton.autotune(
-    configs=_configs("BLOCK_N", [(64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3)]),
-    key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_BIAS", "DTYPE_KEY"],
+    configs=_configs("BLOCK_N", [(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 8, 2), (64, 8, 4), (64, 4, 4), (32, 4, 3)]),
+    key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_BIAS", "DTYPE_KEY", "PACKED"],
     prune_configs_by={"early_config_prune": _prune_split},
 )
 @triton.jit
@@ -55,10 +68,10 @@ def _fwd_kernel(
     s_ub, s_uh, s_um, s_wb, s_wh, s_wn,
     IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch,
     QS, QL, KS, KL,
-    qk_scale, H, GROUP,
+    qk_scale, H, GROUP, SEQ_Q, SEQ_KV,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, PREC: tl.constexpr,
-    DTYPE_KEY: tl.constexpr,
+    DTYPE_KEY: tl.constexpr, PACKED: tl.constexpr,
 ):
     SPLIT: tl.constexpr = BLOCK_KV // BLOCK_N
     WORDS: tl.constexpr = BLOCK_KV // 32
@@ -67,8 +80,7 @@ def _fwd_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     hk = (h // GROUP).to(tl.int64)
-    q0 = tl.load(QS + pid_m).to(tl.int64)
-    qlen = tl.load(QL + pid_m)
+    q0, qlen = _block_span(QS, QL, pid_m, BLOCK_Q, SEQ_Q, PACKED)
     offs_m = tl.arange(0, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -91,7 +103,8 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
     for j in range(0, n_full):
         kb = tl.load(IDX + row + j // SPLIT)
-        k0 = (tl.load(KS + kb) + (j % SPLIT) * BLOCK_N).to(tl.int64)
+        k0, _ = _block_span(KS, KL, kb, BLOCK_KV, SEQ_KV, PACKED)
+        k0 += (j % SPLIT) * BLOCK_N
         kt = tl.load(k_base + (k0 + offs_n)[None, :] * s_kn + offs_d[:, None])
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         if HAS_BIAS:
@@ -108,8 +121,8 @@ def _fwd_kernel(
         e = j // SPLIT
         kb = tl.load(IDX + row + e)
         cols = (j % SPLIT) * BLOCK_N + offs_n
-        k0 = tl.load(KS + kb).to(tl.int64)
-        n_valid = cols < tl.load(KL + kb)
+        k0, klen = _block_span(KS, KL, kb, BLOCK_KV, SEQ_KV, PACKED)
+        n_valid = cols < klen
         kt = tl.load(k_base + (k0 + cols)[None, :] * s_kn + offs_d[:, None], mask=n_valid[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         if HAS_BIAS:
@@ -137,8 +150,8 @@ def _fwd_kernel(
 
 # -------------------------------------------------------------------------------------------------- backward
 @triton.autotune(
-    configs=_configs("BLOCK_N", [(32, 4, 3), (64, 8, 3), (64, 4, 3), (32, 8, 4)]),
-    key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_BIAS", "DTYPE_KEY"],
+    configs=_configs("BLOCK_N", [(32, 4, 3), (64, 8, 3), (64, 4, 3), (32, 8, 4), (64, 8, 2), (128, 8, 2)]),
+    key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_BIAS", "DTYPE_KEY", "PACKED"],
     prune_configs_by={"early_config_prune": _prune_split},
 )
 @triton.jit
@@ -148,10 +161,10 @@ def _bwd_dq_kernel(
     s_ub, s_uh, s_um, s_wb, s_wh, s_wn,
     IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch,
     QS, QL, KS, KL,
-    sm_scale, H, GROUP,
+    sm_scale, H, GROUP, SEQ_Q, SEQ_KV,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, PREC: tl.constexpr,
-    DTYPE_KEY: tl.constexpr,
+    DTYPE_KEY: tl.constexpr, PACKED: tl.constexpr,
 ):
     """dQ (and dU) for one query block; Q, DO, DQ, DU share the q strides (contiguous copies)."""
     SPLIT: tl.constexpr = BLOCK_KV // BLOCK_N
@@ -161,8 +174,7 @@ def _bwd_dq_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     hk = (h // GROUP).to(tl.int64)
-    q0 = tl.load(QS + pid_m).to(tl.int64)
-    qlen = tl.load(QL + pid_m)
+    q0, qlen = _block_span(QS, QL, pid_m, BLOCK_Q, SEQ_Q, PACKED)
     offs_m = tl.arange(0, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -191,9 +203,9 @@ def _bwd_dq_kernel(
         e = j // SPLIT
         kb = tl.load(IDX + row + e)
         cols = (j % SPLIT) * BLOCK_N + offs_n
-        k0 = tl.load(KS + kb).to(tl.int64)
+        k0, klen = _block_span(KS, KL, kb, BLOCK_KV, SEQ_KV, PACKED)
         partial = j >= n_full
-        n_valid = cols < tl.load(KL + kb)
+        n_valid = cols < klen
         kt = tl.load(k_base + (k0 + cols)[None, :] * s_kn + offs_d[:, None], mask=n_valid[None, :], other=0.0)
         vt = tl.load(v_base + (k0 + cols)[None, :] * s_vn + offs_d[:, None], mask=n_valid[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
@@ -216,8 +228,8 @@ def _bwd_dq_kernel(
 
 
 @triton.autotune(
-    configs=_configs("BLOCK_M1", [(32, 4, 3), (64, 8, 3), (32, 8, 3), (64, 4, 2), (16, 4, 3)]),
-    key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_BIAS", "DTYPE_KEY"],
+    configs=_configs("BLOCK_M1", [(32, 4, 3), (64, 8, 3), (32, 8, 3), (64, 4, 2), (16, 4, 3), (64, 8, 2), (32, 8, 4)]),
+    key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_BIAS", "DTYPE_KEY", "PACKED"],
     prune_configs_by={"early_config_prune": _prune_split},
 )
 @triton.jit
@@ -227,10 +239,10 @@ def _bwd_dkdv_kernel(
     s_ub, s_uh, s_um, s_wb, s_wh, s_wn,
     IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch,
     QS, QL, KS, KL,
-    sm_scale, HKV, GROUP,
+    sm_scale, HKV, GROUP, SEQ_Q, SEQ_KV,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M1: tl.constexpr,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, PREC: tl.constexpr,
-    DTYPE_KEY: tl.constexpr,
+    DTYPE_KEY: tl.constexpr, PACKED: tl.constexpr,
 ):
     """dK, dV for one kv block (summed over the GQA group's query heads) and dW per query head.
     Q/DO share strides, K/V/DK/DV share strides, LSE/DELTA share strides; lists are the transposed (CSC) ones."""
@@ -240,8 +252,7 @@ def _bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
     hk = (pid_bh % HKV).to(tl.int64)
-    k0 = tl.load(KS + pid_n).to(tl.int64)
-    klen = tl.load(KL + pid_n)
+    k0, klen = _block_span(KS, KL, pid_n, BLOCK_KV, SEQ_KV, PACKED)
     offs_n = tl.arange(0, BLOCK_KV)
     offs_m = tl.arange(0, BLOCK_M1)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -268,8 +279,8 @@ def _bwd_dkdv_kernel(
             e = j // SPLIT
             qb = tl.load(IDX + row + e)
             rows = (j % SPLIT) * BLOCK_M1 + offs_m
-            q0 = tl.load(QS + qb).to(tl.int64)
-            m_valid = rows < tl.load(QL + qb)
+            q0, qlen = _block_span(QS, QL, qb, BLOCK_Q, SEQ_Q, PACKED)
+            m_valid = rows < qlen
             q_off = b * s_qb + h * s_qh + (q0 + rows)[None, :] * s_qm + offs_d[:, None]
             qt = tl.load(Q + q_off, mask=m_valid[None, :], other=0.0)  # [D, M1]
             lse = tl.load(LSE + b * s_lb + h * s_lh + q0 + rows, mask=m_valid, other=float("inf"))
@@ -352,9 +363,9 @@ def block_sparse_forward(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale
         lse.stride(0), lse.stride(1), *bias_strides,
         *lists[:4], _tiles(bs), *lists[4:],
         bs.q_blocks.starts, bs.q_blocks.lens, bs.kv_blocks.starts, bs.kv_blocks.lens,
-        scale * LOG2E, H, H // k.shape[1],
+        scale * LOG2E, H, H // k.shape[1], Sq, k.shape[2],
         BLOCK_Q=bq, BLOCK_KV=bkv, HEAD_DIM=D, HAS_BIAS=bias is not None, RANK=rank, PREC=_prec(q),
-        DTYPE_KEY=str(q.dtype),
+        DTYPE_KEY=str(q.dtype), PACKED=bs.varlen,
     )
     return out, lse
 
@@ -378,14 +389,15 @@ def block_sparse_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     du, dw = (_empty_like(bu), _empty_like(bw)) if bias is not None else (q, q)
     bq, bkv = bs.block_size
     lists = _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
-    common = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, RANK=rank, PREC=_prec(q), DTYPE_KEY=str(q.dtype))
+    common = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, RANK=rank, PREC=_prec(q), DTYPE_KEY=str(q.dtype),
+                  PACKED=bs.varlen)
     _bwd_dq_kernel[(len(bs.q_blocks), B * H)](
         q, k, v, do, lse, delta, dq, bu, bw, du,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), *bias_strides,
         *lists[:4], _tiles(bs), *lists[4:],
         bs.q_blocks.starts, bs.q_blocks.lens, bs.kv_blocks.starts, bs.kv_blocks.lens,
-        scale, H, H // Hkv, BLOCK_Q=bq, BLOCK_KV=bkv, **common,
+        scale, H, H // Hkv, Sq, k.shape[2], BLOCK_Q=bq, BLOCK_KV=bkv, **common,
     )
     tl_lists = _list_args(tuple(bs.transposed()))
     _bwd_dkdv_kernel[(len(bs.kv_blocks), B * Hkv)](
@@ -394,7 +406,7 @@ def block_sparse_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         lse.stride(0), lse.stride(1), *bias_strides,
         *tl_lists[:4], _tiles(bs), *tl_lists[4:],
         bs.q_blocks.starts, bs.q_blocks.lens, bs.kv_blocks.starts, bs.kv_blocks.lens,
-        scale, Hkv, H // Hkv, BLOCK_Q=bq, BLOCK_KV=bkv, **common,
+        scale, Hkv, H // Hkv, Sq, k.shape[2], BLOCK_Q=bq, BLOCK_KV=bkv, **common,
     )
     return dq, dk, dv, (du if bias is not None else None), (dw if bias is not None else None)
 

@@ -88,7 +88,9 @@ class DeviceCache:
     def on(self, device: torch.device) -> Tensor:
         t = self._copies.get(device)
         if t is None:
-            t = self._copies[device] = self.cpu.to(device)
+            t = self.cpu.to(device)
+            if not torch.compiler.is_compiling():  # no Python side effects while torch.compile traces
+                self._copies[device] = t
         return t
 
 

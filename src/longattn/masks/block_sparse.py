@@ -294,14 +294,18 @@ class BlockSparse:
         if self.varlen:
             raise ValueError("to_flex: packed variable-length BlockSparse has no FlexAttention equivalent; "
                              "build it with masks.document(...) on the packed sequence instead")
+        # FlexAttention expects index rows as wide as the kv block count, and partial/full in separate lists.
+        width = len(self.kv_blocks)
         pos = torch.arange(self.kv_indices.shape[-1], device=self.device)
         partial_idx = torch.where(pos >= self.full_counts[..., None], self.kv_indices, 0)
         order = torch.argsort((pos < self.full_counts[..., None]).int(), dim=-1, stable=True)
-        partial_idx = torch.gather(partial_idx, -1, order).contiguous()
+        pad = (0, width - self.kv_indices.shape[-1])
+        partial_idx = torch.nn.functional.pad(torch.gather(partial_idx, -1, order), pad).contiguous()
+        full_idx = torch.nn.functional.pad(self.kv_indices, pad).contiguous()
         partial_counts = (self.kv_counts - self.full_counts).contiguous()
         mask_mod = self.mask_mod if self.mask_mod is not None else self._tile_lookup_mask_mod()
         return BlockMask.from_kv_blocks(partial_counts, partial_idx, self.full_counts.contiguous(),
-                                        self.kv_indices.contiguous(), BLOCK_SIZE=self.block_size,
+                                        full_idx, BLOCK_SIZE=self.block_size,
                                         mask_mod=mask_mod, seq_lengths=(self.seq_q, self.seq_kv))
 
     def _element_lookup(self) -> tuple[Tensor, Tensor]:
