@@ -173,6 +173,9 @@ def _anchors(direction, shape: Shape, mask, bs: BlockSparse, dev, cache, on_gpu)
                 res[key.replace("_ms", "_error")] = str(e).splitlines()[0][:200]
         res[key] = cache[ck]
     if on_gpu:
+        # Each mask closure is a new graph; without a reset dynamo hits its recompile limit and flex silently
+        # runs eagerly, materialising the whole mask.
+        torch._dynamo.reset()
         flex = torch.compile(flex_attention, dynamic=False)
         block_mask = bs.to_flex()
         try:

@@ -45,8 +45,9 @@ def environment(device: torch.device) -> dict[str, str]:
     """Device name, library versions and git sha: stamped on every benchmark row."""
     import triton
 
+    sha = os.environ.get("LONGATTN_GIT_SHA", "")
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        sha = sha or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         sha = "unknown"

@@ -348,16 +348,17 @@ def random_blocks(seq_q: int, seq_kv: int, block: int, num_random: int, *, seed:
     gen = torch.Generator().manual_seed(sd)
     table = torch.stack([torch.rand(n_qb, n_kb, generator=gen).topk(nr, dim=-1).indices
                          for _ in range(nh or 1)]).to(torch.int64)
-    cache = DeviceCache(table)
+    cache, flat = DeviceCache(table), DeviceCache(table.flatten())
 
     def fn(b, h, q_idx, kv_idx):
-        tab = cache.on(q_idx.device)
-        hh = h if nh is not None else 0
-        qb = (q_idx // blk).clamp(max=n_qb - 1)
+        tab = flat.on(q_idx.device)  # one flat index tensor per lookup: works under vmap and torch.compile
+        row = (q_idx // blk).clamp(max=n_qb - 1) * nr
+        if nh is not None:
+            row = row + h * (n_qb * nr)
         kb = kv_idx // blk
-        keep = tab[hh, qb, 0] == kb
+        keep = tab[row] == kb
         for r in range(1, nr):
-            keep = keep | (tab[hh, qb, r] == kb)
+            keep = keep | (tab[row + r] == kb)
         return keep & (q_idx < sq) & (kv_idx < skv)
 
     def bounds(b, h, q_lo, q_hi, kv_lo, kv_hi):
