@@ -116,3 +116,30 @@ def test_masks_follow_index_device():
     meta = [g.to("meta") for g in grids(1, 2, 7, 7)]
     out = mask(*meta)
     assert out.device.type == "meta" and out.shape == (1, 2, 7, 7)
+
+
+def _one_case_per_family():
+    seen, out = set(), []
+    for c in CASES:
+        family = c.id.split("-")[0]
+        if family not in seen and c.Q >= 7:
+            seen.add(family)
+            out.append(c)
+    return out
+
+
+COMPILE_CASES = _one_case_per_family()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=[c.id for c in COMPILE_CASES])
+def test_compiled_create_block_mask_matches_eager(case):
+    """torch.compile traces each mask (captured tables included) into the same block mask as eager vmap."""
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    torch._dynamo.reset()
+    mask = case.make()
+    compiled = torch.compile(create_block_mask)(mask, case.B, case.H, case.Q, case.K, device="cpu", BLOCK_SIZE=16)
+    eager = create_block_mask(mask, case.B, case.H, case.Q, case.K, device="cpu", BLOCK_SIZE=16)
+    assert torch.equal(compiled.to_dense(), eager.to_dense()), mask.name
