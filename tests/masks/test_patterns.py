@@ -132,14 +132,31 @@ COMPILE_CASES = _one_case_per_family()
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CPU inductor mis-compiles some head-dependent "
+                    "mask loops in create_block_mask (C++ VecMask type errors), a torch issue unrelated to the masks")
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=[c.id for c in COMPILE_CASES])
-def test_compiled_create_block_mask_matches_eager(case):
-    """torch.compile traces each mask (captured tables included) into the same block mask as eager vmap."""
+def test_compiled_flex_matches_dense(case):
+    """torch.compile traces each mask (captured tables included): compiled create_block_mask equals eager, and
+    compiled flex_attention with it equals SDPA under the dense mask."""
     import torch._dynamo
-    from torch.nn.attention.flex_attention import create_block_mask
+    from oracle import assert_close_to_reference  # the suite's one tolerance rule (tests/oracle.py)
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     torch._dynamo.reset()
-    mask = case.make()
-    compiled = torch.compile(create_block_mask)(mask, case.B, case.H, case.Q, case.K, device="cpu", BLOCK_SIZE=16)
-    eager = create_block_mask(mask, case.B, case.H, case.Q, case.K, device="cpu", BLOCK_SIZE=16)
+    mask, dev = case.make(), "cuda"
+    args = (mask, case.B, case.H, case.Q, case.K)
+    compiled = torch.compile(create_block_mask)(*args, device=dev)
+    eager = create_block_mask(*args, device=dev)
     assert torch.equal(compiled.to_dense(), eager.to_dense()), mask.name
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(case.B, case.H, case.Q, 32, device=dev, generator=g)
+    k, v = (torch.randn(case.B, case.H, case.K, 32, device=dev, generator=g) for _ in range(2))
+    out = torch.compile(flex_attention)(q, k, v, block_mask=compiled)
+    dense = create_mask(*args, device=dev)
+    rows = dense.any(-1, keepdim=True)  # fully masked rows: flex gives 0, SDPA NaN
+
+    def sdpa(dtype):
+        o = torch.nn.functional.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=dense)
+        return torch.where(rows, o, 0)
+
+    assert_close_to_reference(torch.where(rows, out, 0), sdpa(torch.float64), sdpa(torch.float32), what=mask.name)

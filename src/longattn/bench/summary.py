@@ -14,8 +14,15 @@ def load(paths: list[Path]) -> list[dict]:
     return rows
 
 
+def _seq(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
 def _fmt(x, spec: str = ".2f") -> str:
     return "—" if x is None else format(x, spec)
+
+
+_CORRECT = {True: "yes", False: "**NO**", None: "n/a (CPU: timed path is the reference)"}
 
 
 def markdown_table(rows: list[dict], source: str) -> str:
@@ -26,11 +33,11 @@ def markdown_table(rows: list[dict], source: str) -> str:
     lines = []
     for r in sorted(rows, key=lambda r: (r["op"], r["pattern"], r["seq_q"])):
         lines.append(
-            f"| {r['op']} | {r['pattern']} | {r['seq_q'] // 1024}k | {r['density_vs_causal']:.3f} | {r['ms']:.2f} | "
+            f"| {r['op']} | {r['pattern']} | {_seq(r['seq_q'])} | {r['density_vs_causal']:.3f} | {r['ms']:.2f} | "
             f"{r['tflops_actual']:.0f} | {_fmt(r.get('sdpa_cudnn_causal_ms'))} | "
             f"{_fmt(r.get('sdpa_flash_causal_ms'))} | "
             f"{_fmt(r.get('flex_ms'))} | {_fmt(r.get('frac_of_ideal'))} | {_fmt(r.get('speedup_vs_flex'))} | "
-            f"{r['max_abs_err']:.1e} | {'yes' if r['correct'] else '**NO**'} |")
+            f"{_fmt(r['max_abs_err'], '.1e')} | {_CORRECT[r['correct']]} |")
     meta = rows[0] if rows else {}
     return (f"Device: {meta.get('device')}, torch {meta.get('torch')}, triton {meta.get('triton')}, "
             f"git {meta.get('git_sha')}; raw rows: `{source}`\n\n" + head + "\n".join(lines) + "\n")
