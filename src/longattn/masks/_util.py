@@ -7,7 +7,7 @@ which run eagerly (never under vmap), while the per-device cache also serves the
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -60,7 +60,7 @@ def int_vector(name: str, values: object, *, minimum: int | None = None, allow_e
     return out
 
 
-def per_axis(name: str, value: object, ndim: int, check) -> tuple:
+def per_axis(name: str, value: object, ndim: int, check: Callable[[str, object], object]) -> tuple:
     """Broadcast an int/bool or a tuple of them to one value per axis, checking each with ``check``."""
     if isinstance(value, (tuple, list)):
         if len(value) != ndim:

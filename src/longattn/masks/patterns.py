@@ -106,7 +106,7 @@ def sinks(num_sinks: int, window: int, *, offset: int = 0) -> MaskMod:
 
     def bounds(b, h, q_lo, q_hi, kv_lo, kv_hi):
         pl, ph = q_lo + off, q_hi + off
-        win_any, win_all = _window_bounds(q_lo, q_hi, kv_lo, kv_hi, off, w, True)
+        win_any, _ = _window_bounds(q_lo, q_hi, kv_lo, kv_hi, off, w, True)
         any_ = win_any | ((kv_lo < ns) & (kv_lo <= ph))
         # every key >= num_sinks must be within the window of every query (and everything causal)
         all_ = (pl >= kv_hi) & ((kv_hi < ns) | (ph - tmax(kv_lo, ns) < w))
