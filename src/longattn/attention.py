@@ -254,6 +254,8 @@ def _validate(q, k, v, mask, causal, impl, bias, cu_q, cu_kv) -> None:
         msq, mskv = mask.seq_lengths
         if (msq, mskv) != (Sq, Skv):
             raise ValueError(f"mask: BlockMask for seq ({msq}, {mskv}) does not match q/k seq ({Sq}, {Skv})")
+        if causal:
+            raise ValueError("causal: encode causality in the BlockMask itself when passing one")
     elif mask is not None and not callable(mask):
         raise TypeError(f"mask: expected None, a mask_mod callable, a BlockSparse or a BlockMask, "
                         f"got {type(mask).__name__}")

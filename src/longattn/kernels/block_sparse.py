@@ -39,7 +39,14 @@ def _prune_split(configs, named_args, **kwargs):
         name, limit = ("BLOCK_N", args["BLOCK_KV"]) if "BLOCK_N" in c.kwargs else ("BLOCK_M1", args["BLOCK_Q"])
         if c.kwargs[name] <= limit:
             out.append(c)
-    return out or [min(configs, key=lambda c: next(iter(c.kwargs.values())))]
+    if not out:
+        return [min(configs, key=lambda c: next(iter(c.kwargs.values())))]
+    # Forward at head_dim >= 128: 128-wide kv tiles with 8 warps won every H100 sweep (NOTES-kernels.md); on
+    # long kernels autotune gets ~1 timing sample per config, so keeping noise-picked losers out matters.
+    wide = [c for c in out if c.kwargs.get("BLOCK_N") == 128 and c.num_warps == 8]
+    if "BLOCK_N" in out[0].kwargs and args["HEAD_DIM"] >= 128 and "DQ" not in args and wide:
+        return wide
+    return out
 
 
 @triton.jit
@@ -53,6 +60,26 @@ def _block_span(STARTS, LENS, i, BLOCK: tl.constexpr, SEQ, PACKED: tl.constexpr)
         start = i.to(tl.int64) * BLOCK
         length = tl.minimum(SEQ - start, BLOCK).to(tl.int32)
     return start, length
+
+
+@triton.jit
+def _load(ptrs, valid, MASKED: tl.constexpr):
+    """Tile load; bounds-checked (zeros outside) only where the block may be incomplete."""
+    if MASKED:
+        return tl.load(ptrs, mask=valid, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _tile_keep(TILES, tile, rows, col0, BLOCK_Q: tl.constexpr, WORDS: tl.constexpr, NROWS: tl.constexpr,
+               NCOLS: tl.constexpr):
+    """Element mask [NROWS, NCOLS] of a partial block: columns col0 .. col0 + NCOLS of bit tile ``tile``.
+    Loads NCOLS / 32 words per row (vectorisable) and expands the bits in registers."""
+    NW: tl.constexpr = NCOLS // 32
+    w = tl.load(TILES + tile * (BLOCK_Q * WORDS) + rows[:, None] * WORDS + (col0 // 32 + tl.arange(0, NW))[None, :])
+    bits = (w[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    return tl.reshape(bits, [NROWS, NCOLS]) != 0
 
 
 # -------------------------------------------------------------------------------------------------- forward
@@ -101,45 +128,32 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
-    for j in range(0, n_full):
-        kb = tl.load(IDX + row + j // SPLIT)
-        k0, _ = _block_span(KS, KL, kb, BLOCK_KV, SEQ_KV, PACKED)
-        k0 += (j % SPLIT) * BLOCK_N
-        kt = tl.load(k_base + (k0 + offs_n)[None, :] * s_kn + offs_d[:, None])
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        if HAS_BIAS:
-            wt = tl.load(w_base + (k0 + offs_n)[None, :] * s_wn + offs_r[:, None])
-            s += tl.dot(u, wt, input_precision=PREC) * 1.4426950408889634
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + (k0 + offs_n)[:, None] * s_vn + offs_d[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
-    for j in range(n_full, n_all):
-        e = j // SPLIT
-        kb = tl.load(IDX + row + e)
-        cols = (j % SPLIT) * BLOCK_N + offs_n
-        k0, klen = _block_span(KS, KL, kb, BLOCK_KV, SEQ_KV, PACKED)
-        n_valid = cols < klen
-        kt = tl.load(k_base + (k0 + cols)[None, :] * s_kn + offs_d[:, None], mask=n_valid[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        if HAS_BIAS:
-            wt = tl.load(w_base + (k0 + cols)[None, :] * s_wn + offs_r[:, None], mask=n_valid[None, :], other=0.0)
-            s += tl.dot(u, wt, input_precision=PREC) * 1.4426950408889634
-        tile = tl.load(TID + row + e).to(tl.int64)
-        words = tl.load(TILES + tile * (BLOCK_Q * WORDS) + offs_m[:, None] * WORDS + (cols // 32)[None, :])
-        keep = ((words >> (cols % 32)[None, :]) & 1) != 0
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + (k0 + cols)[:, None] * s_vn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+    # Phase 0 walks the full blocks with no masking; phase 1 the partial ones (bounds and bit tile applied).
+    for phase in tl.static_range(2):
+        for j in range(n_full * phase, n_full + (n_all - n_full) * phase):
+            e = j // SPLIT
+            kb = tl.load(IDX + row + e)
+            k0, klen = _block_span(KS, KL, kb, BLOCK_KV, SEQ_KV, PACKED)
+            cols = (j % SPLIT) * BLOCK_N + offs_n
+            n_valid = cols < klen
+            kt = _load(k_base + (k0 + cols)[None, :] * s_kn + offs_d[:, None], n_valid[None, :], phase == 1)
+            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+            if HAS_BIAS:
+                wt = _load(w_base + (k0 + cols)[None, :] * s_wn + offs_r[:, None], n_valid[None, :], phase == 1)
+                s += tl.dot(u, wt, input_precision=PREC) * 1.4426950408889634
+            if phase == 1:
+                tile = tl.load(TID + row + e).to(tl.int64)
+                keep = _tile_keep(TILES, tile, offs_m, (j % SPLIT) * BLOCK_N, BLOCK_Q, WORDS, BLOCK_Q, BLOCK_N)
+                s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if phase == 1:  # a partial tile can leave a row with nothing yet: keep exp2 away from -inf - -inf
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load(v_base + (k0 + cols)[:, None] * s_vn + offs_d[None, :], n_valid[:, None], phase == 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -199,29 +213,28 @@ def _bwd_dq_kernel(
     n_full = tl.load(FULL + crow) * SPLIT
     n_all = tl.load(CNT + crow) * SPLIT
     dq = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
-    for j in range(0, n_all):
-        e = j // SPLIT
-        kb = tl.load(IDX + row + e)
-        cols = (j % SPLIT) * BLOCK_N + offs_n
-        k0, klen = _block_span(KS, KL, kb, BLOCK_KV, SEQ_KV, PACKED)
-        partial = j >= n_full
-        n_valid = cols < klen
-        kt = tl.load(k_base + (k0 + cols)[None, :] * s_kn + offs_d[:, None], mask=n_valid[None, :], other=0.0)
-        vt = tl.load(v_base + (k0 + cols)[None, :] * s_vn + offs_d[:, None], mask=n_valid[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        if HAS_BIAS:
-            wt = tl.load(w_base + (k0 + cols)[None, :] * s_wn + offs_r[:, None], mask=n_valid[None, :], other=0.0)
-            s += tl.dot(u, wt, input_precision=PREC) * 1.4426950408889634
-        p = tl.math.exp2(s - lse[:, None])
-        if partial:
-            tile = tl.load(TID + row + e).to(tl.int64)
-            words = tl.load(TILES + tile * (BLOCK_Q * WORDS) + offs_m[:, None] * WORDS + (cols // 32)[None, :])
-            p = tl.where(((words >> (cols % 32)[None, :]) & 1) != 0, p, 0.0)
-        dp = tl.dot(do, vt, input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-        if HAS_BIAS:
-            du += tl.dot(ds.to(wt.dtype), tl.trans(wt), input_precision=PREC)
+    for phase in tl.static_range(2):  # full blocks, then partial blocks (masked)
+        for j in range(n_full * phase, n_full + (n_all - n_full) * phase):
+            e = j // SPLIT
+            kb = tl.load(IDX + row + e)
+            k0, klen = _block_span(KS, KL, kb, BLOCK_KV, SEQ_KV, PACKED)
+            cols = (j % SPLIT) * BLOCK_N + offs_n
+            n_valid = cols < klen
+            kt = _load(k_base + (k0 + cols)[None, :] * s_kn + offs_d[:, None], n_valid[None, :], phase == 1)
+            vt = _load(v_base + (k0 + cols)[None, :] * s_vn + offs_d[:, None], n_valid[None, :], phase == 1)
+            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+            if HAS_BIAS:
+                wt = _load(w_base + (k0 + cols)[None, :] * s_wn + offs_r[:, None], n_valid[None, :], phase == 1)
+                s += tl.dot(u, wt, input_precision=PREC) * 1.4426950408889634
+            p = tl.math.exp2(s - lse[:, None])
+            if phase == 1:
+                tile = tl.load(TID + row + e).to(tl.int64)
+                keep = _tile_keep(TILES, tile, offs_m, (j % SPLIT) * BLOCK_N, BLOCK_Q, WORDS, BLOCK_Q, BLOCK_N)
+                p = tl.where(keep, p, 0.0)
+            ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+            if HAS_BIAS:
+                du += tl.dot(ds.to(wt.dtype), tl.trans(wt), input_precision=PREC)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_valid[:, None])
     if HAS_BIAS:
         tl.store(DU + u_off, du.to(DU.dtype.element_ty), mask=m_valid[:, None])
@@ -275,35 +288,35 @@ def _bwd_dkdv_kernel(
         crow = b * s_cb + h * s_ch + pid_n
         n_full = tl.load(FULL + crow) * SPLIT
         n_all = tl.load(CNT + crow) * SPLIT
-        for j in range(0, n_all):
-            e = j // SPLIT
-            qb = tl.load(IDX + row + e)
-            rows = (j % SPLIT) * BLOCK_M1 + offs_m
-            q0, qlen = _block_span(QS, QL, qb, BLOCK_Q, SEQ_Q, PACKED)
-            m_valid = rows < qlen
-            q_off = b * s_qb + h * s_qh + (q0 + rows)[None, :] * s_qm + offs_d[:, None]
-            qt = tl.load(Q + q_off, mask=m_valid[None, :], other=0.0)  # [D, M1]
-            lse = tl.load(LSE + b * s_lb + h * s_lh + q0 + rows, mask=m_valid, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-            delta = tl.load(DELTA + b * s_lb + h * s_lh + q0 + rows, mask=m_valid, other=0.0)
-            st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # [KV, M1]
-            if HAS_BIAS:
-                ut = tl.load(BU + b * s_ub + h * s_uh + (q0 + rows)[None, :] * s_um + offs_r[:, None],
-                             mask=m_valid[None, :], other=0.0)
-                st += tl.dot(w, ut, input_precision=PREC) * 1.4426950408889634
-            pt = tl.math.exp2(st - lse[None, :])
-            if j >= n_full:
-                tile = tl.load(TID + row + e).to(tl.int64)
-                words = tl.load(TILES + tile * (BLOCK_Q * WORDS) + rows[None, :] * WORDS + (offs_n // 32)[:, None])
-                pt = tl.where(((words >> (offs_n % 32)[:, None]) & 1) != 0, pt, 0.0)
-            do = tl.load(DO + b * s_qb + h * s_qh + (q0 + rows)[:, None] * s_qm + offs_d[None, :],
-                         mask=m_valid[:, None], other=0.0)  # [M1, D]
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)
-            if HAS_BIAS:
-                dw += tl.dot(dst.to(ut.dtype), tl.trans(ut), input_precision=PREC)
+        for phase in tl.static_range(2):  # full blocks, then partial blocks (masked)
+            for j in range(n_full * phase, n_full + (n_all - n_full) * phase):
+                e = j // SPLIT
+                qb = tl.load(IDX + row + e)
+                rows = (j % SPLIT) * BLOCK_M1 + offs_m
+                q0, qlen = _block_span(QS, QL, qb, BLOCK_Q, SEQ_Q, PACKED)
+                m_valid = rows < qlen
+                q_off = b * s_qb + h * s_qh + (q0 + rows)[None, :] * s_qm + offs_d[:, None]
+                qt = _load(Q + q_off, m_valid[None, :], phase == 1)  # [D, M1]
+                lse = tl.load(LSE + b * s_lb + h * s_lh + q0 + rows, mask=m_valid, other=float("inf"))
+                lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+                delta = tl.load(DELTA + b * s_lb + h * s_lh + q0 + rows, mask=m_valid, other=0.0)
+                st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # [KV, M1]
+                if HAS_BIAS:
+                    ut = _load(BU + b * s_ub + h * s_uh + (q0 + rows)[None, :] * s_um + offs_r[:, None],
+                               m_valid[None, :], phase == 1)
+                    st += tl.dot(w, ut, input_precision=PREC) * 1.4426950408889634
+                pt = tl.math.exp2(st - lse[None, :])
+                if phase == 1:
+                    tile = tl.load(TID + row + e).to(tl.int64)
+                    keep = _tile_keep(TILES, tile, rows, 0, BLOCK_Q, WORDS, BLOCK_M1, BLOCK_KV)
+                    pt = tl.where(tl.trans(keep), pt, 0.0)
+                do = _load(DO + b * s_qb + h * s_qh + (q0 + rows)[:, None] * s_qm + offs_d[None, :],
+                           m_valid[:, None], phase == 1)  # [M1, D]
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+                dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
+                dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)
+                if HAS_BIAS:
+                    dw += tl.dot(dst.to(ut.dtype), tl.trans(ut), input_precision=PREC)
         if HAS_BIAS:
             tl.store(DW + w_off, dw.to(DW.dtype.element_ty), mask=n_valid[:, None])
     tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=n_valid[:, None])
