@@ -164,3 +164,37 @@ def test_packed_varlen_equals_per_sequence_runs():
         o_i, l_i = BlockSparseAttention.apply(q[:, :, sl_q], k[:, :, sl_kv], v[:, :, sl_kv], None, None, bs_i, 0.25)
         torch.testing.assert_close(out[:, :, sl_q], o_i, rtol=0, atol=0)
         torch.testing.assert_close(lse[:, :, sl_q], l_i, rtol=0, atol=0)
+
+
+ALL_FACTORIES = {  # every mask factory of longattn.masks, at small shapes (S = 160 tokens, 4 heads)
+    "full": lambda: masks.full(),
+    "causal": lambda: masks.causal(),
+    "sliding_window": lambda: masks.sliding_window(50),
+    "sliding_window_bidir": lambda: masks.sliding_window(40, causal=False),
+    "sinks": lambda: masks.sinks(3, 40),
+    "dilated": lambda: masks.dilated(3, 2),
+    "dilated_blocks": lambda: masks.dilated(2, 2, granularity=32),
+    "strided": lambda: masks.strided(4, local_window=16),
+    "block_local": lambda: masks.block_local(48),
+    "global_tokens": lambda: masks.global_tokens(5) & masks.sliding_window(30, causal=False),
+    "random_blocks": lambda: masks.random_blocks(160, 160, 32, 2, seed=3, num_heads=4),
+    "bigbird": lambda: masks.bigbird(160, 160, 32, num_random=1, seed=1),
+    "power": lambda: masks.power(local=2),
+    "longlora_shifted": lambda: masks.longlora_shifted(32, 4),
+    "document": lambda: masks.document([60, 1, 99]) & masks.causal(),
+    "per_head_window": lambda: masks.per_head_window([8, 30, 70, 160]),
+    "neighborhood_1d": lambda: masks.neighborhood((160,), 33, dilation=2),
+    "neighborhood_2d": lambda: masks.neighborhood((10, 16), (3, 5), stride=(1, 2)),
+    "neighborhood_3d": lambda: masks.neighborhood((4, 5, 8), 3, causal=(True, False, False)),
+    "radial": lambda: masks.radial(10, 16, sink_frames=1),
+    "composed": lambda: (masks.sliding_window(20) | masks.global_tokens(4)) & ~masks.block_local(16, causal=False),
+}
+
+
+@pytest.mark.parametrize("name", list(ALL_FACTORIES))
+def test_every_mask_factory_through_the_kernel(name):
+    """Each factory → BlockSparse → Triton kernel, forward and backward, against the fp64 oracle on the mask."""
+    q, k, v = _inputs(1, 4, 2, 160, 160, 32, DTYPES[0])
+    mask = ALL_FACTORIES[name]()
+    bs = BlockSparse.from_mask_mod(mask, 1, 4, 160, 160, (32, 32), device=DEVICE)
+    check_against_oracle(_run_block_sparse(bs), q, k, v, mask=mask)
