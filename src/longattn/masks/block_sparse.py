@@ -258,20 +258,23 @@ class BlockSparse:
         """Element mask [B', H', seq_q, seq_kv] (tests and small inputs only: O(seq_q × seq_kv) memory)."""
         return self.dense_rows(0, len(self.q_blocks))
 
-    def density(self) -> float:
-        """Fraction of the query × key area the kernels compute (full + partial blocks): the retained work."""
-        cls_map, _ = self.block_map()
+    def _block_area(self) -> Tensor:
+        """Valid query × key pairs of every block [nQB, nKB] (zero across sequences of a packed batch)."""
         area = self.q_blocks.lens.view(-1, 1).double() * self.kv_blocks.lens.view(1, -1).double()
         if self.varlen:
             area = area * (self.q_blocks.seq.view(-1, 1) == self.kv_blocks.seq.view(1, -1))
+        return area
+
+    def density(self) -> float:
+        """Fraction of the query × key area the kernels compute (full + partial blocks): the retained work."""
+        cls_map, _ = self.block_map()
+        area = self._block_area()
         return float(((cls_map != EMPTY) * area).sum() / (area.sum() * cls_map.shape[0] * cls_map.shape[1]))
 
     def mask_density(self) -> float:
         """Fraction of query × key pairs the mask keeps (exact: full blocks plus set bits of partial tiles)."""
         cls_map, tile_map = self.block_map()
-        area = self.q_blocks.lens.view(-1, 1).double() * self.kv_blocks.lens.view(1, -1).double()
-        if self.varlen:
-            area = area * (self.q_blocks.seq.view(-1, 1) == self.kv_blocks.seq.view(1, -1))
+        area = self._block_area()
         ones_per_tile = _unpack_bits(self.tiles, self.kv_blocks.block).flatten(1).sum(1).double()
         kept = ((cls_map == FULL) * area).sum()
         kept += ones_per_tile[tile_map[cls_map == PARTIAL].long()].sum()
