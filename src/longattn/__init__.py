@@ -5,7 +5,7 @@ backend; ``masks`` holds FlexAttention-style patterns; ``BlockSparse`` is the bl
 """
 
 from longattn import masks
-from longattn.attention import attention, sparse_attention
+from longattn.api import attention, sparse_attention
 from longattn.masks.block_sparse import BlockSparse
 from longattn.methods import registry as methods
 

@@ -6,7 +6,6 @@ small. Tolerances follow the one rule of tests/oracle.py.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 
@@ -16,11 +15,10 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
 import longattn
+import longattn.api as api  # noqa: E402
 from longattn import BlockSparse, masks
 from longattn.kernels.reference import reference_attention
 from tests.oracle import assert_close_to_reference, check_against_oracle
-
-api = importlib.import_module("longattn.attention")  # the module (the package attribute is the function)
 
 FAST_DTYPES = (torch.float16, torch.float32)
 
@@ -402,3 +400,22 @@ def test_bad_input_raises_naming_the_argument(name, impl):
         kwargs = {**kwargs, "impl": impl}
     with pytest.raises(exc, match=pattern):
         longattn.attention(q, k, v, **kwargs)
+
+
+def test_auto_warns_when_a_gpu_call_falls_back_to_the_reference(monkeypatch):
+    """On CUDA, a masked call the Triton kernel cannot take (here: head_dim 48) runs the reference *with* a
+    warning; the same on CPU is the designated path and only logs."""
+    from types import SimpleNamespace
+
+    import longattn.api as api
+
+    monkeypatch.setattr(api, "_logged", set())
+    fake_gpu_q = SimpleNamespace(device=torch.device("cuda", 0), shape=(1, 2, 8, 48), dtype=torch.float16)
+    with pytest.warns(RuntimeWarning, match="reference"):
+        assert api._choose(fake_gpu_q, masks.causal(), "auto", False, None, None) == "reference"
+    cpu_q = torch.zeros(1, 2, 8, 48)
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        assert api._choose(cpu_q, masks.causal(), "auto", False, None, None) == "reference"

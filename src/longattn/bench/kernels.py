@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from longattn import masks
-from longattn.attention import attention
+from longattn.api import attention
 from longattn.bench.timing import append_jsonl, environment, median_ms, peak_memory
 from longattn.kernels.reference import reference_attention
 from longattn.masks.block_sparse import BlockSparse

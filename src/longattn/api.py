@@ -9,8 +9,10 @@ silently: an explicit impl that cannot run raises.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -116,6 +118,8 @@ def _choose(q, mask, impl, return_lse, bias, cu) -> str:
     if key not in _logged:
         _logged.add(key)
         log.info("longattn.attention impl='auto' chose %r: %s", chosen, why)
+        if chosen == "reference" and q.device.type == "cuda":  # a slow path on a GPU is never silent
+            warnings.warn(f"longattn.attention: {why}", RuntimeWarning, stacklevel=3)
     return chosen
 
 
@@ -182,6 +186,14 @@ def _to_block_sparse(mask, causal, q, k, block, cu_q, cu_kv) -> BlockSparse:
     return bs
 
 
+@functools.cache
+def _compiled_flex():
+    """FlexAttention compiled once per process (it is slow eager and materialises the mask)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def _flex(q, k, v, mask, causal, scale, bias, cu_q, cu_kv, block):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -209,7 +221,7 @@ def _flex(q, k, v, mask, causal, scale, bias, cu_q, cu_kv, block):
         def score_mod(score, b, h, qi, kv):
             return score + (u[b, h, qi].float() * w[b, h, kv].float()).sum()
 
-    fn = torch.compile(flex_attention) if q.device.type == "cuda" else flex_attention
+    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
     out, lse = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                   enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
     return out, lse
