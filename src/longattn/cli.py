@@ -60,7 +60,9 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Main job on a fresh CPU machine: the quick kernel benchmark (until the eval harness lands)."""
-    args.quick, args.out, args.plot = True, args.out, args.plot or "reports/kernels-quick.png"
+    args.quick = True
+    args.out = args.out or "reports/demo-kernels.jsonl"  # reports/ is git-ignored: the demo never dirties the tree
+    args.plot = args.plot or "reports/demo-kernels.png"
     return cmd_bench_kernels(args)
 
 
