@@ -1,0 +1,1 @@
+"""Hugging Face transformers integration: model loading (embedded default model, local folders, cached hub ids)."""
