@@ -90,3 +90,15 @@ def test_second_load_comes_from_the_safetensors_cache(default_cache, monkeypatch
     again, _ = models.load_model(cache_dir=root)
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_patched_dense_matches_stock_on_the_embedded_model(default_cache):
+    import longattn
+
+    _, model, tok = default_cache
+    ids = tok("Long context attention, measured honestly. " * 12, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        stock = model(ids).logits
+        with longattn.patch(model, impl="reference"):
+            ours = model(ids).logits
+    assert (ours - stock).abs().max() <= 1e-4

@@ -49,6 +49,21 @@ class MaskMod:
                     torch.zeros(shape, dtype=torch.bool, device=q_lo.device))
         return self.bounds(b, h, q_lo, q_hi, kv_lo, kv_hi)
 
+    def shifted(self, offset: int) -> MaskMod:
+        """The same pattern for queries that sit ``offset`` positions later (query i is absolute position
+        i + offset): how a square pattern serves chunked prefill and cached decoding (offset = seq_kv - seq_q)."""
+        if offset == 0:
+            return self
+        a = self
+
+        def fn(b, h, q, kv):
+            return a(b, h, q + offset, kv)
+
+        def bounds(b, h, q_lo, q_hi, kv_lo, kv_hi):
+            return a.block_bounds(b, h, q_lo + offset, q_hi + offset, kv_lo, kv_hi)
+
+        return MaskMod(fn, bounds=bounds, name=f"{a.name}.shifted({offset})")
+
     def __and__(self, other: MaskFn) -> MaskMod:
         a, o = self, as_mask_mod(other)
 

@@ -1,0 +1,135 @@
+"""``longattn.patch``: route a stock transformers model's attention through longattn, using transformers' own
+extension points (AttentionInterface / AttentionMaskInterface registries), with no forked model code."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from longattn import masks
+from longattn.api import IMPLS, attention
+from longattn.masks.core import MaskMod
+from longattn.methods.registry import get, names
+
+ATTN_NAME = "longattn"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
+
+
+@dataclass
+class PatchState:
+    """What one patched model runs: the prefill pattern (None = dense) and the backend."""
+
+    prefill: MaskMod | None
+    impl: str
+    previous: str
+    _shifted: tuple[int, MaskMod | None] = (0, None)
+
+    def pattern_at(self, offset: int) -> MaskMod | None:
+        """The prefill pattern for queries starting at absolute position ``offset``; one object per offset so
+        every layer of a forward reuses the same BlockSparse."""
+        if self.prefill is None:
+            return None
+        if self._shifted[0] != offset or self._shifted[1] is None:
+            self._shifted = (offset, self.prefill.shifted(offset))
+        return self._shifted[1]
+
+
+_states: dict[int, PatchState] = {}  # id(model config) -> state; configs are unhashable, entries die with them
+
+
+class Patched:
+    """Handle returned by ``patch``; ``restore()`` (or leaving the ``with`` block) puts the old attention back."""
+
+    def __init__(self, model, state: PatchState):
+        self.model, self.state = model, state
+
+    def restore(self) -> None:
+        _set_attn_implementation(self.model, self.state.previous)
+        _states.pop(id(self.model.config), None)
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def patch(model, prefill: str | None = None, decode: str | None = None, *, impl: str = "auto", **config) -> Patched:
+    """Route every attention layer of ``model`` through ``longattn.attention``.
+
+    prefill: a registered pattern name (``longattn methods``) built with ``**config`` as its knobs, or None for
+    dense attention. decode: a registered decode policy (none are registered yet). impl: the backend, as in
+    ``longattn.attention``. Usable as ``with longattn.patch(model, ...):`` to restore the model afterwards.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model: unsupported model type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if decode is not None:
+        valid = names("decode")
+        raise ValueError(f"decode: unknown policy {decode!r}; valid: {', '.join(valid) if valid else 'none yet'}")
+    pattern = None
+    if prefill is not None:
+        entry = get(prefill)
+        if entry.family != "pattern":
+            raise ValueError(f"prefill: {prefill!r} is a {entry.family} method, not a prefill pattern")
+        pattern = entry.factory(**config)
+    elif config:
+        raise ValueError(f"config: knobs {sorted(config)} given without a prefill method")
+    _register()
+    state = PatchState(pattern, impl, model.config._attn_implementation)
+    key = id(model.config)
+    _states[key] = state
+    weakref.finalize(model.config, _states.pop, key, None)
+    _set_attn_implementation(model, ATTN_NAME)
+    return Patched(model, state)
+
+
+def _set_attn_implementation(model, name: str) -> None:
+    for cfg in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        cfg._attn_implementation = name
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, longattn_attention_forward)
+    # sdpa's mask format: None when plain causal without padding, else a bool [B, 1, Sq, Skv] tensor.
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def longattn_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                               dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """The function transformers calls per layer: (B, H, Sq, D) in, (B, Sq, H, D) out, no attention weights."""
+    state = _states.get(id(module.config))
+    if state is None:
+        raise RuntimeError("longattn attention called on a model that was not patched (or was restored)")
+    if dropout:
+        raise ValueError(f"dropout: longattn attention has no dropout, got {dropout} (call model.eval())")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("softcap: logit soft-capping is not supported by longattn attention")
+    Sq, Skv = query.shape[2], key.shape[2]
+    offset = Skv - Sq  # cached decoding / chunked prefill: queries are the last Sq positions
+    mask = state.pattern_at(offset)
+    window = kwargs.get("sliding_window")
+    if window and int(window) < Skv:  # the model's own sliding window (Mistral, Qwen2), when it restricts
+        mask = masks.sliding_window(int(window), offset=offset) if mask is None else mask & masks.sliding_window(
+            int(window), offset=offset)
+    if attention_mask is not None:  # padding (or any explicit mask): kept exactly
+        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        allowed = allowed[:, :, -Sq:, -Skv:]
+
+        def padding(b, h, q, kv):
+            return allowed[b, 0, q, kv]
+
+        mask = MaskMod(padding, name="padding") if mask is None else mask & MaskMod(padding, name="padding")
+        causal = False  # the explicit mask already encodes causality
+    else:
+        causal = True
+    out = attention(query, key, value, mask=mask, causal=causal, scale=scaling, impl=state.impl)
+    return out.transpose(1, 2).contiguous(), None
