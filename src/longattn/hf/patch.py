@@ -12,6 +12,7 @@ from torch import Tensor
 from longattn import masks
 from longattn.api import IMPLS, attention
 from longattn.masks.core import MaskMod
+from longattn.methods.prefill.base import PrefillMethod
 from longattn.methods.registry import get, names
 
 ATTN_NAME = "longattn"
@@ -25,6 +26,7 @@ class PatchState:
     prefill: MaskMod | None
     impl: str
     previous: str
+    method: PrefillMethod | None = None  # a dynamic method estimates blocks from each layer's real q and k
     _shifted: tuple[int, MaskMod | None] = (0, None)
 
     def pattern_at(self, offset: int) -> MaskMod | None:
@@ -60,8 +62,8 @@ class Patched:
 def patch(model, prefill: str | None = None, decode: str | None = None, *, impl: str = "auto", **config) -> Patched:
     """Route every attention layer of ``model`` through ``longattn.attention``.
 
-    prefill: a registered pattern name (``longattn methods``) built with ``**config`` as its knobs, or None for
-    dense attention. decode: a registered decode policy (none are registered yet). impl: the backend, as in
+    prefill: a registered pattern or prefill method (``longattn methods``) built with ``**config`` as its knobs,
+    or None for dense attention. decode: a registered decode policy (none are registered yet). impl: the backend, as in
     ``longattn.attention``. Usable as ``with longattn.patch(model, ...):`` to restore the model afterwards.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -72,16 +74,19 @@ def patch(model, prefill: str | None = None, decode: str | None = None, *, impl:
     if decode is not None:
         valid = names("decode")
         raise ValueError(f"decode: unknown policy {decode!r}; valid: {', '.join(valid) if valid else 'none yet'}")
-    pattern = None
+    pattern = method = None
     if prefill is not None:
         entry = get(prefill)
-        if entry.family != "pattern":
-            raise ValueError(f"prefill: {prefill!r} is a {entry.family} method, not a prefill pattern")
-        pattern = entry.factory(**config)
+        if entry.family == "pattern":
+            pattern = entry.factory(**config)
+        elif entry.family == "prefill":
+            method = entry.factory(**config)
+        else:
+            raise ValueError(f"prefill: {prefill!r} is a {entry.family} method, not a prefill pattern or method")
     elif config:
         raise ValueError(f"config: knobs {sorted(config)} given without a prefill method")
     _register()
-    state = PatchState(pattern, impl, model.config._attn_implementation)
+    state = PatchState(pattern, impl, model.config._attn_implementation, method)
     key = id(model.config)
     _states[key] = state
     weakref.finalize(model.config, _states.pop, key, None)
@@ -115,6 +120,13 @@ def longattn_attention_forward(module, query: Tensor, key: Tensor, value: Tensor
         raise ValueError("softcap: logit soft-capping is not supported by longattn attention")
     Sq, Skv = query.shape[2], key.shape[2]
     offset = Skv - Sq  # cached decoding / chunked prefill: queries are the last Sq positions
+    if state.method is not None and Sq > 1:  # dynamic prefill; decoding steps read the whole cache
+        if attention_mask is not None or (kwargs.get("sliding_window") or Skv) < Skv:
+            raise ValueError("prefill: dynamic prefill methods take unpadded prompts on models without a sliding "
+                             "window; run padded sequences one at a time")
+        bs = state.method.estimate(query, key, layer=getattr(module, "layer_idx", 0))
+        out = attention(query, key, value, mask=bs, scale=scaling, impl=state.impl)
+        return out.transpose(1, 2).contiguous(), None
     mask = state.pattern_at(offset)
     window = kwargs.get("sliding_window")
     if window and int(window) < Skv:  # the model's own sliding window (Mistral, Qwen2), when it restricts

@@ -158,9 +158,12 @@ class BlockSparse:
         seq_q: int,
         seq_kv: int,
         block: int | tuple[int, int] = (128, 128),
+        *,
+        within: MaskFn | None = None,
     ) -> BlockSparse:
-        """Build from a bool block map [B', H', nQB, nKB] (True = attend the whole block); tail blocks are
-        clipped to the sequence. This is how dynamic methods hand their selection to the kernels."""
+        """Build from a bool block map [B', H', nQB, nKB] (True = attend the block); tail blocks are clipped to
+        the sequence, and ``within`` (e.g. causal) further restricts the selected blocks elementwise. This is how
+        dynamic methods hand their selection to the kernels."""
         bq, bkv = _check_block(block)
         if not isinstance(block_mask, Tensor) or block_mask.dtype != torch.bool or block_mask.dim() != 4:
             raise TypeError(f"block_mask: expected a 4-D bool tensor [B, H, nQB, nKB], got "
@@ -177,7 +180,18 @@ class BlockSparse:
             t = table.to(q.device)
             return t[b % t.shape[0], h % t.shape[1], q // bq, kv // bkv]
 
-        return cls._finish(cls_map, MaskMod(in_selected_block, name="block_mask"), qb, kb)
+        selected = MaskMod(in_selected_block, name="block_mask")
+        if within is None:
+            return cls._finish(cls_map, selected, qb, kb)
+        inner = as_mask_mod(within, "within")
+        q_lo, kv_lo = qb.local.view(1, 1, -1, 1), kb.local.view(1, 1, 1, -1)
+        any_, all_ = inner.block_bounds(torch.zeros(1, 1, 1, 1, dtype=torch.long, device=table.device),
+                                        torch.arange(table.shape[1], device=table.device).view(1, -1, 1, 1),
+                                        q_lo, q_lo + qb.lens.view(1, 1, -1, 1) - 1,
+                                        kv_lo, kv_lo + kb.lens.view(1, 1, 1, -1) - 1)
+        any_, all_ = any_.expand(cls_map.shape), all_.expand(cls_map.shape)
+        cls_map = torch.where(block_mask & any_, torch.where(all_, FULL, PARTIAL), EMPTY).to(torch.int8)
+        return cls._finish(cls_map, selected & inner, qb, kb)
 
     @classmethod
     def from_flex(cls, block_mask) -> BlockSparse:

@@ -38,7 +38,15 @@ def register(name: str, family: str, *, paper: str, impls: tuple[str, ...] = ("t
 
 
 def _load_builtin() -> None:
-    from longattn.methods import patterns  # noqa: F401  (registers the static patterns)
+    """Import the modules that register the built-in patterns and methods (each file registers itself)."""
+    import importlib
+    import pkgutil
+
+    from longattn.methods import patterns, prefill  # noqa: F401  (patterns registers on import)
+
+    for info in pkgutil.iter_modules(prefill.__path__):
+        if info.name != "base":
+            importlib.import_module(f"{prefill.__name__}.{info.name}")
 
 
 def get(name: str) -> Entry:

@@ -1,0 +1,1 @@
+"""Dynamic sparse prefill methods: one file, one registered class each (see base.PrefillMethod)."""

@@ -1,0 +1,56 @@
+"""The prefill-method contract: from a layer's real queries and keys, decide which blocks to compute.
+
+A method never launches a kernel: ``estimate`` returns a BlockSparse that ``longattn.attention`` runs on whatever
+backend is chosen, so every method is measured on the same kernels and checked against the same oracle."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from longattn.masks.block_sparse import BlockSparse
+
+
+class PrefillMethod(ABC):
+    """Base class: subclasses implement ``estimate`` and expose their knobs as constructor arguments."""
+
+    block: tuple[int, int] = (64, 64)
+
+    @abstractmethod
+    def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
+        """Blocks to compute for q [B, Hq, Sq, D] against k [B, Hkv, Skv, D] (post-RoPE), causal, bottom-right."""
+
+    def check(self, q: Tensor, k: Tensor) -> None:
+        """Validate the estimate's inputs once (shapes, GQA ratio)."""
+        if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+            raise ValueError(f"q, k: expected (B, H, S, D) with equal batch and head_dim, got {tuple(q.shape)} and "
+                             f"{tuple(k.shape)}")
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(f"k: query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+
+
+def pooled_block_scores(q: Tensor, k: Tensor, block: tuple[int, int]) -> Tensor:
+    """Block-level attention estimate [B, Hq, nQB, nKB]: softmax over kv blocks of mean-pooled q · mean-pooled k,
+    causal (bottom-right) at block granularity. Pools over each block's valid tokens only."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    bq, bkv = block
+    qp = _mean_pool(q.float(), bq)
+    kp = _mean_pool(k.float(), bkv).repeat_interleave(Hq // Hkv, dim=1)
+    s = qp @ kp.transpose(-1, -2) / math.sqrt(D)
+    q_last = (torch.arange(qp.shape[2], device=q.device) * bq).clamp(max=Sq - 1) + (Skv - Sq)
+    kv_first = torch.arange(kp.shape[2], device=q.device) * bkv
+    s = s.masked_fill(kv_first.view(1, -1) > q_last.view(-1, 1), float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def _mean_pool(x: Tensor, block: int) -> Tensor:
+    B, H, S, D = x.shape
+    n = math.ceil(S / block)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, n * block - S))
+    counts = torch.full((n,), float(block), device=x.device)
+    counts[-1] = S - (n - 1) * block
+    return padded.view(B, H, n, block, D).sum(3) / counts.view(1, 1, n, 1)
