@@ -1,10 +1,10 @@
 """``longattn.attention``: one entry point for exact, masked and block-sparse attention.
 
 Validates once at the boundary, turns any mask kind into what the chosen backend consumes, and dispatches:
-"sdpa" (PyTorch SDPA: cuDNN / flash on GPU) for dense and causal, "triton" (our block-sparse kernels) for
-masks, bias, LSE and packed batches on GPU, "flex" (torch FlexAttention), and "reference" (the chunked oracle,
-also the CPU path). "auto" picks the fastest eligible backend and logs the choice once; it never falls back
-silently: an explicit impl that cannot run raises.
+"sdpa" (PyTorch SDPA: cuDNN / flash on GPU) for dense and causal; "triton" (our block-sparse kernels) for
+masks, bias, LSE and packed batches on GPU; "flex" (torch FlexAttention); "gather" (vectorised PyTorch over the
+retained blocks only: the CPU path for masks); "reference" (the chunked oracle). "auto" picks the fastest
+eligible backend and logs the choice once; it never falls back silently: an explicit impl that cannot run raises.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from longattn.kernels.block_sparse import INTERPRET, BlockSparseAttention, pad_rank
+from longattn.kernels.gather import block_gather_attention
 from longattn.kernels.reference import reference_attention
 from longattn.masks import varlen
 from longattn.masks.block_sparse import BlockSparse, check_cu_seqlens
 from longattn.masks.core import MaskMod, as_mask_mod
 
 log = logging.getLogger("longattn")
-IMPLS = ("auto", "triton", "flex", "sdpa", "reference")
+IMPLS = ("auto", "triton", "flex", "sdpa", "gather", "reference")
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 _logged: set[str] = set()
 _block_cache: OrderedDict[tuple, tuple[object, BlockSparse]] = OrderedDict()
@@ -69,6 +70,9 @@ def attention(
         bs = _to_block_sparse(mask, causal, q, k, block, cu_seqlens_q, cu_seqlens_kv)
         u, w = pad_rank(*bias) if bias is not None else (None, None)
         out, lse = BlockSparseAttention.apply(q, k, v, u, w, bs, scale)
+    elif chosen == "gather":
+        bs = _to_block_sparse(mask, causal, q, k, block, None, None)
+        out, lse = block_gather_attention(q, k, v, bs, scale)
     elif chosen == "flex":
         out, lse = _flex(q, k, v, mask, causal, scale, bias, cu_seqlens_q, cu_seqlens_kv, block)
     else:
@@ -105,12 +109,17 @@ def _choose(q, mask, impl, return_lse, bias, cu) -> str:
         if impl == "sdpa" and (mask is not None or return_lse or bias is not None or cu is not None):
             raise ValueError("impl='sdpa': SDPA runs dense or causal attention only; it takes no mask, bias, "
                              "cu_seqlens or return_lse (use impl='triton', 'flex' or 'reference')")
+        if impl == "gather" and (bias is not None or cu is not None):
+            raise ValueError("impl='gather': the gather path takes no bias or cu_seqlens (use 'triton' or "
+                             "'reference')")
         return impl
     dense = mask is None and bias is None and cu is None
     if dense and not return_lse:
         chosen, why = "sdpa", "dense/causal attention"
     elif q.device.type == "cuda" and _triton_ok(q) is None:
         chosen, why = "triton", "masked/biased/varlen attention or LSE requested"
+    elif q.device.type == "cpu" and mask is not None and bias is None and cu is None:
+        chosen, why = "gather", "masked attention on CPU: only the retained blocks are computed"
     else:
         chosen = "reference"
         why = f"no fast kernel for this call on {q.device} ({_triton_ok(q) or 'CPU'}): using the chunked reference"

@@ -327,16 +327,16 @@ def test_auto_dense_uses_sdpa_and_logs_once(fresh_auto_log, causal):
     assert "'sdpa'" in msgs[0]
 
 
-def test_auto_masked_uses_reference_and_logs_once(fresh_auto_log):
+def test_auto_masked_uses_gather_on_cpu_and_logs_once(fresh_auto_log):
     q, k, v = _inputs(1, 2, 2, 40, 40, 32)
     mask = masks.sliding_window(9)
     out = longattn.attention(q, k, v, mask=mask)
-    assert torch.equal(out, longattn.attention(q, k, v, mask=mask, impl="reference"))
+    assert torch.equal(out, longattn.attention(q, k, v, mask=mask, impl="gather"))
     out2, lse = longattn.attention(q, k, v, mask=mask, return_lse=True)
     assert torch.equal(out2, out) and lse.shape == (1, 2, 40)
     msgs = _auto_records(fresh_auto_log)
     assert len(msgs) == 1, msgs
-    assert "'reference'" in msgs[0]
+    assert "'gather'" in msgs[0]
     # a dense call afterwards logs its own (different) choice, once
     longattn.attention(q, k, v)
     longattn.attention(q, k, v)
@@ -404,7 +404,7 @@ def test_bad_input_raises_naming_the_argument(name, impl):
 
 def test_auto_warns_when_a_gpu_call_falls_back_to_the_reference(monkeypatch):
     """On CUDA, a masked call the Triton kernel cannot take (here: head_dim 48) runs the reference *with* a
-    warning; the same on CPU is the designated path and only logs."""
+    warning; on CPU the gather path is the designated one and nothing warns."""
     from types import SimpleNamespace
 
     import longattn.api as api
@@ -418,4 +418,4 @@ def test_auto_warns_when_a_gpu_call_falls_back_to_the_reference(monkeypatch):
 
     with _w.catch_warnings():
         _w.simplefilter("error")
-        assert api._choose(cpu_q, masks.causal(), "auto", False, None, None) == "reference"
+        assert api._choose(cpu_q, masks.causal(), "auto", False, None, None) == "gather"
