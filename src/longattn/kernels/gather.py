@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from longattn.kernels.reference import softmax_attend
 from longattn.masks.block_sparse import BlockSparse, _unpack_bits
 
 _CHUNK_ELEMS = 1 << 24  # score elements (q rows × gathered keys × heads) held at once
@@ -55,14 +56,7 @@ def block_gather_attention(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, sca
         q_lo, q_hi = lo * bq, min(Sq, hi * bq)
         qc = torch.nn.functional.pad(q[:, :, q_lo:q_hi].to(compute_dtype), (0, 0, 0, n * bq - (q_hi - q_lo)))
         s = (qc.view(B, Hq, n, bq, D) @ kg.transpose(-1, -2)) * scale
-        s = s.masked_fill(~allowed, float("-inf"))
-        m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        p = torch.exp(s - m)
-        denom = p.sum(-1, keepdim=True)
-        o = (p @ vg) / torch.where(denom == 0, torch.ones_like(denom), denom)
-        lse = (m + torch.log(denom)).squeeze(-1)
+        o, lse = softmax_attend(s, vg, allowed)
         outs.append(o.reshape(B, Hq, n * bq, D)[:, :, : q_hi - q_lo])
         lses.append(lse.reshape(B, Hq, n * bq)[:, :, : q_hi - q_lo])
-    lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
-    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2).to(lse_dtype)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)

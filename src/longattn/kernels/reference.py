@@ -68,14 +68,19 @@ def _chunk_attention(q, k, v, allowed, scale, compute_dtype, bias_u=None, bias_v
     s = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-1, -2)) * scale
     if bias_u is not None:
         s = s + torch.matmul(bias_u.to(compute_dtype), bias_v.to(compute_dtype).transpose(-1, -2))
+    return softmax_attend(s, v.to(compute_dtype), allowed)
+
+
+def softmax_attend(s: Tensor, v: Tensor, allowed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """softmax(s masked by ``allowed``) @ v and the row LSE; rows with nothing allowed give 0 and -inf."""
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     p = torch.exp(s - m)
     denom = p.sum(-1, keepdim=True)
-    out = torch.matmul(p, v.to(compute_dtype)) / torch.where(denom == 0, torch.ones_like(denom), denom)
-    lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    out = torch.matmul(p, v) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    lse_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
     return out, (m + torch.log(denom)).squeeze(-1).to(lse_dtype)
 
 

@@ -141,10 +141,7 @@ class BlockSparse:
         h_idx = torch.arange(hi, device=device).view(1, -1, 1, 1)
         if qb.seq.max() > 0 or kb.seq.max() > 0:  # packed: b is the sequence of the block
             b_idx = qb.seq.view(1, 1, -1, 1)
-        q_lo = qb.local.view(1, 1, -1, 1)
-        kv_lo = kb.local.view(1, 1, 1, -1)
-        any_, all_ = mask.block_bounds(b_idx, h_idx, q_lo, q_lo + qb.lens.view(1, 1, -1, 1) - 1,
-                                       kv_lo, kv_lo + kb.lens.view(1, 1, 1, -1) - 1)
+        any_, all_ = _block_bounds(mask, b_idx, h_idx, qb, kb)
         shape = (bi, hi, len(qb), len(kb))
         cls_map = torch.full(shape, PARTIAL, dtype=torch.int8, device=device)
         cls_map[~any_.expand(shape)] = EMPTY
@@ -184,11 +181,8 @@ class BlockSparse:
         if within is None:
             return cls._finish(cls_map, selected, qb, kb)
         inner = as_mask_mod(within, "within")
-        q_lo, kv_lo = qb.local.view(1, 1, -1, 1), kb.local.view(1, 1, 1, -1)
-        any_, all_ = inner.block_bounds(torch.zeros(1, 1, 1, 1, dtype=torch.long, device=table.device),
-                                        torch.arange(table.shape[1], device=table.device).view(1, -1, 1, 1),
-                                        q_lo, q_lo + qb.lens.view(1, 1, -1, 1) - 1,
-                                        kv_lo, kv_lo + kb.lens.view(1, 1, 1, -1) - 1)
+        any_, all_ = _block_bounds(inner, torch.zeros(1, 1, 1, 1, dtype=torch.long, device=table.device),
+                                   torch.arange(table.shape[1], device=table.device).view(1, -1, 1, 1), qb, kb)
         any_, all_ = any_.expand(cls_map.shape), all_.expand(cls_map.shape)
         cls_map = torch.where(block_mask & any_, torch.where(all_, FULL, PARTIAL), EMPTY).to(torch.int8)
         return cls._finish(cls_map, selected & inner, qb, kb)
@@ -390,6 +384,13 @@ def _bh_extent(mask: MaskMod, B: int, H: int, qb: Blocks1D, device) -> tuple[int
     if qb.seq.max() > 0:
         bi = 1
     return bi, hi
+
+
+def _block_bounds(mask: MaskMod, b: Tensor, h: Tensor, qb: Blocks1D, kb: Blocks1D) -> tuple[Tensor, Tensor]:
+    """(any, all) of ``mask`` over every (query block, kv block) rectangle, in sequence-local coordinates."""
+    q_lo, kv_lo = qb.local.view(1, 1, -1, 1), kb.local.view(1, 1, 1, -1)
+    return mask.block_bounds(b, h, q_lo, q_lo + qb.lens.view(1, 1, -1, 1) - 1,
+                             kv_lo, kv_lo + kb.lens.view(1, 1, 1, -1) - 1)
 
 
 def _evaluate_blocks(mask: MaskMod, bb, hh, qq, kk, qb: Blocks1D, kb: Blocks1D) -> Tensor:
