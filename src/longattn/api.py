@@ -118,8 +118,10 @@ def _choose(q, mask, impl, return_lse, bias, cu) -> str:
         chosen, why = "sdpa", "dense/causal attention"
     elif q.device.type == "cuda" and _triton_ok(q) is None:
         chosen, why = "triton", "masked/biased/varlen attention or LSE requested"
-    elif q.device.type == "cpu" and mask is not None and bias is None and cu is None:
-        chosen, why = "gather", "masked attention on CPU: only the retained blocks are computed"
+    elif mask is not None and bias is None and cu is None:
+        chosen = "gather"
+        why = ("masked attention on CPU: only the retained blocks are computed" if q.device.type == "cpu" else
+               f"the Triton kernel cannot take this call ({_triton_ok(q)}): using the PyTorch block-gather path")
     else:
         chosen = "reference"
         why = f"no fast kernel for this call on {q.device} ({_triton_ok(q) or 'CPU'}): using the chunked reference"
@@ -127,7 +129,7 @@ def _choose(q, mask, impl, return_lse, bias, cu) -> str:
     if key not in _logged:
         _logged.add(key)
         log.info("longattn.attention impl='auto' chose %r: %s", chosen, why)
-        if chosen == "reference" and q.device.type == "cuda":  # a slow path on a GPU is never silent
+        if chosen in ("gather", "reference") and q.device.type == "cuda":  # a slow path on a GPU is never silent
             warnings.warn(f"longattn.attention: {why}", RuntimeWarning, stacklevel=3)
     return chosen
 

@@ -402,17 +402,19 @@ def test_bad_input_raises_naming_the_argument(name, impl):
         longattn.attention(q, k, v, **kwargs)
 
 
-def test_auto_warns_when_a_gpu_call_falls_back_to_the_reference(monkeypatch):
-    """On CUDA, a masked call the Triton kernel cannot take (here: head_dim 48) runs the reference *with* a
-    warning; on CPU the gather path is the designated one and nothing warns."""
+def test_auto_warns_when_a_gpu_call_falls_back(monkeypatch):
+    """On CUDA, a masked call the Triton kernel cannot take (here: head_dim 48) falls back *with* a warning (to
+    the gather path, or the reference when only it can take the call); on CPU gather is designed and silent."""
     from types import SimpleNamespace
 
     import longattn.api as api
 
     monkeypatch.setattr(api, "_logged", set())
     fake_gpu_q = SimpleNamespace(device=torch.device("cuda", 0), shape=(1, 2, 8, 48), dtype=torch.float16)
-    with pytest.warns(RuntimeWarning, match="reference"):
-        assert api._choose(fake_gpu_q, masks.causal(), "auto", False, None, None) == "reference"
+    with pytest.warns(RuntimeWarning, match="Triton kernel cannot take this call"):
+        assert api._choose(fake_gpu_q, masks.causal(), "auto", False, None, None) == "gather"
+    with pytest.warns(RuntimeWarning, match="chunked reference"):  # bias: only the reference (or triton) takes it
+        assert api._choose(fake_gpu_q, masks.causal(), "auto", False, (1, 1), None) == "reference"
     cpu_q = torch.zeros(1, 2, 8, 48)
     import warnings as _w
 
