@@ -22,7 +22,7 @@ def _fmt(x, spec: str = ".2f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-_CORRECT = {True: "yes", False: "**NO**", None: "n/a (CPU: timed path is the reference)"}
+_CORRECT = {True: "yes", False: "**NO**", None: "not checked"}
 
 
 def markdown_table(rows: list[dict], source: str) -> str:
@@ -34,7 +34,7 @@ def markdown_table(rows: list[dict], source: str) -> str:
     for r in sorted(rows, key=lambda r: (r["op"], r["pattern"], r["seq_q"])):
         lines.append(
             f"| {r['op']} | {r['pattern']} | {_seq(r['seq_q'])} | {r['density_vs_causal']:.3f} | {r['ms']:.2f} | "
-            f"{r['tflops_actual']:.0f} | {_fmt(r.get('sdpa_cudnn_causal_ms'))} | "
+            f"{r['tflops_actual']:.3g} | {_fmt(r.get('sdpa_cudnn_causal_ms'))} | "
             f"{_fmt(r.get('sdpa_flash_causal_ms'))} | "
             f"{_fmt(r.get('flex_ms'))} | {_fmt(r.get('frac_of_ideal'))} | {_fmt(r.get('speedup_vs_flex'))} | "
             f"{_fmt(r['max_abs_err'], '.1e')} | {_CORRECT[r['correct']]} |")
