@@ -112,26 +112,17 @@ def _shape_id(s):
     return "b{}-h{}/{}-q{}-kv{}-d{}".format(*s)
 
 
+@pytest.mark.parametrize("impl", ["triton", "flex"])
 @pytest.mark.parametrize("mask_name", list(MASK_CASES))
 @pytest.mark.parametrize("shape", BACKEND_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("dtype", FAST_DTYPES, ids=str)
-def test_triton_mask_mod(dtype, shape, mask_name):
+def test_block_backends_mask_mod(dtype, shape, mask_name, impl):
     B, Hq, Hkv, Sq, Skv, D = shape
     q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D, dtype)
     mask = MASK_CASES[mask_name](Sq, Skv)
-    check_against_oracle(_api("triton", mask=mask, block=(32, 32)), q, k, v, mask=mask,
-                         backward=shape == BACKEND_SHAPES[0])
-
-
-@pytest.mark.parametrize("mask_name", list(MASK_CASES))
-@pytest.mark.parametrize("shape", BACKEND_SHAPES, ids=_shape_id)
-@pytest.mark.parametrize("dtype", FAST_DTYPES, ids=str)
-def test_flex_mask_mod(dtype, shape, mask_name):
-    B, Hq, Hkv, Sq, Skv, D = shape
-    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D, dtype)
-    mask = MASK_CASES[mask_name](Sq, Skv)
-    # torch's eager FlexAttention has no backward on CPU ("FlexAttention does not support backward on CPU")
-    check_against_oracle(_api("flex", mask=mask, block=(32, 32)), q, k, v, mask=mask, backward=False)
+    # triton: backward on the first shape; torch's eager FlexAttention has no backward on CPU
+    backward = impl == "triton" and shape == BACKEND_SHAPES[0]
+    check_against_oracle(_api(impl, mask=mask, block=(32, 32)), q, k, v, mask=mask, backward=backward)
 
 
 @pytest.mark.parametrize("impl", ["triton", "flex", "reference"])

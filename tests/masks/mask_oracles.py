@@ -328,3 +328,12 @@ def _cases() -> list[Case]:
 CASES = _cases()
 CASE_IDS = [c.id for c in CASES]
 assert len(set(CASE_IDS)) == len(CASE_IDS), "case ids must be unique"
+
+
+def first_mismatch(got: torch.Tensor, ref: torch.Tensor) -> str:
+    """Readable summary of where two [B, H, Q, KV] bool masks differ (for assertion messages)."""
+    idx = torch.nonzero(got != ref)
+    if not idx.numel():
+        return "no mismatch"
+    b, h, q, k = idx[0].tolist()
+    return f"{idx.shape[0]} mismatches, first at b={b} h={h} q={q} kv={k}: got {bool(got[b, h, q, k])}"

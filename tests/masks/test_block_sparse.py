@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from mask_oracles import first_mismatch
 
 from longattn import BlockSparse, masks
 from longattn.masks.block_sparse import EMPTY, FULL, PARTIAL
@@ -56,14 +57,6 @@ def _grids(b: int, h: int, sq: int, skv: int):
 
 def _expected(mask, bi: int, hi: int, sq: int, skv: int) -> torch.Tensor:
     return masks.evaluate(mask, *_grids(bi, hi, sq, skv)).expand(bi, hi, sq, skv)
-
-
-def _first_mismatch(got: torch.Tensor, ref: torch.Tensor) -> str:
-    idx = torch.nonzero(got != ref)
-    if not idx.numel():
-        return "no mismatch"
-    b, h, q, k = idx[0].tolist()
-    return f"{idx.shape[0]} mismatches, first at b={b} h={h} q={q} kv={k}: got {bool(got[b, h, q, k])}"
 
 
 def _block_spans(blocks) -> list[tuple[int, int]]:
@@ -125,7 +118,7 @@ def test_from_mask_mod_to_dense_matches_mask(name, size, block):
     got = bs.to_dense()
     ref = _expected(mask, bi, hi, Sq, Skv)
     assert got.dtype == torch.bool and got.shape == ref.shape
-    assert torch.equal(got, ref), f"{name}: {_first_mismatch(got, ref)}"
+    assert torch.equal(got, ref), f"{name}: {first_mismatch(got, ref)}"
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"blk{b[0]}x{b[1]}")
@@ -170,7 +163,7 @@ def test_from_block_mask_expands_and_clips(bp, hp, sq, skv, block, p, seed):
     assert bs.shape == (bp, hp, sq, skv)
     ref = sel.repeat_interleave(bq, 2).repeat_interleave(bkv, 3)[:, :, :sq, :skv]
     got = bs.to_dense()
-    assert torch.equal(got, ref), _first_mismatch(got, ref)
+    assert torch.equal(got, ref), first_mismatch(got, ref)
     # selected blocks are FULL unless they are tail blocks (then PARTIAL); the rest EMPTY
     complete = (bs.q_blocks.lens.view(-1, 1) == bq) & (bs.kv_blocks.lens.view(1, -1) == bkv)
     want = torch.where(sel, torch.where(complete, FULL, PARTIAL), EMPTY).to(torch.int8)
@@ -216,7 +209,7 @@ def test_to_flex_from_flex_round_trip(case, keep_mask_mod):
     back = BlockSparse.from_flex(bm)
     assert back.shape == bs.shape and back.block_size == bs.block_size
     got, ref = back.to_dense(), bs.to_dense()
-    assert torch.equal(got, ref), f"{name}: {_first_mismatch(got, ref)}"
+    assert torch.equal(got, ref), f"{name}: {first_mismatch(got, ref)}"
     assert torch.equal(back.block_map()[0], cls_map)
 
 
@@ -275,7 +268,7 @@ def test_packed_varlen(name, block):
         assert blocks.starts.tolist() == starts, "blocks must restart at every sequence"
         assert blocks.lens.tolist() == blens and blocks.seq.tolist() == seqs
     got, ref = bs.to_dense(), _varlen_oracle(oracle, hi)
-    assert torch.equal(got, ref), f"{name}: {_first_mismatch(got, ref)}"
+    assert torch.equal(got, ref), f"{name}: {first_mismatch(got, ref)}"
     _check_lists(bs, got)
     same_doc_pairs = sum(a * b for a, b in zip(LENS_Q, LENS_KV, strict=True)) * hi
     assert bs.mask_density() == int(got.sum()) / same_doc_pairs

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mask_oracles import CASE_IDS, CASES, axis_neighbours, dense, grids
+from mask_oracles import CASE_IDS, CASES, axis_neighbours, dense, first_mismatch, grids
 from torch.nn.attention.flex_attention import create_mask
 
 from longattn import masks as M
-
-
-def _first_mismatch(got: torch.Tensor, ref: torch.Tensor) -> str:
-    idx = torch.nonzero(got != ref)
-    if not idx.numel():
-        return "no mismatch"
-    b, h, q, k = idx[0].tolist()
-    return f"{idx.shape[0]} mismatches, first at b={b} h={h} q={q} kv={k}: got {bool(got[b, h, q, k])}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -31,7 +23,7 @@ def test_broadcast_matches_oracle(case):
     assert out.shape[2:] == (case.Q, case.K)
     got = out.expand(1, case.H, case.Q, case.K)
     ref = dense(case.oracle(), 1, case.H, case.Q, case.K)
-    assert torch.equal(got, ref), f"{mask.name}: {_first_mismatch(got, ref)}"
+    assert torch.equal(got, ref), f"{mask.name}: {first_mismatch(got, ref)}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -39,7 +31,7 @@ def test_vmap_matches_broadcast(case):
     mask = case.make()
     via_vmap = create_mask(mask, case.B, case.H, case.Q, case.K, device="cpu")
     broadcast = M.evaluate(mask, *grids(case.B, case.H, case.Q, case.K)).expand(case.B, case.H, case.Q, case.K)
-    assert torch.equal(via_vmap, broadcast), f"{mask.name}: {_first_mismatch(via_vmap, broadcast)}"
+    assert torch.equal(via_vmap, broadcast), f"{mask.name}: {first_mismatch(via_vmap, broadcast)}"
 
 
 def test_block_mask_from_pattern():
