@@ -1,4 +1,4 @@
-"""The ``longattn`` command: methods, bench, demo."""
+"""The ``longattn`` command: methods, eval, report, bench, demo."""
 
 from __future__ import annotations
 
@@ -58,12 +58,58 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_METHODS = ("dense", "streaming:num_sinks=4:window=1024", "sliding_window:window=1024",
+                "minference_block:top_k=8", "power:granularity=128:local=2")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Tasks × lengths × depths × methods on one model; JSONL rows (resumable), a table and an HTML report."""
+    from longattn.bench.timing import environment
+    from longattn.eval import report, runner
+    from longattn.eval.methods import parse_method
+    from longattn.eval.tasks import TASKS
+    from longattn.hf.models import load_model
+
+    tasks = args.tasks.split(",")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"--tasks: unknown {unknown}; valid: {', '.join(TASKS)}")
+    methods = [parse_method(m) for m in args.methods.split(",")]  # fails on unknown names before loading a model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
+    model.to(device)
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    lengths = _ints(args.lengths)
+    if max_len and max(lengths) > max_len:
+        raise SystemExit(f"--lengths: {max(lengths)} exceeds the model's {max_len} positions")
+    jobs = runner.grid(tasks, lengths, [float(d) for d in args.depths.split(",")], methods,
+                       seeds=range(args.seeds), haystacks=args.haystack.split(","))
+    out, name = Path(args.out), args.model or "smollm2-135m-instruct"
+    new = runner.run(jobs, model, tokenizer, out, model_name=name, impl=args.impl,
+                     environment={k: v for k, v in environment(torch.device(device)).items() if k != "device"})
+    rows = runner.rows_of(jobs, out, model_name=name, dtype=model.dtype)
+    print(report.markdown(rows, per_task=not args.brief))
+    html = report.write_html(rows, Path(args.report or out.with_suffix(".html")))
+    print(f"rows: {out} ({len(rows)} in this grid, {len(new)} new) · report: {html}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from longattn.eval import report
+
+    rows = report.load_rows([Path(p) for p in args.results])
+    if not rows:
+        raise SystemExit(f"results: no eval rows in {args.results}")
+    print(report.markdown(rows))
+    print(f"report: {report.write_html(rows, Path(args.out))}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Main job on a fresh CPU machine: the quick kernel benchmark (until the eval harness lands)."""
-    args.quick = True
-    args.out = args.out or "reports/demo-kernels.jsonl"  # reports/ is git-ignored: the demo never dirties the tree
-    args.plot = args.plot or "reports/demo-kernels.png"
-    return cmd_bench_kernels(args)
+    """Main job on a fresh CPU machine: a small NIAH grid on the embedded model, dense beside four sparse methods."""
+    return cmd_eval(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="suite", required=True)
     for parser, fn in ((bench.add_parser("kernels", help="patterns × lengths × fwd/bwd vs SDPA and FlexAttention"),
                         cmd_bench_kernels),
-                       (sub.add_parser("demo", help="quick CPU run of the kernel benchmark"), cmd_demo)):
+                       ):
         parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU friendly)")
         parser.add_argument("--patterns", default="causal,sliding_window,sink_window,dilated,random_90,random_0")
         parser.add_argument("--lengths", default="16k,32k,64k,128k")
@@ -89,6 +135,35 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--out", default=None, help="JSONL file to append rows to")
         parser.add_argument("--plot", default=None, help="PNG path for the summary plot")
         parser.set_defaults(fn=fn)
+    for name, fn, helptext, defaults in (
+            ("eval", cmd_eval, "accuracy and speed of methods on long-context tasks (embedded model by default)",
+             {"tasks": "niah_single", "lengths": "2k,4k,8k", "methods": "dense", "out": "reports/eval.jsonl"}),
+            ("demo", cmd_demo, "main job: NIAH grid on the embedded model, dense + 4 sparse methods, on CPU",
+             {"tasks": "passkey", "lengths": "1k,2k,4k", "methods": ",".join(DEMO_METHODS),
+              "out": "reports/demo.jsonl", "brief": True})):
+        e = sub.add_parser(name, help=helptext)
+        e.add_argument("--tasks", default=defaults["tasks"], help="comma list: passkey, niah_single, niah_multikey, "
+                       "niah_multivalue, niah_multiquery, variable_tracking, common_words, frequent_words")
+        e.add_argument("--lengths", default=defaults["lengths"], help="prompt tokens, e.g. 2k,4k,8000")
+        e.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths (fractions)")
+        e.add_argument("--methods", default=defaults["methods"],
+                       help="comma list of dense | NAME | NAME:knob=value:knob=value (see `longattn methods`)")
+        e.add_argument("--haystack", default="noise", help="noise, essay or both (comma list)")
+        e.add_argument("--seeds", type=int, default=1)
+        e.add_argument("--model", default=None, help="local HF folder or cached hub id (default: embedded model)")
+        e.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+        e.add_argument("--device", choices=["auto", "cpu"], default="auto")
+        e.add_argument("--impl", default="auto", help="attention backend (as in longattn.attention)")
+        e.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+        e.add_argument("--out", default=defaults["out"], help="JSONL results (rows already there are skipped)")
+        e.add_argument("--report", default=None, help="HTML report path (default: next to --out)")
+        e.add_argument("--brief", action="store_true", default=defaults.get("brief", False),
+                       help="print the per-method table only")
+        e.set_defaults(fn=fn)
+    r = sub.add_parser("report", help="HTML + PNG report from eval JSONL files")
+    r.add_argument("results", nargs="+")
+    r.add_argument("--out", default="reports/report.html")
+    r.set_defaults(fn=cmd_report)
     return p
 
 

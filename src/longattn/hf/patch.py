@@ -4,13 +4,14 @@ extension points (AttentionInterface / AttentionMaskInterface registries), with 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from longattn import masks
-from longattn.api import IMPLS, attention
+from longattn.api import IMPLS, _to_block_sparse, attention
+from longattn.masks.block_sparse import BlockSparse
 from longattn.masks.core import MaskMod
 from longattn.methods.prefill.base import PrefillMethod
 from longattn.methods.registry import get, names
@@ -28,6 +29,12 @@ class PatchState:
     previous: str
     method: PrefillMethod | None = None  # a dynamic method estimates blocks from each layer's real q and k
     _shifted: tuple[int, MaskMod | None] = (0, None)
+    densities: list[float] = field(default_factory=list)  # per prefill layer call: kept pairs / causal pairs
+
+    def record(self, bs: BlockSparse, Sq: int, Skv: int) -> None:
+        """Note one prefill layer's kept query-key pairs as a fraction of causal attention's (eval reports it)."""
+        causal_pairs = Sq * (Skv - Sq) + Sq * (Sq + 1) / 2
+        self.densities.append(bs.mask_density() * Sq * Skv / causal_pairs)
 
     def pattern_at(self, offset: int) -> MaskMod | None:
         """The prefill pattern for queries starting at absolute position ``offset``; one object per offset so
@@ -125,6 +132,7 @@ def longattn_attention_forward(module, query: Tensor, key: Tensor, value: Tensor
             raise ValueError("prefill: dynamic prefill methods take unpadded prompts on models without a sliding "
                              "window; run padded sequences one at a time")
         bs = state.method.estimate(query, key, layer=getattr(module, "layer_idx", 0))
+        state.record(bs, Sq, Skv)
         out = attention(query, key, value, mask=bs, scale=scaling, impl=state.impl)
         return out.transpose(1, 2).contiguous(), None
     mask = state.pattern_at(offset)
@@ -143,5 +151,9 @@ def longattn_attention_forward(module, query: Tensor, key: Tensor, value: Tensor
         causal = False  # the explicit mask already encodes causality
     else:
         causal = True
+    if mask is not None and Sq > 1:  # build the blocks here (cached across layers) to report the retained work
+        mask = _to_block_sparse(mask, causal, query, key, (128, 128), None, None)
+        causal = False  # the BlockSparse holds causality
+        state.record(mask, Sq, Skv)
     out = attention(query, key, value, mask=mask, causal=causal, scale=scaling, impl=state.impl)
     return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,1 @@
+"""Evaluation: long-context tasks, the eval loop, fidelity, perplexity and reports."""

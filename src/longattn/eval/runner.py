@@ -1,0 +1,151 @@
+"""The eval loop: (task × haystack × length × depth × seed) × method on one model, one JSONL row per sample.
+
+Rows are appended and flushed as they finish; a rerun skips every row already in the file, so a killed run loses
+nothing. Each method is patched in through ``longattn.patch`` (never forked model code), the prompt is prefilled once
+(timed), and the answer is decoded greedily from the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from longattn.eval.memory import PeakMemory
+from longattn.eval.methods import MethodSpec, applied
+from longattn.eval.tasks import make_sample, score
+from longattn.eval.tasks.needles import DEPTHLESS
+
+KEY_FIELDS = ("task", "haystack", "length", "depth", "seed", "method", "model", "dtype")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One sample under one method."""
+
+    task: str
+    haystack: str
+    length: int
+    depth: float
+    seed: int
+    method: MethodSpec
+
+
+def grid(tasks: Iterable[str], lengths: Iterable[int], depths: Iterable[float], methods: Iterable[MethodSpec], *,
+         seeds: Iterable[int] = (0,), haystacks: Iterable[str] = ("noise",)) -> list[Job]:
+    """Every combination, grouped by method (one patch per method); depthless tasks run once per length."""
+    jobs = []
+    for m in methods:
+        for t in tasks:
+            for h in haystacks:
+                for n in lengths:
+                    for d in ((0.5,) if t in DEPTHLESS else depths):
+                        jobs.extend(Job(t, h, n, d, s, m) for s in seeds)
+    return jobs
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(row[k] for k in KEY_FIELDS)
+
+
+def finished(out: Path) -> set[tuple]:
+    """Keys of the rows already in ``out`` (a torn last line from a killed run is ignored)."""
+    keys = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            try:
+                keys.add(row_key(json.loads(line)))
+            except (json.JSONDecodeError, KeyError):
+                continue
+    return keys
+
+
+def rows_of(jobs: list[Job], out: Path, *, model_name: str, dtype: torch.dtype) -> list[dict]:
+    """The rows of ``out`` that belong to ``jobs`` (the last one when a key repeats)."""
+    from longattn.eval.report import load_rows
+
+    name = str(dtype).replace("torch.", "")
+    wanted = {row_key(_key_row(j, model_name, name)) for j in jobs}
+    latest = {row_key(r): r for r in load_rows([out]) if row_key(r) in wanted}
+    return list(latest.values())
+
+
+def run(jobs: list[Job], model, tokenizer, out: Path, *, model_name: str, impl: str = "auto",
+        progress: bool = True, environment: dict | None = None) -> list[dict]:
+    """Run the jobs not yet in ``out``, appending a row per job; returns the new rows."""
+    from tqdm.auto import tqdm
+
+    dtype = str(model.dtype).replace("torch.", "")
+    done = finished(out)
+    todo = [j for j in jobs if row_key(_key_row(j, model_name, dtype)) not in done]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    bar = tqdm(total=len(todo), disable=not progress, desc="eval", unit="sample")
+    with out.open("a") as f:
+        for method in dict.fromkeys(j.method for j in todo):
+            with applied(model, method, impl) as handle:
+                for job in (j for j in todo if j.method == method):
+                    bar.set_postfix_str(f"{method.label} {job.task} {job.length} d={job.depth}")
+                    row = _key_row(job, model_name, dtype) | run_one(job, model, tokenizer, handle.state)
+                    row |= environment or {}
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                    rows.append(row)
+                    bar.update()
+    bar.close()
+    return rows
+
+
+def _key_row(job: Job, model_name: str, dtype: str) -> dict:
+    return {"task": job.task, "haystack": job.haystack, "length": job.length, "depth": job.depth, "seed": job.seed,
+            "method": job.method.label, "model": model_name, "dtype": dtype}
+
+
+@torch.no_grad()
+def run_one(job: Job, model, tokenizer, state) -> dict:
+    """Prefill (timed, peak memory), greedy decode, score; density from what the patch recorded."""
+    sample = make_sample(tokenizer, job.task, job.length, job.depth, seed=job.seed, haystack=job.haystack)
+    device = next(model.parameters()).device
+    ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
+    state.densities.clear()
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        prefill_ms = (time.perf_counter() - start) * 1e3
+    densities = list(state.densities)
+    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    generated = [token]
+    start = time.perf_counter()
+    for _ in range(sample.max_new_tokens - 1):
+        if int(token) == tokenizer.eos_token_id:
+            break
+        out = model(token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(token)
+    _sync(device)
+    steps = max(1, len(generated) - 1)
+    text = tokenizer.decode(torch.cat(generated, 1)[0], skip_special_tokens=True)
+    return {
+        "family": job.method.family,
+        "config": job.method.knobs,
+        "tokens": ids.shape[1],
+        "density": sum(densities) / len(densities) if densities else 1.0,
+        "correct": score(sample, text),
+        "answers": list(sample.answers),
+        "output": text[:200],
+        "prefill_ms": round(prefill_ms, 1),
+        "decode_ms_per_token": round((time.perf_counter() - start) * 1e3 / steps, 2),
+        "peak_mem_mb": None if mem.peak_mb is None else round(mem.peak_mb, 1),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
