@@ -58,6 +58,17 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from longattn.bench import model
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    out = Path(args.out or f"benchmarks/results/model-{args.shape}-{stamp}.jsonl")
+    model.run(args.methods.split(","), _ints(args.lengths), shape=args.shape, reps=args.reps, layers=args.layers,
+              out=out)
+    print(f"rows: {out}")
+    return 0
+
+
 DEMO_METHODS = ("dense", "streaming:num_sinks=4:window=1024", "sliding_window:window=1024",
                 "minference_block:top_k=8", "power:granularity=128:local=2")
 
@@ -164,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("results", nargs="+")
     r.add_argument("--out", default="reports/report.html")
     r.set_defaults(fn=cmd_report)
+    m = bench.add_parser("model", help="prefill time of a random 8B-shaped model: dense cuDNN vs sparse methods")
+    m.add_argument("--methods", default="minference_block", help="comma list of NAME[:knob=value...]")
+    m.add_argument("--lengths", default="32k,64k,128k")
+    m.add_argument("--shape", default="llama3-8b")
+    m.add_argument("--layers", type=int, default=None, help="fewer layers for a quick look (default: the shape's)")
+    m.add_argument("--reps", type=int, default=3)
+    m.add_argument("--out", default=None)
+    m.set_defaults(fn=cmd_bench_model)
     return p
 
 
