@@ -82,9 +82,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from longattn.hf.models import load_model
 
     tasks = args.tasks.split(",")
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in (*TASKS, "perplexity")]
     if unknown:
-        raise SystemExit(f"--tasks: unknown {unknown}; valid: {', '.join(TASKS)}")
+        raise SystemExit(f"--tasks: unknown {unknown}; valid: {', '.join(TASKS)}, perplexity")
     methods = [parse_method(m) for m in args.methods.split(",")]  # fails on unknown names before loading a model
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,6 +104,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(report.markdown(rows, per_task=not args.brief))
     html = report.write_html(rows, Path(args.report or out.with_suffix(".html")))
     print(f"rows: {out} ({len(rows)} in this grid, {len(new)} new) · report: {html}")
+    return 0
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    """Per layer/head attention-mass recall and output error of each method vs dense on the model's real q/k/v."""
+    import json
+
+    from longattn.eval.fidelity import measure
+    from longattn.eval.methods import parse_method
+    from longattn.eval.perplexity import text_ids
+    from longattn.hf.models import load_model
+
+    specs = [parse_method(m) for m in args.methods.split(",")]
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print("| method | length | density | mass recall (mean / min head) | output rel. error (mean / max head) |")
+    print("|---|---|---|---|---|")
+    with out.open("a") as f:
+        for n in _ints(args.lengths):
+            ids = text_ids(tokenizer, n, args.haystack)
+            for spec in specs:
+                rows = measure(model, ids, spec, args.impl)
+                for r in rows:
+                    f.write(json.dumps({"method": spec.label, "length": n, "haystack": args.haystack} | r) + "\n")
+                rec = [r["mass_recall"] for r in rows]
+                err = [r["out_rel_err"] for r in rows]
+                dens = sum(r["density"] for r in rows) / len(rows)
+                print(f"| {spec.label} | {n} | {dens:.3f} | {sum(rec) / len(rec):.3f} / {min(rec):.3f} | "
+                      f"{sum(err) / len(err):.3f} / {max(err):.3f} |", flush=True)
+    print(f"rows: {out}")
     return 0
 
 
@@ -154,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
               "out": "reports/demo.jsonl", "brief": True})):
         e = sub.add_parser(name, help=helptext)
         e.add_argument("--tasks", default=defaults["tasks"], help="comma list: passkey, niah_single, niah_multikey, "
-                       "niah_multivalue, niah_multiquery, variable_tracking, common_words, frequent_words")
+                       "niah_multivalue, niah_multiquery, variable_tracking, common_words, frequent_words, perplexity")
         e.add_argument("--lengths", default=defaults["lengths"], help="prompt tokens, e.g. 2k,4k,8000")
         e.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths (fractions)")
         e.add_argument("--methods", default=defaults["methods"],
@@ -171,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--brief", action="store_true", default=defaults.get("brief", False),
                        help="print the per-method table only")
         e.set_defaults(fn=fn)
+    fid = sub.add_parser("fidelity", help="attention-mass recall and output error per layer/head vs dense")
+    fid.add_argument("--methods", default="minference_block")
+    fid.add_argument("--lengths", default="4k")
+    fid.add_argument("--haystack", default="essay")
+    fid.add_argument("--model", default=None)
+    fid.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    fid.add_argument("--impl", default="auto")
+    fid.add_argument("--out", default="reports/fidelity.jsonl")
+    fid.set_defaults(fn=cmd_fidelity)
     r = sub.add_parser("report", help="HTML + PNG report from eval JSONL files")
     r.add_argument("results", nargs="+")
     r.add_argument("--out", default="reports/report.html")

@@ -18,15 +18,6 @@ FIELDS = {"task", "haystack", "length", "depth", "seed", "method", "model", "dty
           "density", "correct", "answers", "output", "prefill_ms", "decode_ms_per_token", "peak_mem_mb", "device"}
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                   max_position_embeddings=2048)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def test_rows_resume_and_density(model, tmp_path):
     out = tmp_path / "eval.jsonl"
     methods = [parse_method("dense"), parse_method("streaming:num_sinks=4:window=128")]

@@ -21,7 +21,7 @@ def load_rows(paths: list[Path]) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-    return [r for r in rows if "correct" in r]
+    return [r for r in rows if "correct" in r or "perplexity" in r]
 
 
 def _mean(xs: list[float]) -> float:
@@ -36,6 +36,7 @@ def _methods(rows: list[dict]) -> list[str]:
 
 def summary(rows: list[dict]) -> list[dict]:
     """One row per method: accuracy (%) per length and overall, mean density, mean prefill ms per length."""
+    rows = [r for r in rows if r.get("correct") is not None]
     lengths = sorted({r["length"] for r in rows})
     out = []
     for m in _methods(rows):
@@ -53,7 +54,11 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], *, per_task: bool = True) -> str:
     """Accuracy per method and length (density in brackets: retained fraction of causal attention work), then
-    per task."""
+    per task, then perplexity when measured."""
+    ppl = [r for r in rows if r.get("perplexity") is not None]
+    rows = [r for r in rows if r.get("correct") is not None]
+    if not rows:
+        return _perplexity_table(ppl)
     lengths = sorted({r["length"] for r in rows})
     lines = ["| method | " + " | ".join(f"{n} acc % (density)" for n in lengths) + " | all acc % | samples |",
              "|---|" + "---|" * (len(lengths) + 2)]
@@ -70,6 +75,20 @@ def markdown(rows: list[dict], *, per_task: bool = True) -> str:
                     at = [r["correct"] for r in rows if r["method"] == m and r["length"] == n and r["task"] == t]
                     cells.append(f"{100 * _mean(at):.0f}" if at else "–")
                 lines.append(f"| {m} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n\n" + _perplexity_table(ppl) if ppl else "")
+
+
+def _perplexity_table(rows: list[dict]) -> str:
+    lengths = sorted({r["length"] for r in rows})
+    lines = ["| method | " + " | ".join(f"ppl @ {n} (density)" for n in lengths) + " |",
+             "|---|" + "---|" * len(lengths)]
+    for m in _methods(rows):
+        cells = []
+        for n in lengths:
+            at = [r for r in rows if r["method"] == m and r["length"] == n]
+            cells.append(f"{_mean([r['perplexity'] for r in at]):.3f} ({_mean([r['density'] for r in at]):.2f})"
+                         if at else "–")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -80,7 +99,7 @@ def heatmaps(rows: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    needle = [r for r in rows if r["task"] in NEEDLE_TASKS]
+    needle = [r for r in rows if r["task"] in NEEDLE_TASKS and r.get("correct") is not None]
     if not needle:
         return None
     methods = _methods(needle)
@@ -119,6 +138,7 @@ def pareto(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.get("correct") is not None]
     lengths = sorted({r["length"] for r in rows})
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     markers = "osD^v<>p*h"
@@ -148,8 +168,9 @@ def pareto(rows: list[dict], path: Path) -> Path:
 def write_html(rows: list[dict], out: Path, *, title: str = "longattn eval") -> Path:
     """A single self-contained HTML file (plots embedded) next to its PNGs."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    pngs = [p for p in (heatmaps(rows, out.with_suffix(".niah.png")), pareto(rows, out.with_suffix(".pareto.png")))
-            if p is not None]
+    scored = any(r.get("correct") is not None for r in rows)
+    pngs = [p for p in (heatmaps(rows, out.with_suffix(".niah.png")),
+                        pareto(rows, out.with_suffix(".pareto.png")) if scored else None) if p is not None]
     env = {k: rows[0].get(k) for k in ("model", "dtype", "device", "torch", "git_sha") if rows and k in rows[0]}
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"

@@ -17,6 +17,7 @@ import torch
 
 from longattn.eval.memory import PeakMemory
 from longattn.eval.methods import MethodSpec, applied
+from longattn.eval.perplexity import perplexity, text_ids
 from longattn.eval.tasks import make_sample, score
 from longattn.eval.tasks.needles import DEPTHLESS
 
@@ -43,7 +44,7 @@ def grid(tasks: Iterable[str], lengths: Iterable[int], depths: Iterable[float], 
         for t in tasks:
             for h in haystacks:
                 for n in lengths:
-                    for d in ((0.5,) if t in DEPTHLESS else depths):
+                    for d in ((0.5,) if t in DEPTHLESS + ("perplexity",) else depths):
                         jobs.extend(Job(t, h, n, d, s, m) for s in seeds)
     return jobs
 
@@ -109,6 +110,8 @@ def _key_row(job: Job, model_name: str, dtype: str) -> dict:
 @torch.no_grad()
 def run_one(job: Job, model, tokenizer, state) -> dict:
     """Prefill (timed, peak memory), greedy decode, score; density from what the patch recorded."""
+    if job.task == "perplexity":
+        return _perplexity_row(job, model, tokenizer, state)
     sample = make_sample(tokenizer, job.task, job.length, job.depth, seed=job.seed, haystack=job.haystack)
     device = next(model.parameters()).device
     ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
@@ -144,6 +147,22 @@ def run_one(job: Job, model, tokenizer, state) -> dict:
         "peak_mem_mb": None if mem.peak_mb is None else round(mem.peak_mb, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
+
+
+def _perplexity_row(job: Job, model, tokenizer, state) -> dict:
+    device = next(model.parameters()).device
+    ids = text_ids(tokenizer, job.length, job.haystack).to(device)
+    state.densities.clear()
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        ppl = perplexity(model, ids)
+        _sync(device)
+        ms = (time.perf_counter() - start) * 1e3
+    return {"family": job.method.family, "config": job.method.knobs, "tokens": ids.shape[1],
+            "density": sum(state.densities) / len(state.densities) if state.densities else 1.0, "correct": None,
+            "perplexity": round(ppl, 4), "prefill_ms": round(ms, 1), "decode_ms_per_token": None,
+            "peak_mem_mb": None if mem.peak_mb is None else round(mem.peak_mb, 1),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
 def _sync(device: torch.device) -> None:

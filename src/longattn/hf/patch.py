@@ -30,10 +30,12 @@ class PatchState:
     method: PrefillMethod | None = None  # a dynamic method estimates blocks from each layer's real q and k
     _shifted: tuple[int, MaskMod | None] = (0, None)
     densities: list[float] = field(default_factory=list)  # per prefill layer call: kept pairs / causal pairs
+    last_blocks: BlockSparse | None = None  # the last prefill layer's blocks (attention fidelity reads them)
 
     def record(self, bs: BlockSparse, Sq: int, Skv: int) -> None:
         """Note one prefill layer's kept query-key pairs as a fraction of causal attention's (eval reports it)."""
         causal_pairs = Sq * (Skv - Sq) + Sq * (Sq + 1) / 2
+        self.last_blocks = bs
         self.densities.append(bs.mask_density() * Sq * Skv / causal_pairs)
 
     def pattern_at(self, offset: int) -> MaskMod | None:
