@@ -72,7 +72,7 @@ def attention(
         out, lse = BlockSparseAttention.apply(q, k, v, u, w, bs, scale)
     elif chosen == "gather":
         bs = _to_block_sparse(mask, causal, q, k, block, None, None)
-        out, lse = block_gather_attention(q, k, v, bs, scale)
+        out, lse = block_gather_attention(q, k, v, bs, scale, return_lse=return_lse)
     elif chosen == "flex":
         out, lse = _flex(q, k, v, mask, causal, scale, bias, cu_seqlens_q, cu_seqlens_kv, block)
     else:

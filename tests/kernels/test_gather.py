@@ -20,18 +20,27 @@ def _inputs(B, Hq, Hkv, Sq, Skv, D, dtype, seed=0):
             torch.randn(B, Hkv, Skv, D, generator=g, dtype=dtype))
 
 
-def _run(bs, scale=0.3):
-    return lambda q, k, v, bias: block_gather_attention(q, k, v, bs, scale)
+def _run(bs, scale=0.3, fused=False):
+    """The explicit-softmax path (with LSE), or the fused SDPA path (no LSE: its out and gradients are checked,
+    the LSE checked beside it comes from the explicit path)."""
+    def run(q, k, v, bias):
+        out, lse = block_gather_attention(q, k, v, bs, scale)
+        if fused:
+            out, none = block_gather_attention(q, k, v, bs, scale, return_lse=False)
+            assert none is None
+        return out, lse
+    return run
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["lse", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize(("Sq", "Skv", "Hq", "Hkv", "block"), [(1, 1, 2, 2, (16, 32)), (127, 127, 4, 1, (32, 64)),
                                                                (70, 300, 8, 1, (64, 32)), (1, 1000, 4, 4, (16, 64))])
-def test_matches_oracle(Sq, Skv, Hq, Hkv, block, dtype):
+def test_matches_oracle(Sq, Skv, Hq, Hkv, block, dtype, fused):
     q, k, v = _inputs(2, Hq, Hkv, Sq, Skv, 32, dtype)
     mask = masks.sinks(3, 50, offset=Skv - Sq) | masks.dilated(2, 3, granularity=32, offset=Skv - Sq)
     bs = BlockSparse.from_mask_mod(mask, 2, Hq, Sq, Skv, block)
-    check_against_oracle(_run(bs), q, k, v, mask=mask, scale=0.3)
+    check_against_oracle(_run(bs, fused=fused), q, k, v, mask=mask, scale=0.3)
 
 
 @pytest.mark.parametrize("name", list(ALL_FACTORIES))
@@ -39,7 +48,7 @@ def test_every_mask_factory(name):
     q, k, v = _inputs(1, 4, 2, 160, 160, 32, torch.bfloat16)
     mask = ALL_FACTORIES[name]()
     bs = BlockSparse.from_mask_mod(mask, 1, 4, 160, 160, (32, 32))
-    check_against_oracle(_run(bs), q, k, v, mask=mask, scale=0.3)
+    check_against_oracle(_run(bs, fused=True), q, k, v, mask=mask, scale=0.3)
 
 
 @given(sq=st.integers(1, 150), skv=st.integers(1, 150), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
@@ -48,7 +57,7 @@ def test_random_block_masks(sq, skv, density, seed):
     g = torch.Generator().manual_seed(seed)
     blocks = torch.rand(1, 4, -(-sq // 16), -(-skv // 32), generator=g) < density
     bs = BlockSparse.from_block_mask(blocks, sq, skv, (16, 32))
-    check_against_oracle(_run(bs), q, k, v, mask=bs, scale=0.3)
+    check_against_oracle(_run(bs, fused=seed % 2 == 1), q, k, v, mask=bs, scale=0.3)
 
 
 def test_packed_block_sparse_is_refused():
