@@ -64,11 +64,29 @@ def test_sliding_window_pattern_equals_the_models_own_sliding_window():
 def test_cached_generate_matches_uncached_forward(family):
     model = tiny(family)
     ids = _ids(20, batch=1)
-    with longattn.patch(model, prefill="streaming", impl="reference", num_sinks=2, window=8), torch.no_grad():
+    with longattn.patch(model, impl="reference"), torch.no_grad():
         out = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
         full = model(out).logits
     new = out[0, ids.shape[1]:]
     assert torch.equal(full[0, ids.shape[1] - 1:-1].argmax(-1), new)
+
+
+def test_prefill_pattern_shapes_the_prompt_and_decoding_reads_the_whole_cache():
+    """A prefill pattern applies to prompt (multi-token) forwards only; each decoding step attends to the whole
+    cache, as for the dynamic methods (decode-time policies are a separate knob)."""
+    model = tiny("llama")
+    ids = _ids(20, batch=1)
+    knobs = {"num_sinks": 2, "window": 8}
+    with torch.no_grad():
+        with longattn.patch(model, prefill="streaming", impl="reference", **knobs):
+            out = model.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+            patterned = model(ids).logits[0, -1]
+            ours = model(ids[:, -1:], past_key_values=model(ids[:, :-1], use_cache=True).past_key_values).logits
+            cache = model(ids[:, :-1], use_cache=True).past_key_values
+        stock_step = model(ids[:, -1:], past_key_values=cache).logits  # stock SDPA: dense over the same cache
+    assert out[0, ids.shape[1]] == patterned.argmax()
+    assert (ours - stock_step).abs().max() <= 1e-4
+    assert (ours[0, -1] - patterned).abs().max() > 1e-3  # the step really was not restricted to the pattern
 
 
 def test_padded_batch_equals_per_sequence_runs():

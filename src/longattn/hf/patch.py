@@ -72,7 +72,8 @@ def patch(model, prefill: str | None = None, decode: str | None = None, *, impl:
     """Route every attention layer of ``model`` through ``longattn.attention``.
 
     prefill: a registered pattern or prefill method (``longattn methods``) built with ``**config`` as its knobs,
-    or None for dense attention. decode: a registered decode policy (none are registered yet). impl: the backend, as in
+    or None for dense attention; it shapes multi-token (prompt) forwards, while single-token decoding steps read
+    the whole cache. decode: a registered decode policy (none are registered yet). impl: the backend, as in
     ``longattn.attention``. Usable as ``with longattn.patch(model, ...):`` to restore the model afterwards.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -137,7 +138,7 @@ def longattn_attention_forward(module, query: Tensor, key: Tensor, value: Tensor
         state.record(bs, Sq, Skv)
         out = attention(query, key, value, mask=bs, scale=scaling, impl=state.impl)
         return out.transpose(1, 2).contiguous(), None
-    mask = state.pattern_at(offset)
+    mask = state.pattern_at(offset) if Sq > 1 else None  # prefill patterns shape prompts; decoding reads it all
     window = kwargs.get("sliding_window")
     if window and int(window) < Skv:  # the model's own sliding window (Mistral, Qwen2), when it restricts
         mask = masks.sliding_window(int(window), offset=offset) if mask is None else mask & masks.sliding_window(
