@@ -30,7 +30,7 @@ def check_fraction(name: str, value, *, low_open: bool = True, high: float = 1.0
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value <= high
     ok = ok and (value > 0 if low_open else value >= 0)
     if not ok:
-        raise ValueError(f"{name}: expected a number in {'(' if low_open else '['}0, {high}], got {value!r}")
+        raise ValueError(f"{name}: expected a number in {'(' if low_open else '['}0, {high:g}], got {value!r}")
     return float(value)
 
 
