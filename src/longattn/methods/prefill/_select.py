@@ -86,12 +86,12 @@ def last_q_attention(q: Tensor, k: Tensor, last_q: int) -> Tensor:
 
 def vertical_slash_scores(p: Tensor) -> tuple[Tensor, Tensor]:
     """From last-query attention p [B, H, L, Skv]: column mass [B, H, Skv] and diagonal mass [B, H, Skv], where
-    diagonal d holds the pairs with query position - key position = d."""
+    diagonal d holds the pairs with query position - key position = d (one reversed row add per query)."""
     L, Skv = p.shape[2], p.shape[3]
-    pos = torch.arange(Skv - L, Skv, device=p.device).view(-1, 1)
-    d = (pos - torch.arange(Skv, device=p.device).view(1, -1)).clamp(min=0)  # acausal pairs carry p = 0
     slash = torch.zeros(p.shape[:2] + (Skv,), dtype=p.dtype, device=p.device)
-    slash.scatter_add_(-1, d.expand_as(p).reshape(*p.shape[:2], -1), p.reshape(*p.shape[:2], -1))
+    for i in range(L):
+        n = Skv - L + i + 1  # keys visible to the i-th of the last queries
+        slash[..., :n] += p[:, :, i, :n].flip(-1)
     return p.sum(2), slash
 
 
@@ -114,13 +114,8 @@ def _prefix(x: Tensor) -> Tensor:
 
 
 def _range_count(prefix: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """Set entries in [lo, hi] (broadcast [nQB, nKB]) of each row of prefix [B, H, S + 1]; 0 where hi < lo."""
-    shape = torch.broadcast_shapes(lo.shape, hi.shape)
-    lo, hi = lo.expand(shape), hi.expand(shape)
-    hi_c = torch.maximum(hi, lo - 1)
-    flat = lambda t: t.reshape(-1).expand(*prefix.shape[:2], -1)  # noqa: E731
-    n = prefix.gather(-1, flat(hi_c + 1)) - prefix.gather(-1, flat(lo))
-    return n.view(*prefix.shape[:2], *shape)
+    """Set entries in [lo, hi] (inclusive, broadcasting index tensors) per row of prefix [..., S + 1]; 0 if hi < lo."""
+    return prefix[..., torch.maximum(hi, lo - 1) + 1] - prefix[..., lo]
 
 
 def token_blocks(columns: Tensor, diagonals: Tensor, Sq: int, Skv: int, block: tuple[int, int]) -> Tensor:
@@ -143,11 +138,10 @@ def token_mask_mod(columns: Tensor, diagonals: Tensor, offset: int) -> MaskMod:
         return columns[b, h, kv.clamp(0, S - 1)] | diagonals[b, h, (q + offset - kv).clamp(0, S - 1)]
 
     def bounds(b, h, q_lo, q_hi, kv_lo, kv_hi):
-        hh = h.reshape(-1)
         d_lo, d_hi = (q_lo + offset - kv_hi).clamp(0, S - 1), (q_hi + offset - kv_lo).clamp(0, S - 1)
-        c = _range_count(cols_all.unsqueeze(0), kv_lo[0, 0], kv_hi[0, 0])[0][hh] == (kv_hi - kv_lo + 1)[0, 0]
-        d = _range_count(diags_all.unsqueeze(0), d_lo[0, 0], d_hi[0, 0])[0][hh] == (d_hi - d_lo + 1)[0, 0]
-        all_ = (c | d).unsqueeze(0)
+        whole_cols = cols_all[h, kv_hi + 1] - cols_all[h, kv_lo] == kv_hi - kv_lo + 1
+        whole_diags = diags_all[h, d_hi + 1] - diags_all[h, d_lo] == d_hi - d_lo + 1
+        all_ = whole_cols | whole_diags
         return torch.ones_like(all_), all_
 
     return MaskMod(token_pattern, bounds=bounds, name="columns_or_diagonals")

@@ -70,10 +70,11 @@ class SeerAttention(PrefillMethod):
         n_kv = math.ceil(Skv / self.block[1])
         if self.top_k is not None:
             _select.check_budget("top_k", self.top_k, n_kv, unit="kv blocks")
-        qp = _mean_pool(q.float(), self.block[0]).unsqueeze(-2)  # [B, H, nQB, 1, D]
+        qp = _mean_pool(q.float(), self.block[0])
         kx = pooled_keys(_select.repeat_kv(k, H), self.block[1])
-        kmax, kmin = kx[..., :D].unsqueeze(2), kx[..., D:2 * D].unsqueeze(2)  # [B, H, 1, nKB, D]
-        bound = torch.maximum(qp * kmax, qp * kmin).sum(-1) / math.sqrt(D)
+        kmax, kmin = kx[..., :D], kx[..., D:2 * D]
+        # sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin: two matmuls, no [nQB, nKB, D] tensor
+        bound = (qp.clamp(min=0) @ kmax.transpose(-1, -2) + qp.clamp(max=0) @ kmin.transpose(-1, -2)) / math.sqrt(D)
         gate = causal_log_softmax(bound, Sq, Skv, self.block).exp()
         selected = gate_select(gate, self.threshold, self.top_k, Sq, Skv, self.block)
         bs, self.last_density = _select.build(selected, Sq, Skv, self.block)
