@@ -12,10 +12,11 @@ from longattn.masks.core import MaskMod
 from tests.oracle import assert_close_to_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (Sq, Skv, kv heads, dtype): odd lengths, chunked prefill (Sq < Skv), a single query, GQA 1 / 2 / 4 of 4 q heads
-ORACLE_GRID = [(300, 300, 2, torch.float32), (127, 127, 4, torch.float16), (1, 300, 1, torch.float16),
-               (200, 700, 2, torch.float32)]
-ORACLE_IDS = ["300-gqa2-fp32", "127-mha-fp16", "q1-300-gqa4-fp16", "200of700-gqa2-fp32"]
+# (Sq, Skv, kv heads, dtype, head_dim): odd lengths, chunked prefill (Sq < Skv), a single query, GQA 1 / 2 / 4 of
+# 4 query heads, head_dim 32 / 64
+ORACLE_GRID = [(300, 300, 2, torch.float32, 32), (127, 127, 4, torch.float16, 64), (1, 300, 1, torch.float16, 32),
+               (333, 1000, 2, torch.float32, 64)]
+ORACLE_IDS = ["300-gqa2-fp32-d32", "127-mha-fp16-d64", "q1-300-gqa4-fp16-d32", "333of1000-gqa2-fp32-d64"]
 
 
 def qkv(Sq: int, Skv: int | None = None, Hq: int = 4, Hkv: int = 2, D: int = 32, seed: int = 0,

@@ -19,10 +19,10 @@ from tests.methods.prefill_checks import (
 )
 
 
-@pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype"), ORACLE_GRID, ids=ORACLE_IDS)
+@pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype", "D"), ORACLE_GRID, ids=ORACLE_IDS)
 @pytest.mark.parametrize("block", [64, 128])
-def test_oracle_rule_and_density(Sq, Skv, Hkv, dtype, block):
-    q, k, v = qkv(Sq, Skv, Hkv=Hkv, dtype=dtype)
+def test_oracle_rule_and_density(Sq, Skv, Hkv, dtype, D, block):
+    q, k, v = qkv(Sq, Skv, Hkv=Hkv, D=D, dtype=dtype)
     m = FlexPrefill(gamma=0.5, block=block)
     bs = m.estimate(q, k)
     check_oracle(bs, q, k, v)

@@ -20,9 +20,9 @@ from tests.methods.prefill_checks import (
 )
 
 
-@pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype"), ORACLE_GRID, ids=ORACLE_IDS)
-def test_oracle_rule_and_density(Sq, Skv, Hkv, dtype):
-    q, k, v = qkv(Sq, Skv, Hkv=Hkv, dtype=dtype)
+@pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype", "D"), ORACLE_GRID, ids=ORACLE_IDS)
+def test_oracle_rule_and_density(Sq, Skv, Hkv, dtype, D):
+    q, k, v = qkv(Sq, Skv, Hkv=Hkv, D=D, dtype=dtype)
     m = HiP(top_k=64)
     bs = m.estimate(q, k)
     check_oracle(bs, q, k, v)

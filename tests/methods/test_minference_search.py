@@ -81,9 +81,9 @@ def test_config_round_trips_through_json(tmp_path):
     assert torch.equal(a.to_dense(), b.to_dense())
 
 
-@pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype"), ORACLE_GRID, ids=ORACLE_IDS)
-def test_oracle_rule_and_density_with_default_patterns(Sq, Skv, Hkv, dtype):
-    q, k, v = qkv(Sq, Skv, Hkv=Hkv, dtype=dtype)
+@pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype", "D"), ORACLE_GRID, ids=ORACLE_IDS)
+def test_oracle_rule_and_density_with_default_patterns(Sq, Skv, Hkv, dtype, D):
+    q, k, v = qkv(Sq, Skv, Hkv=Hkv, D=D, dtype=dtype)
     specs = [{"pattern": "ashape", "knobs": {"n_init": 8, "n_local": 40}},
              {"pattern": "vertical_slash", "knobs": {"vertical_size": 35, "slash_size": 110}},
              {"pattern": "block", "knobs": {"top_k": 2}}, {"pattern": "block", "knobs": {"top_k": 1}}]

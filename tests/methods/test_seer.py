@@ -19,10 +19,10 @@ from tests.methods.prefill_checks import (
 )
 
 
-@pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype"), ORACLE_GRID, ids=ORACLE_IDS)
+@pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype", "D"), ORACLE_GRID, ids=ORACLE_IDS)
 @pytest.mark.parametrize("knobs", [{"threshold": 0.02}, {"top_k": 2}], ids=["threshold", "top_k"])
-def test_oracle_rule_and_density(Sq, Skv, Hkv, dtype, knobs):
-    q, k, v = qkv(Sq, Skv, Hkv=Hkv, dtype=dtype)
+def test_oracle_rule_and_density(Sq, Skv, Hkv, dtype, D, knobs):
+    q, k, v = qkv(Sq, Skv, Hkv=Hkv, D=D, dtype=dtype)
     m = SeerAttention(**knobs)
     bs = m.estimate(q, k)
     check_oracle(bs, q, k, v)

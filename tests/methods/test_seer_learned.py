@@ -50,9 +50,9 @@ def test_distillation_lowers_the_kl_and_weights_round_trip(tmp_path):
     assert torch.allclose(target.sum(-1), torch.ones(1, 4, 4), atol=1e-5)
 
 
-@pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype"), ORACLE_GRID, ids=ORACLE_IDS)
-def test_oracle_rule_and_density(Sq, Skv, Hkv, dtype):
-    q, k, v = qkv(Sq, Skv, Hkv=Hkv, dtype=dtype)
+@pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype", "D"), ORACLE_GRID, ids=ORACLE_IDS)
+def test_oracle_rule_and_density(Sq, Skv, Hkv, dtype, D):
+    q, k, v = qkv(Sq, Skv, Hkv=Hkv, D=D, dtype=dtype)
     m = SeerLearned(threshold=0.05)
     bs = m.estimate(q, k, layer=2)
     check_oracle(bs, q, k, v)

@@ -34,8 +34,12 @@ def check_spec(spec, where: str) -> dict:
     if not isinstance(spec, dict) or spec.get("pattern") not in PATTERNS or not isinstance(spec.get("knobs"), dict):
         raise ValueError(f"{where}: expected {{'pattern': one of {PATTERNS}, 'knobs': {{...}}}}, got {spec!r}")
     expected = set(_KNOBS[spec["pattern"]])
-    if set(spec["knobs"]) != expected or not all(isinstance(v, int) and v >= 0 for v in spec["knobs"].values()):
-        raise ValueError(f"{where}: {spec['pattern']} expects int knobs {sorted(expected)}, got {spec['knobs']!r}")
+    ok = set(spec["knobs"]) == expected and all(isinstance(v, int) and not isinstance(v, bool)
+                                                and v >= (0 if name == "n_init" else 1)
+                                                for name, v in spec["knobs"].items())
+    if not ok:
+        raise ValueError(f"{where}: {spec['pattern']} expects int knobs {sorted(expected)} (n_init >= 0, the others "
+                         f">= 1), got {spec['knobs']!r}")
     return spec
 
 
@@ -151,7 +155,8 @@ class MInference(PrefillMethod):
     """Replays a per-head pattern config (``search`` / ``save_config``): each head of each layer runs its own
     A-shape, vertical-slash or block-sparse pattern inside one shared BlockSparse. Heads and layers the config does
     not list use vertical-slash with MInference's default budgets (1000 columns, 6096 diagonals), as the paper's
-    release does; without a config every head does."""
+    release does; without a config every head does. Vertical-slash heads always keep the first 30 columns and the
+    100 nearest diagonals, as MInference's kernel does."""
 
     def __init__(self, config: str | Path | dict | None = None, token_level: bool | None = None):
         self.config = load_config(config) if config is not None else None
