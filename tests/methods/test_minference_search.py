@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from longattn.kernels.block_sparse import BlockSparseAttention
 from longattn.methods.prefill import minference_search as ms
 from longattn.methods.prefill.minference_search import MInference
 from longattn.methods.registry import get
@@ -19,11 +20,16 @@ from tests.methods.prefill_checks import (
     check_oracle,
     qkv,
 )
+from tests.oracle import check_against_oracle
 
 ASHAPE = {"pattern": "ashape", "knobs": {"n_init": 16, "n_local": 256}}
 VS = {"pattern": "vertical_slash", "knobs": {"vertical_size": 40, "slash_size": 100}}
 BLOCK = {"pattern": "block", "knobs": {"top_k": 1}}
 CANDIDATES = [ASHAPE, VS, BLOCK]
+
+
+def _config(specs: list[dict], layer: str = "0") -> dict:
+    return {"format": ms.FORMAT, "model": "", "block": 64, "last_q": 64, "layers": {layer: specs}}
 
 
 def planted_heads(S: int = 768, D: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,10 +93,23 @@ def test_oracle_rule_and_density_with_default_patterns(Sq, Skv, Hkv, dtype, D):
     specs = [{"pattern": "ashape", "knobs": {"n_init": 8, "n_local": 40}},
              {"pattern": "vertical_slash", "knobs": {"vertical_size": 35, "slash_size": 110}},
              {"pattern": "block", "knobs": {"top_k": 2}}, {"pattern": "block", "knobs": {"top_k": 1}}]
-    m = MInference({"format": ms.FORMAT, "model": "", "block": 64, "last_q": 64, "layers": {"0": specs}})
+    m = MInference(_config(specs))
     bs = m.estimate(q, k)
     check_oracle(bs, q, k, v)
     check_density(bs, m.last_density)
+
+
+def test_triton_kernel_on_mixed_token_level_heads_matches_the_oracle():
+    q, k, v = qkv(200, Hkv=2, dtype=torch.float16)
+    specs = [{"pattern": "ashape", "knobs": {"n_init": 5, "n_local": 37}},
+             {"pattern": "vertical_slash", "knobs": {"vertical_size": 33, "slash_size": 105}}, BLOCK, BLOCK]
+    bs = MInference(_config(specs)).estimate(q, k)
+    assert bs.tiles.shape[0] > 2  # token-level partial blocks reach the kernel as bit tiles
+
+    def run(q, k, v, bias):
+        return BlockSparseAttention.apply(q, k, v, None, None, bs, q.shape[-1] ** -0.5)
+
+    check_against_oracle(run, q, k, v, mask=bs)
 
 
 def test_whole_context_budgets_are_dense():
@@ -98,8 +117,7 @@ def test_whole_context_budgets_are_dense():
     specs = [{"pattern": "ashape", "knobs": {"n_init": 0, "n_local": 300}},
              {"pattern": "vertical_slash", "knobs": {"vertical_size": 300, "slash_size": 300}},
              {"pattern": "block", "knobs": {"top_k": 5}}, {"pattern": "block", "knobs": {"top_k": 5}}]
-    cfg = {"format": ms.FORMAT, "model": "", "block": 64, "last_q": 64, "layers": {"0": specs}}
-    bs = MInference(cfg).estimate(q, k)
+    bs = MInference(_config(specs)).estimate(q, k)
     check_keeps_everything(bs, q, k, v)
 
 

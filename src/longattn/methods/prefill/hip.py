@@ -18,7 +18,8 @@ from longattn.methods.registry import register
 
 def hierarchical_topk(qp: Tensor, kp: Tensor, reach: Tensor, k: int) -> Tensor:
     """bool [B, H, nQB, nKB]: per query block (pooled query qp [B, H, nQB, D]), the k key blocks (pooled keys kp
-    [B, H, nKB, D], causally reachable ones are [0, reach[i])) found by halving chunks and keeping the top k."""
+    [B, H, nKB, D], causally reachable ones are [0, reach[i])) found by halving chunks and keeping the top k
+    (each half scored by its first block)."""
     B, H, nQB, _ = qp.shape
     nKB = kp.shape[2]
     j = torch.arange(k, device=qp.device)
@@ -28,7 +29,7 @@ def hierarchical_topk(qp: Tensor, kp: Tensor, reach: Tensor, k: int) -> Tensor:
     while bool(((ends - starts) > 1).any()):
         mid = (starts + ends + 1) // 2
         s2, e2 = torch.cat([starts, mid], -1), torch.cat([mid, ends], -1)
-        rep = ((s2 + e2 - 1) // 2).clamp(0, nKB - 1)  # middle block of each half represents it
+        rep = s2.clamp(0, nKB - 1)  # each half is represented by its first block (the release's 'first' sampling)
         keys = kp.gather(2, rep.view(B, H, -1, 1).expand(-1, -1, -1, kp.shape[-1])).view(B, H, nQB, 2 * k, -1)
         score = (keys @ qp.unsqueeze(-1)).squeeze(-1).masked_fill(e2 <= s2, float("-inf"))
         top = score.topk(k, dim=-1).indices
@@ -40,11 +41,11 @@ def hierarchical_topk(qp: Tensor, kp: Tensor, reach: Tensor, k: int) -> Tensor:
 
 @register("hip", "prefill", paper="HiP attention (Lee et al., ICLR 2025), hierarchical top-k block pruning")
 class HiP(PrefillMethod):
-    """Hierarchically pruned top-k key blocks per query block. Defaults follow the paper's plug-and-play setting:
-    top_k=512 key tokens per query block and 32-query blocks; the paper's 2-token key blocks are coarsened to 32-token
-    key blocks (the smallest our kernels take), so top_k=512 keeps 16 key blocks. Each chunk is scored by its middle
-    block's mean key against the query block's mean query. The diagonal block is always kept; top_k larger than the
-    context raises."""
+    """Hierarchically pruned top-k key blocks per query block. Defaults follow the authors' ``hip_attention``:
+    top_k=512 key tokens (mask_k) per 32-query block (block_size_q); their 1-2-token key blocks are coarsened to
+    32-token key blocks (the smallest our kernels take), so top_k=512 keeps 16 key blocks. Halves are scored by their
+    first block's mean key against the query block's mean query. The diagonal block is always kept (standing in for
+    the release's sliding window); top_k larger than the context raises."""
 
     def __init__(self, top_k: int = 512, block_q: int = 32, block_kv: int = 32):
         self.top_k = _select.check_int("top_k", top_k)
