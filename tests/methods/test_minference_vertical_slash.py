@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import longattn
+from longattn.kernels.reference import reference_attention
 from longattn.methods.prefill.minference_vertical_slash import MInferenceVerticalSlash
 from longattn.methods.registry import get
 from tests.methods.prefill_checks import (
@@ -14,8 +16,10 @@ from tests.methods.prefill_checks import (
     check_density,
     check_keeps_everything,
     check_oracle,
+    dense_mask_mod,
     qkv,
 )
+from tests.oracle import assert_close_to_reference
 
 
 @pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype", "D"), ORACLE_GRID, ids=ORACLE_IDS)
@@ -77,3 +81,12 @@ def test_bad_input():
             MInferenceVerticalSlash(**{knob: 0})
     with pytest.raises(ValueError, match="forced_columns: expected an int >= 0"):
         MInferenceVerticalSlash(forced_columns=-1)
+
+
+def test_flex_backend_runs_the_token_level_pattern():
+    q, k, v = qkv(200)
+    bs = MInferenceVerticalSlash(vertical_size=20, slash_size=40).estimate(q, k)
+    mod = dense_mask_mod(bs.to_dense())
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), mask=mod)
+    low, _ = reference_attention(q, k, v, mask=mod, compute_dtype=q.dtype)
+    assert_close_to_reference(longattn.attention(q, k, v, mask=bs, impl="flex"), ref, low, what="out (flex)")
