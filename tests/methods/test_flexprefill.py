@@ -20,7 +20,7 @@ from tests.methods.prefill_checks import (
 
 
 @pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype", "D"), ORACLE_GRID, ids=ORACLE_IDS)
-@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("block", [64, pytest.param(128, marks=pytest.mark.slow)])
 def test_oracle_rule_and_density(Sq, Skv, Hkv, dtype, D, block):
     q, k, v = qkv(Sq, Skv, Hkv=Hkv, D=D, dtype=dtype)
     m = FlexPrefill(gamma=0.5, block=block)

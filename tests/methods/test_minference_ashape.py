@@ -19,7 +19,7 @@ from tests.methods.prefill_checks import (
 
 
 @pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype", "D"), ORACLE_GRID, ids=ORACLE_IDS)
-@pytest.mark.parametrize("token_level", [None, False])
+@pytest.mark.parametrize("token_level", [None, pytest.param(False, marks=pytest.mark.slow)])
 def test_oracle_rule_and_density(Sq, Skv, Hkv, dtype, D, token_level):
     q, k, v = qkv(Sq, Skv, Hkv=Hkv, D=D, dtype=dtype)
     m = MInferenceAShape(n_init=20, n_local=70, token_level=token_level)

@@ -20,7 +20,8 @@ from tests.methods.prefill_checks import (
 
 
 @pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype", "D"), ORACLE_GRID, ids=ORACLE_IDS)
-@pytest.mark.parametrize("knobs", [{"threshold": 0.02}, {"top_k": 2}], ids=["threshold", "top_k"])
+@pytest.mark.parametrize("knobs", [{"threshold": 0.02}, pytest.param({"top_k": 2}, marks=pytest.mark.slow)],
+                         ids=["threshold", "top_k"])
 def test_oracle_rule_and_density(Sq, Skv, Hkv, dtype, D, knobs):
     q, k, v = qkv(Sq, Skv, Hkv=Hkv, D=D, dtype=dtype)
     m = SeerAttention(**knobs)

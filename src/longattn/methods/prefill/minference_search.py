@@ -17,7 +17,7 @@ from longattn.methods.prefill import _select
 from longattn.methods.prefill.base import PrefillMethod
 from longattn.methods.prefill.minference_ashape import ashape_tokens
 from longattn.methods.prefill.minference_block import MInferenceBlockSparse
-from longattn.methods.prefill.minference_vertical_slash import vertical_slash_tokens
+from longattn.methods.prefill.minference_vertical_slash import FORCED_COLUMNS, FORCED_DIAGONALS, vertical_slash_tokens
 from longattn.methods.registry import register
 
 FORMAT = "longattn-minference-v1"
@@ -56,7 +56,8 @@ def head_selection(spec: dict, q: Tensor, k: Tensor, block: int, last_q: int) ->
     if pattern == "vertical_slash":
         _select.check_budget("vertical_size", knobs["vertical_size"], Skv)
         _select.check_budget("slash_size", knobs["slash_size"], Skv)
-        return (every, *vertical_slash_tokens(q, k, last_q, knobs["vertical_size"], knobs["slash_size"], 30, 100))
+        return (every, *vertical_slash_tokens(q, k, last_q, knobs["vertical_size"], knobs["slash_size"],
+                                              FORCED_COLUMNS, FORCED_DIAGONALS))
     _select.check_budget("top_k", knobs["top_k"], grid[1], unit="kv blocks")
     cls_map, _ = MInferenceBlockSparse(top_k=knobs["top_k"], block=block).estimate(q, k).block_map()
     everything = torch.ones(B, H, Skv, dtype=torch.bool, device=q.device)

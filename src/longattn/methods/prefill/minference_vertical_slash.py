@@ -11,6 +11,8 @@ from longattn.methods.prefill import _select
 from longattn.methods.prefill.base import PrefillMethod
 from longattn.methods.registry import register
 
+FORCED_COLUMNS, FORCED_DIAGONALS = 30, 100  # MInference always keeps the first 30 keys and the 100 nearest diagonals
+
 
 def vertical_slash_tokens(q: Tensor, k: Tensor, last_q: int, vertical_size: int, slash_size: int,
                           forced_columns: int, forced_diagonals: int) -> tuple[Tensor, Tensor]:
@@ -31,7 +33,8 @@ class MInferenceVerticalSlash(PrefillMethod):
     the prompt uses the whole prompt; budgets larger than the context raise."""
 
     def __init__(self, vertical_size: int = 1000, slash_size: int = 6096, last_q: int = 64, block: int = 64,
-                 forced_columns: int = 30, forced_diagonals: int = 100, token_level: bool | None = None):
+                 forced_columns: int = FORCED_COLUMNS, forced_diagonals: int = FORCED_DIAGONALS,
+                 token_level: bool | None = None):
         self.vertical_size = _select.check_int("vertical_size", vertical_size)
         self.slash_size = _select.check_int("slash_size", slash_size)
         self.last_q = _select.check_int("last_q", last_q)
