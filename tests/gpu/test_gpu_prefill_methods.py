@@ -63,3 +63,15 @@ def test_gpu_estimate_memory_and_time_at_64k(name):
     one_score_map = S * S * 4  # a single fp32 [S, S] map of one head
     print(f"{name}: estimate {ms:.1f} ms, peak {peak / 2**20:.0f} MiB, density {bs.density():.3f}")
     assert peak < one_score_map / 4, f"{name}: estimate peak {peak / 2**20:.0f} MiB looks O(S^2)"
+
+
+def test_gpu_seer_gate_distillation_runs_on_the_device(tmp_path):
+    from longattn.methods.prefill.seer_learned import SeerLearned, distill
+
+    q, k, v = _inputs(1, 8, 2, 4096, 4096, 128, torch.bfloat16)
+    gates = distill([(0, q, k)], steps=5, lr=1e-2, path=tmp_path / "g.safetensors")
+    assert gates.history[-1] < gates.history[0]
+    m = SeerLearned(tmp_path / "g.safetensors", threshold=1e-3)
+    bs = m.estimate(q, k)
+    check_density(bs, m.last_density)
+    check_against_oracle(_run_block_sparse(bs), q, k, v, mask=bs)

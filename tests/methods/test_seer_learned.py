@@ -24,6 +24,12 @@ from tests.methods.prefill_checks import (
 )
 
 
+class _WithConfig:
+    """Stands in for a transformers model (anything with a config)."""
+
+    config = None
+
+
 def _samples(S: int = 256):
     q, k, _ = qkv(S, Hq=4, Hkv=2)
     u = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(4)), dim=0)
@@ -82,3 +88,5 @@ def test_bad_input(tmp_path):
         distill(_samples(), lr=0)
     with pytest.raises(ValueError, match="model_or_qk_samples: expected at least one"):
         distill([])
+    with pytest.raises(ValueError, match="input_ids: a model needs calibration token ids"):
+        distill(_WithConfig())  # a model without input_ids

@@ -48,6 +48,17 @@ def check_budget(name: str, value: int, context: int, unit: str = "tokens") -> N
                          f"{context}")
 
 
+def qk_samples(model_or_samples, input_ids: Tensor | None) -> list[tuple[int, Tensor, Tensor]]:
+    """Calibration data as (layer, q, k): captured from a transformers model run on ``input_ids``, or given."""
+    if input_ids is not None:
+        from longattn.methods.prefill._capture import capture_qk
+
+        return capture_qk(model_or_samples, input_ids)
+    if hasattr(model_or_samples, "config"):
+        raise ValueError("input_ids: a model needs calibration token ids (input_ids=[B, S] tensor), got None")
+    return list(model_or_samples)
+
+
 def geometry(Sq: int, Skv: int, block: tuple[int, int], device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Absolute token bounds (inclusive) of every query block and kv block: q_lo, q_hi [nQB], kv_lo, kv_hi [nKB]."""
     bq, bkv = block

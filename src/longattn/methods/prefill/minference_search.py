@@ -120,12 +120,8 @@ def search(model_or_samples, input_ids: Tensor | None = None, candidates: Iterab
            block: int = 64, last_q: int = 64, model_name: str = "") -> dict:
     """The per-model config: a transformers model with calibration ``input_ids``, or (layer, q, k) samples."""
     if input_ids is not None:
-        from longattn.methods.prefill._capture import capture_qk
-
         model_name = model_name or getattr(model_or_samples.config, "_name_or_path", "") or ""
-        samples = capture_qk(model_or_samples, input_ids)
-    else:
-        samples = list(model_or_samples)
+    samples = _select.qk_samples(model_or_samples, input_ids)
     candidates = list(candidates)
     layers: dict[int, list[dict]] = {}
     for layer, q, k in samples:

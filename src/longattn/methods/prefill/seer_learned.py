@@ -110,17 +110,13 @@ def distill(model_or_qk_samples, input_ids: Tensor | None = None, *, steps: int 
     _select.check_int("steps", steps, low=0)
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
-    if input_ids is not None:
-        from longattn.methods.prefill._capture import capture_qk
-
-        raw: Iterable = capture_qk(model_or_qk_samples, input_ids)
-    else:
-        raw = model_or_qk_samples
+    raw: Iterable = _select.qk_samples(model_or_qk_samples, input_ids)
     raw = [(int(layer), q.detach(), k.detach()) for layer, q, k in raw]
     if not raw:
         raise ValueError("model_or_qk_samples: expected at least one (layer, q, k) sample, got none")
     if gates is None:
         gates = SeerGates({layer: (q.shape[1], q.shape[3]) for layer, q, _ in raw}, block)
+    gates = gates.to(raw[0][1].device)
     samples = [(layer, q, k, block_attention_target(q, k, gates.block)) for layer, q, k in raw]
     opt = torch.optim.Adam(gates.parameters(), lr=lr)
     history = []
