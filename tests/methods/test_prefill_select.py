@@ -38,6 +38,10 @@ def test_token_level_build_matches_brute_force(case):
     padded = torch.nn.functional.pad(expected, (0, n_kv * block[1] - Skv, 0, n_q * block[0] - Sq))
     blocks = padded.view(*expected.shape[:2], n_q, block[0], n_kv, block[1]).any(-1).any(-2)
     assert torch.equal(_select.token_blocks(cols, diags, Sq, Skv, block), blocks)
+    on_or_acausal = torch.nn.functional.pad(expected | ~causal_dense(Sq, Skv), (0, n_kv * block[1] - Skv, 0,
+                                            n_q * block[0] - Sq), value=True)
+    whole = on_or_acausal.view(*expected.shape[:2], n_q, block[0], n_kv, block[1]).all(-1).all(-2)
+    assert not (_select.token_covered_blocks(cols, diags, Sq, Skv, block) & ~whole).any()
     every = torch.ones(*cols.shape[:2], n_q, n_kv, dtype=torch.bool)
     bs, density = _select.build(every, Sq, Skv, block, columns=cols, diagonals=diags, token_level=True)
     assert torch.equal(bs.to_dense(), expected)
@@ -65,3 +69,12 @@ def test_topk_and_cumulative_masks():
     assert _select.topk_mask(s, 2).tolist() == [[True, False, True, False]]
     assert _select.cumulative_mask(s, 0.45).tolist() == [[True, False, False, False]]  # 3 / 6.5 = 0.46
     assert _select.cumulative_mask(s, 0.5).tolist() == [[True, False, True, False]]
+
+
+def test_covered_blocks_of_sinks_and_window_need_no_tiles():
+    pos = torch.arange(300)
+    cols, diags = (pos < 64).view(1, 1, -1), (pos < 128).view(1, 1, -1)
+    covered = _select.token_covered_blocks(cols, diags, 300, 300, (64, 64))[0, 0]
+    assert covered[:, 0].all()  # the sink block, for every query block
+    assert covered.diagonal().all() and covered.diagonal(-1).all()  # windows of 128 cover two block diagonals
+    assert not covered[3:, 1].any()  # block 1 is outside both for query blocks 3 and 4

@@ -15,7 +15,7 @@ from longattn.masks.block_sparse import BlockSparse
 from longattn.masks.core import MaskMod
 
 log = logging.getLogger("longattn")
-TOKEN_LEVEL_MAX_ELEMS = 1 << 26  # selected-block elements above which token-level patterns fall back to whole blocks
+TOKEN_LEVEL_MAX_ELEMS = 1 << 27  # elements of partly kept blocks above which token patterns fall back to whole blocks
 
 
 def check_int(name: str, value, *, low: int = 1) -> int:
@@ -139,6 +139,16 @@ def token_blocks(columns: Tensor, diagonals: Tensor, Sq: int, Skv: int, block: t
     return col | diag
 
 
+def token_covered_blocks(columns: Tensor, diagonals: Tensor, Sq: int, Skv: int, block: tuple[int, int]) -> Tensor:
+    """bool [B, H, nQB, nKB]: blocks whose every (causal) pair is on a kept column or a kept diagonal; these need
+    no bit tile, so only the others count towards the token-level size limit."""
+    q_lo, q_hi, kv_lo, kv_hi = (t.view(-1, 1) if i < 2 else t.view(1, -1)
+                                for i, t in enumerate(geometry(Sq, Skv, block, columns.device)))
+    d_lo, d_hi = (q_lo - kv_hi).clamp(min=0), (q_hi - kv_lo).clamp(min=0)
+    whole_cols = _range_count(_prefix(columns), kv_lo, kv_hi) == kv_hi - kv_lo + 1
+    return whole_cols | (_range_count(_prefix(diagonals), d_lo, d_hi) == d_hi - d_lo + 1)
+
+
 def token_mask_mod(columns: Tensor, diagonals: Tensor, offset: int) -> MaskMod:
     """Elementwise ``kv on a kept column or (q - kv) on a kept diagonal``, per (batch, head); the block bounds
     mark blocks wholly covered by kept columns or diagonals (in every batch) so they need no bit tile."""
@@ -163,13 +173,15 @@ def build(selected: Tensor, Sq: int, Skv: int, block: tuple[int, int], *, column
     """The BlockSparse for a selection and the density it reports (area of the non-empty blocks).
 
     ``selected`` [B, H, nQB, nKB] is intersected with the causal blocks. With ``columns`` / ``diagonals`` the
-    selection is token-level inside its blocks; ``token_level=None`` keeps token granularity unless the selected
-    blocks exceed TOKEN_LEVEL_MAX_ELEMS elements (then the same blocks run whole; logged)."""
+    selection is token-level inside its blocks; ``token_level=None`` keeps token granularity unless the partly kept
+    blocks exceed TOKEN_LEVEL_MAX_ELEMS elements (their bit tiles cost ~8 bytes per element while being built; past
+    that the same blocks run whole, logged)."""
     selected = selected & causal_blocks(Sq, Skv, block, selected.device)
     within = masks.causal(offset=Skv - Sq)
     if columns is not None:
         selected = selected & token_blocks(columns, diagonals, Sq, Skv, block)
-        elems = int(selected.sum()) * block[0] * block[1]
+        partial = selected & ~token_covered_blocks(columns, diagonals, Sq, Skv, block)
+        elems = int(partial.sum()) * block[0] * block[1]
         if token_level is None:
             token_level = elems <= TOKEN_LEVEL_MAX_ELEMS
             if not token_level:

@@ -28,8 +28,9 @@ class MInferenceVerticalSlash(PrefillMethod):
     """Top ``vertical_size`` columns and top ``slash_size`` diagonals per head, estimated from the last 64 queries.
     Defaults from MInference's released config: last_q=64, vertical_size=1000, slash_size=6096, with the first 30
     columns and the 100 nearest diagonals always kept. Selection is token-level inside 64-token blocks; when the
-    selected blocks exceed _select.TOKEN_LEVEL_MAX_ELEMS elements (long contexts) and ``token_level`` is None, the
-    same block set runs whole blocks instead (a superset of the token pattern, logged). A last_q window longer than
+    partly kept blocks exceed _select.TOKEN_LEVEL_MAX_ELEMS elements (long contexts) and ``token_level`` is None,
+    the same block set runs whole blocks instead (a superset of the token pattern, logged; token_level=True forces
+    bit tiles, False whole blocks). A last_q window longer than
     the prompt uses the whole prompt; budgets larger than the context raise."""
 
     def __init__(self, vertical_size: int = 1000, slash_size: int = 6096, last_q: int = 64, block: int = 64,
