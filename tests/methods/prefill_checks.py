@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import longattn
@@ -73,3 +74,21 @@ def check_dense(bs, q, k, v) -> None:
     low, _ = reference_attention(q, k, v, mask=masks.causal(offset=Skv - Sq), compute_dtype=q.dtype)
     out = longattn.attention(q, k, v, mask=bs, impl="gather")
     assert_close_to_reference(out, ref, low, what="dense-budget out")
+
+
+# (Sq, Skv, Hq, Hkv, D, dtype): square, chunked prefill (Sq < Skv), odd lengths, GQA 2 / 4 / 1, fp32 / fp16
+SHAPES = [
+    pytest.param(300, 300, 4, 2, 32, torch.float32, id="300-gqa2-fp32"),
+    pytest.param(130, 300, 4, 1, 32, torch.float16, id="130of300-gqa4-fp16"),
+    pytest.param(127, 127, 4, 4, 64, torch.float32, id="127-mha-d64"),
+    pytest.param(1, 70, 4, 2, 32, torch.float32, id="1of70"),
+]
+
+
+def check_standard(method, Sq, Skv, Hq, Hkv, D, dtype, seed=0):
+    """Oracle rule on the method's own sparsity (reference and gather impls) and its reported density."""
+    q, k, v = qkv(Sq, Skv, Hq, Hkv, D, seed=seed, dtype=dtype)
+    bs = method.estimate(q, k)
+    check_oracle(bs, q, k, v)
+    check_density(method, bs)
+    return bs
