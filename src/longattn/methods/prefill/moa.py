@@ -112,7 +112,8 @@ def search_moa(samples: Mapping[int, tuple[Tensor, Tensor, Tensor]], *, density:
     if not lengths or any(not 1 <= n <= shortest for n in lengths):
         raise ValueError(f"lengths: expected calibration lengths in [1, {shortest}] (the shortest sample), "
                          f"got {lengths}")
-    rules = [(float(a), float(b)) for a in alphas for b in betas]
+    # densest-growing first: among rules tied on error and density, argmax keeps the first (highest beta)
+    rules = sorted({(float(a), float(b)) for a in alphas for b in betas}, key=lambda r: (-r[1], -r[0]))
     if not rules or any(a < 0 or not 0 <= b <= 1 for a, b in rules):
         raise ValueError(f"alphas, betas: expected non-empty alphas >= 0 and betas in [0, 1], got {alphas}, {betas}")
     errs, dens, heads = [], [], []
@@ -160,7 +161,7 @@ def _choose(err: Tensor, den: Tensor, budget: float) -> Tensor:
         cost = err + price * den
         best = cost.min(-1, keepdim=True).values
         tied = cost <= best + 1e-12 * (1 + best.abs())
-        return torch.where(tied, den, -1.0).argmax(-1)  # among equal costs, the most faithful (densest)
+        return torch.where(tied, den, -1.0).argmax(-1)  # among equal costs the densest, then the highest beta
 
     def mean_density(idx: Tensor) -> float:
         return float(den.gather(1, idx.view(-1, 1)).mean())
