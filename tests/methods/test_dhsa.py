@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from longattn.methods.prefill.dhsa import DHSA, chunk_ids
 from longattn.methods.registry import get
@@ -29,6 +31,17 @@ def test_boundaries_follow_a_change_of_keys():
     assert n == 3
     assert ids[0, 69] != ids[0, 70]  # the content change at 70 is a chunk boundary
     assert bool((ids[0, 1:] >= ids[0, :-1]).all()) and int(ids[0, -1]) == n - 1
+
+
+@given(S=st.integers(2, 300), chunk=st.integers(2, 70), seed=st.integers(0, 2**16))
+def test_chunks_are_contiguous_and_bounded(S, chunk, seed):
+    k = torch.randn(2, 2, S, 8, generator=torch.Generator().manual_seed(seed))
+    ids, n = chunk_ids(k, chunk)
+    assert ids.shape == (2, S) and int(ids[:, 0].max()) == 0 and bool((ids[:, -1] == n - 1).all())
+    steps = ids[:, 1:] - ids[:, :-1]
+    assert bool(((steps == 0) | (steps == 1)).all())
+    lengths = torch.stack([torch.bincount(row, minlength=n) for row in ids])
+    assert int(lengths.min()) >= 1 and int(lengths.max()) <= 2 * chunk - 1
 
 
 def test_planted_relevant_chunk_is_selected():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from longattn.methods.prefill.hyper import HyperAttention
+from longattn.methods.prefill.hyper import HyperAttention, _lsh_rank
 from longattn.methods.registry import get
 from tests.methods.prefill_checks import SHAPES, causal_dense, check_dense, check_standard, qkv
 
@@ -19,6 +21,17 @@ def test_oracle_and_density(Sq, Skv, Hq, Hkv, D, dtype):
 def test_one_bucket_is_dense(Sq, Skv):
     q, k, v = qkv(Sq, Skv)
     check_dense(HyperAttention(bucket_size=Skv, sample_size=0, block=32).estimate(q, k), q, k, v)
+
+
+@given(bits=st.integers(1, 12))
+def test_gray_order_puts_one_bit_neighbours_next_to_each_other(bits):
+    codes = torch.arange(2**bits)
+    signs = ((codes.view(-1, 1) >> torch.arange(bits)) & 1).float() * 2 - 1  # every sign pattern once
+    rank = _lsh_rank(signs)
+    assert torch.equal(rank.sort().values, codes)  # a bijection on the buckets
+    by_rank = codes[rank.argsort()]
+    flips = by_rank[1:] ^ by_rank[:-1]
+    assert bool((flips & (flips - 1) == 0).all())  # consecutive buckets differ in exactly one hyperplane
 
 
 def _clustered(S: int, n: int, seed: int = 0):

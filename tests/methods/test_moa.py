@@ -52,7 +52,7 @@ def test_search_gives_the_budget_to_the_head_that_needs_it(tmp_path):
 
 
 def test_budget_one_is_dense_and_a_small_budget_is_respected():
-    samples = {layer: qkv(200, 200, 4, 2, 32, seed=layer) for layer in (0, 1)}
+    samples = {layer: qkv(96, 96, 4, 2, 32, seed=layer) for layer in (0, 1)}
     dense_cfg = search_moa(samples, density=1.0)
     assert all(b == 1.0 for rules in dense_cfg.rules.values() for _, b in rules)
     q, k, v = qkv(300, 300, 4, 2, 32, seed=7)

@@ -27,8 +27,9 @@ from longattn.methods.registry import register
 @register("lserve", "prefill", paper="LServe (Yang et al. 2025), streaming heads + block-sparse dense heads")
 class LServePrefill(PrefillMethod):
     """Head types come from ``streaming_heads`` (a static per-layer config: ``{layer: [query heads]}`` or a JSON
-    file of it, e.g. from a DuoAttention-style calibration) or, when it is None, from a score: the
-    ``streaming_ratio`` share of heads whose pooled block attention puts the most mass on the sink and local blocks.
+    file of it, e.g. from a DuoAttention-style calibration; unlisted layers have none) or, when it is None, from a
+    score: the ``streaming_ratio`` share of heads whose pooled block attention puts the most mass on the sink and
+    local blocks.
     Streaming heads keep ``num_sinks`` first tokens and a ``window`` of recent ones (token-exact); the other heads
     keep every causal block, or their ``top_k`` kv blocks by pooled q·k score when ``top_k`` is set.
 
