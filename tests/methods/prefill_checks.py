@@ -3,6 +3,9 @@ exact dense attention when its budget keeps everything."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 import longattn
@@ -39,7 +42,7 @@ def dense_mask_mod(dense: torch.Tensor) -> MaskMod:
     return MaskMod(lambda b, h, q, kv: dense[b % dense.shape[0], h % dense.shape[1], q, kv], name="dense_lookup")
 
 
-def check_oracle(bs: BlockSparse, q, k, v) -> None:
+def check_oracle(bs: BlockSparse, q, k, v, impls: tuple[str, ...] = ("reference", "gather")) -> None:
     """Reference and gather outputs on the BlockSparse equal fp64 dense attention under bs.to_dense()."""
     dense = bs.to_dense()
     assert dense.shape[2:] == (q.shape[2], k.shape[2])
@@ -47,7 +50,7 @@ def check_oracle(bs: BlockSparse, q, k, v) -> None:
     mod = dense_mask_mod(dense)
     ref, _ = reference_attention(q.double(), k.double(), v.double(), mask=mod)
     low, _ = reference_attention(q, k, v, mask=mod, compute_dtype=q.dtype)
-    for impl in ("reference", "gather"):
+    for impl in impls:
         out = longattn.attention(q, k, v, mask=bs, impl=impl)
         assert_close_to_reference(out, ref, low, what=f"out ({impl})")
 
@@ -66,3 +69,37 @@ def check_keeps_everything(bs: BlockSparse, q, k, v) -> None:
     ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=True)
     low, _ = reference_attention(q, k, v, causal=True, compute_dtype=q.dtype)
     assert_close_to_reference(longattn.attention(q, k, v, mask=bs, impl="gather"), ref, low, what="out (gather)")
+
+
+def check_method_density(method, bs: BlockSparse) -> None:
+    """The method's last_density equals the BlockSparse's, and both equal a recount from the element mask."""
+    allowed = bs.to_dense()
+    bq, bkv = bs.block_size
+    Sq, Skv = allowed.shape[-2:]
+    nq, nk = math.ceil(Sq / bq), math.ceil(Skv / bkv)
+    padded = torch.nn.functional.pad(allowed, (0, nk * bkv - Skv, 0, nq * bq - Sq))
+    hit = padded.view(*allowed.shape[:2], nq, bq, nk, bkv).any(-1).any(-2)
+    rows = torch.tensor([min(bq, Sq - i * bq) for i in range(nq)], dtype=torch.float64)
+    cols = torch.tensor([min(bkv, Skv - j * bkv) for j in range(nk)], dtype=torch.float64)
+    area = rows.view(-1, 1) * cols.view(1, -1)
+    recount = float((hit.cpu() * area).sum() / (area.sum() * hit.shape[0] * hit.shape[1]))
+    check_density(bs, method.last_density)
+    assert abs(bs.density() - recount) < 1e-12
+
+
+# (Sq, Skv, Hq, Hkv, D, dtype): square, chunked prefill (Sq < Skv), odd lengths, GQA 2 / 4 / 1, fp32 / fp16
+SHAPES = [
+    pytest.param(300, 300, 4, 2, 32, torch.float32, id="300-gqa2-fp32"),
+    pytest.param(130, 300, 4, 1, 32, torch.float16, id="130of300-gqa4-fp16"),
+    pytest.param(127, 127, 4, 4, 64, torch.float32, id="127-mha-d64"),
+    pytest.param(1, 70, 4, 2, 32, torch.float32, id="1of70"),
+]
+
+
+def check_standard(method, Sq: int, Skv: int, Hq: int, Hkv: int, D: int, dtype, seed: int = 0) -> BlockSparse:
+    """Oracle rule on the method's own sparsity (reference and gather impls) and its reported density."""
+    q, k, v = qkv(Sq, Skv, Hq, Hkv, D, seed=seed, dtype=dtype)
+    bs = method.estimate(q, k)
+    check_oracle(bs, q, k, v)
+    check_method_density(method, bs)
+    return bs

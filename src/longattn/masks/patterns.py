@@ -77,9 +77,9 @@ def _window_bounds(q_lo, q_hi, kv_lo, kv_hi, off, window, is_causal):
     return range_bounds(dmin, dmax, 0 if is_causal else 1 - window, window - 1)
 
 
-def sliding_window(window: int, *, causal: bool = True, offset: int = 0) -> MaskMod:
+def sliding_window(window: int = 4096, *, causal: bool = True, offset: int = 0) -> MaskMod:
     """Local attention: causal ``0 <= d < window`` (the window most recent keys incl. the diagonal), else ``|d| <
-    window``; the Mistral / Longformer local pattern."""
+    window``; the Mistral / Longformer local pattern (default: Mistral 7B's 4096-token window)."""
     w = check_int("window", window, minimum=1)
     is_causal, off = check_bool("causal", causal), check_int("offset", offset)
 
@@ -93,9 +93,10 @@ def sliding_window(window: int, *, causal: bool = True, offset: int = 0) -> Mask
     return MaskMod(fn, bounds=bounds, name=fmt_name("sliding_window", w, causal=(is_causal, True), offset=(off, 0)))
 
 
-def sinks(num_sinks: int, window: int, *, offset: int = 0) -> MaskMod:
+def sinks(num_sinks: int = 4, window: int = 1020, *, offset: int = 0) -> MaskMod:
     """StreamingLLM / LM-Infinite Λ-shape: causal and (``kv_idx < num_sinks`` or ``d < window``), so the first
-    tokens stay visible as attention sinks beside a sliding window."""
+    tokens stay visible as attention sinks beside a sliding window (default: StreamingLLM's 4 sinks in a
+    1024-token cache)."""
     ns = check_int("num_sinks", num_sinks, minimum=0)
     w = check_int("window", window, minimum=1)
     off = check_int("offset", offset)

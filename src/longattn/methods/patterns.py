@@ -16,7 +16,8 @@ register("bigbird", "pattern", paper="BigBird (Zaheer et al. 2020)")(masks.bigbi
 register("power", "pattern", paper="PowerAttention (Chen et al. 2025)")(masks.power)
 register("longlora", "pattern", paper="LongLoRA shifted sparse attention (Chen et al. 2023)")(masks.longlora_shifted)
 register("document", "pattern", paper="packed sequences / varlen (FlashAttention varlen)")(masks.document)
-register("moa", "pattern", paper="MoA: Mixture of Sparse Attention (Fu et al. 2024) per-head windows")(
+# "moa" is the searched prefill method (methods/prefill/moa.py); this entry takes the per-head windows directly.
+register("moa_windows", "pattern", paper="MoA: Mixture of Sparse Attention (Fu et al. 2024) per-head windows")(
     masks.per_head_window)
 register("neighborhood", "pattern", paper="NATTEN / Generalized Neighborhood Attention (Hassani et al.)")(
     masks.neighborhood)

@@ -1,0 +1,86 @@
+"""HyperAttention (Han et al. 2023): sort queries and keys by an angular LSH (random hyperplanes) so that similar
+ones become neighbours, attend within equal-size groups along the sorted order, and add a uniform sample of key
+columns that every query sees."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from longattn.masks.block_sparse import BlockSparse
+from longattn.masks.core import MaskMod
+from longattn.methods.prefill._blocks import geometry, label_blocks, square_block, to_block_sparse
+from longattn.methods.prefill._select import check_budget, check_int
+from longattn.methods.prefill.base import PrefillMethod
+from longattn.methods.registry import register
+
+
+@register("hyper", "prefill", paper="HyperAttention (Han et al. 2023), sortLSH blocks + sampled columns")
+class HyperAttention(PrefillMethod):
+    """Each token's ``lsh_bits`` hyperplane signs, read in Gray-code order (adjacent buckets differ in one bit),
+    give its sort key; the i-th query in sorted order falls in group ``i * G // Sq`` and the j-th key in group
+    ``j * G // Skv`` with ``G = ceil(Skv / bucket_size)``; a pair is kept when both share a group, or when the key is
+    one of the ``sample_size`` sampled columns of the head (seeded per layer), always causally.
+
+    Granularity: the kept (q, k) pairs are scattered in position space, so a positional block is computed when it
+    holds at least one kept pair, and inside it the pairs are masked exactly (bit tiles). Exact masking keeps the
+    output faithful to the method; the retained work (the density reported) is the block union, which is what the
+    kernels pay. Defaults from the reference implementation: 7 hyperplanes, 256-token buckets, 256 sampled columns.
+    """
+
+    def __init__(self, lsh_bits: int = 7, bucket_size: int = 256, sample_size: int = 256, block: int = 64,
+                 seed: int = 0):
+        self.lsh_bits = check_int("lsh_bits", lsh_bits)
+        if self.lsh_bits > 30:
+            raise ValueError(f"lsh_bits: expected an int in [1, 30], got {lsh_bits!r}")
+        self.bucket_size = check_int("bucket_size", bucket_size)
+        self.sample_size = check_int("sample_size", sample_size, low=0)
+        self.block, self.seed = square_block(block), check_int("seed", seed, low=0)
+        self.last_density: float | None = None
+
+    def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
+        self.check(q, k)
+        B, Hq, Sq, D = q.shape
+        Skv = k.shape[2]
+        check_budget("bucket_size", self.bucket_size, Skv, "tokens")
+        check_budget("sample_size", self.sample_size, Skv, "tokens")
+        geo = geometry(Sq, Skv, self.block, q.device)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + layer)
+        planes = torch.randn(D, self.lsh_bits, generator=gen).to(q.device)
+        n_groups = math.ceil(Skv / self.bucket_size)
+        q_lab = _sorted_group(_lsh_rank(q.float() @ planes), n_groups)
+        k_lab = _sorted_group(_lsh_rank(k.float() @ planes), n_groups).repeat_interleave(Hq // k.shape[1], dim=1)
+        sampled = torch.zeros(Hq, Skv, dtype=torch.bool)
+        if self.sample_size:
+            sampled.scatter_(1, torch.rand(Hq, Skv, generator=gen).argsort(-1)[:, : self.sample_size], True)
+        sampled = sampled.to(q.device)
+        n_kv = geo.kv_first.numel()
+        col_blocks = torch.nn.functional.pad(sampled, (0, n_kv * geo.block[1] - Skv)).view(Hq, n_kv, -1).any(-1)
+        selected = label_blocks(q_lab, k_lab, n_groups, geo) | col_blocks.view(1, Hq, 1, n_kv)
+
+        def hyper_rule(b, h, q_idx, kv_idx):
+            return (q_lab[b, h, q_idx] == k_lab[b, h, kv_idx]) | sampled[h, kv_idx]
+
+        bs, self.last_density = to_block_sparse(selected, geo, MaskMod(hyper_rule, name="hyper_groups"))
+        return bs
+
+
+def _lsh_rank(proj: Tensor) -> Tensor:
+    """Gray-code rank of the sign pattern of ``proj`` [..., bits]: neighbouring ranks differ in one hyperplane."""
+    bits = (proj > 0).long()
+    code = (bits << torch.arange(bits.shape[-1], device=proj.device)).sum(-1)
+    rank, shift = code.clone(), 1
+    while shift < bits.shape[-1]:
+        rank ^= rank >> shift
+        shift *= 2
+    return rank
+
+
+def _sorted_group(rank: Tensor, n_groups: int) -> Tensor:
+    """Group of every token [B, H, S]: its place in the (rank, position) order, cut into n_groups equal parts."""
+    S = rank.shape[-1]
+    order = (rank * S + torch.arange(S, device=rank.device)).argsort(-1)
+    place = torch.empty_like(order).scatter_(-1, order, torch.arange(S, device=rank.device).expand_as(order))
+    return place * n_groups // S

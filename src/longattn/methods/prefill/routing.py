@@ -1,0 +1,64 @@
+"""Routing Transformer (Roy et al. 2021): route queries and keys to k-means clusters and let each query attend
+only to the keys of its own cluster."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from longattn.masks.block_sparse import BlockSparse
+from longattn.masks.core import MaskMod
+from longattn.methods.prefill._blocks import geometry, label_blocks, square_block, to_block_sparse
+from longattn.methods.prefill._select import check_budget, check_int
+from longattn.methods.prefill.base import PrefillMethod
+from longattn.methods.registry import register
+
+
+@register("routing", "prefill", paper="Routing Transformer (Roy et al. 2021), k-means routed attention")
+class RoutingAttention(PrefillMethod):
+    """Spherical k-means per head over the unit-normalised queries and keys together (the paper shares the
+    centroids between them): ``iters`` Lloyd steps from keys spread evenly over the sequence; a pair is kept when
+    query and key share a cluster, or the key is among the query's ``local_window`` most recent positions (1 =
+    itself, so no row is empty), always causally. Token-exact inside blocks; a block is computed when it holds
+    a kept pair.
+
+    Defaults: ``n_clusters`` = round(sqrt(Skv)) (the paper's sqrt(n) clusters), 3 Lloyd steps (the paper updates
+    centroids by moving averages during training; a few steps stand in for them at inference), block 64.
+    """
+
+    def __init__(self, n_clusters: int | None = None, iters: int = 3, local_window: int = 1, block: int = 64):
+        self.n_clusters = None if n_clusters is None else check_int("n_clusters", n_clusters)
+        self.iters = check_int("iters", iters, low=0)
+        self.local_window = check_int("local_window", local_window)
+        self.block = square_block(block)
+        self.last_density: float | None = None
+
+    def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
+        self.check(q, k)
+        B, Hq, Sq, D = q.shape
+        Skv = k.shape[2]
+        n = max(1, round(math.sqrt(Skv))) if self.n_clusters is None else self.n_clusters
+        check_budget("n_clusters", n, Skv, "keys")
+        check_budget("local_window", self.local_window, Skv, "tokens")
+        geo = geometry(Sq, Skv, self.block, q.device)
+        kx = k.float().repeat_interleave(Hq // k.shape[1], dim=1)
+        points = torch.nn.functional.normalize(torch.cat([q.float(), kx], dim=2), dim=-1)  # [B, Hq, Sq+Skv, D]
+        seeds = Sq + torch.arange(n, device=q.device) * Skv // n
+        centroids = points[:, :, seeds]
+        for _ in range(self.iters):
+            assign = (points @ centroids.transpose(-1, -2)).argmax(-1)
+            sums = torch.zeros_like(centroids).scatter_add_(2, assign.unsqueeze(-1).expand_as(points), points)
+            empty = sums.norm(dim=-1, keepdim=True) == 0
+            centroids = torch.where(empty, centroids, torch.nn.functional.normalize(sums, dim=-1))
+        labels = (points @ centroids.transpose(-1, -2)).argmax(-1)
+        q_lab, k_lab = labels[:, :, :Sq], labels[:, :, Sq:]
+        selected = label_blocks(q_lab, k_lab, n, geo) | geo.window(torch.tensor(self.local_window, device=q.device))
+        off, local = geo.offset, self.local_window
+
+        def routing_rule(b, h, q_idx, kv_idx):
+            return (q_lab[b, h, q_idx] == k_lab[b, h, kv_idx]) | (q_idx + off - kv_idx < local)
+
+        bs, self.last_density = to_block_sparse(selected, geo, MaskMod(routing_rule, name="routing_clusters"))
+        return bs
