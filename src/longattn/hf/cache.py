@@ -137,7 +137,7 @@ class LongattnLayer(CacheLayerMixin):
         self.values.scatter_(2, _ex(idx, v.shape[-1]).to(self.values.device), v.to(self.values.device))
         new_pos = torch.arange(self.seen, self.seen + n, device=self.device, dtype=torch.int32).expand_as(idx)
         self.pos.scatter_(2, idx, new_pos)
-        for name, t in self.slot_state.items():
+        for t in self.slot_state.values():
             t.scatter_(2, idx, torch.zeros((), dtype=t.dtype, device=t.device).expand_as(idx))
         self.lengths += n
         self.seen += n
@@ -152,7 +152,8 @@ class LongattnLayer(CacheLayerMixin):
                "values": _alloc((*self.values.shape[:2], cap, self.values.shape[3]), dtype=self.dtype,
                                 device=self.values.device, fill=0),
                "pos": torch.full((*self.pos.shape[:2], cap), -1, dtype=torch.int32, device=self.device)}
-        state = {n: torch.zeros((*t.shape[:2], cap), dtype=t.dtype, device=t.device) for n, t in self.slot_state.items()}
+        state = {n: torch.zeros((*t.shape[:2], cap), dtype=t.dtype, device=t.device)
+                 for n, t in self.slot_state.items()}
         for name, t in new.items():
             t[:, :, :keep] = getattr(self, name)[:, :, :keep]
         for name, t in state.items():
@@ -301,9 +302,8 @@ def cached_logits(q: Tensor, layer: LongattnLayer, selection: Tensor | None = No
         allowed = allowed & am.gather(3, pos.clamp(min=0).expand(B, Hkv, Sq, cap))
     allowed = allowed[:, :, None]  # [B, Hkv, 1, Sq, cap]
     if selection is not None:
-        sel = selection.view(B, Hkv, g, 1, cap) if selection.shape[1] == Hq and g > 1 else selection.view(
-            B, Hkv, -1, 1, cap)
-        allowed = allowed & sel
+        hs = selection.shape[1]  # Hq (per query head), Hkv, or 1 (shared by all heads)
+        allowed = allowed & (selection.view(B, Hkv, g, 1, cap) if hs == Hq else selection.view(B, hs, 1, 1, cap))
     s = q.view(B, Hkv, g, Sq, D).float() @ keys.float()[:, :, None].transpose(-1, -2) * scale
     bias = layer.slot_state.get("logit_bias")
     if bias is not None:
