@@ -10,7 +10,7 @@ import transformers
 import longattn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_llama(layers: int = 2, heads: int = 4, kv_heads: int = 2):
     """A tiny randomly initialised fp32 Llama (GQA), built offline."""
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ class RecycledAttention(DecodePolicy):
         step, sel, n0 = getattr(layer, "recycled", (0, None, 0))
         if sel is not None and step % self.stride:
             layer.recycled = (step + 1, sel, n0)
-            fresh = torch.arange(layer.capacity, device=q.device) >= n0
+            fresh = (torch.arange(layer.capacity, device=q.device) >= n0) & layer.valid()
             return torch.nn.functional.pad(sel, (0, layer.capacity - sel.shape[-1])) | fresh
         votes = torch.softmax(cached_logits(q, layer), -1).nan_to_num_(0.0).sum((2, 3))
         layer.recycled = (step + 1, topk_mask(votes, self.budget, layer.valid()), layer.capacity)

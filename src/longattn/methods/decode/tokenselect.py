@@ -31,7 +31,7 @@ class TokenSelect(DecodePolicy):
             q0, sel, n0 = cached
             similarity = torch.nn.functional.cosine_similarity(q.float().flatten(1), q0.flatten(1))
             if float(similarity.min()) >= self.threshold:
-                fresh = torch.arange(layer.capacity, device=q.device) >= n0
+                fresh = (torch.arange(layer.capacity, device=q.device) >= n0) & layer.valid()
                 return torch.nn.functional.pad(sel, (0, layer.capacity - sel.shape[-1])) | fresh
         votes = torch.softmax(cached_logits(q, layer), -1).nan_to_num_(0.0).sum((2, 3))  # [B, Hkv, cap]
         sel = topk_mask(votes, self.budget, layer.valid())
