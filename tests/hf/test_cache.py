@@ -138,3 +138,15 @@ def test_snapkv_long_context_holds_a_fortieth_of_dense_bytes():
         greedy(m, ids, new=4, past_key_values=handle_cache)
     ours = sum(handle_cache.bytes_by_device().values())
     assert ours * 40 <= dense_bytes, (ours, dense_bytes)
+
+
+def test_left_padded_batch_generation_equals_dense():
+    """Padding reaches the cached read through each slot's absolute position."""
+    model = tiny_llama()
+    a, b = prompt(30, seed=2), prompt(22, seed=3)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], 1)])
+    mask = torch.cat([torch.ones(1, 30), torch.cat([torch.zeros(1, 8), torch.ones(1, 22)], 1)]).long()
+    dense = greedy(model, batch, new=10, attention_mask=mask)
+    config = {"budget": 64, "page_size": 8, "dense_layers": 0}
+    with longattn.patch(model, decode="quest", impl="reference", decode_config=config) as m:
+        assert torch.equal(greedy(m, batch, new=10, attention_mask=mask), dense)
