@@ -112,8 +112,10 @@ def test_bad_input():
     model = tiny("llama")
     with pytest.raises(ValueError, match=r"method: unknown name 'nope'; valid names: .*sliding_window"):
         longattn.patch(model, prefill="nope")
-    with pytest.raises(ValueError, match="decode: unknown policy 'snapkv'"):
-        longattn.patch(model, decode="snapkv")
+    with pytest.raises(ValueError, match="decode: unknown policy 'nope'; valid: .*snapkv"):
+        longattn.patch(model, decode="nope")
+    with pytest.raises(ValueError, match="decode_config: knobs"):
+        longattn.patch(model, decode_config={"budget": 3})
     with pytest.raises(ValueError, match="impl: expected one of"):
         longattn.patch(model, impl="fast")
     with pytest.raises(ValueError, match="config: knobs"):

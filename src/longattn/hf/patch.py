@@ -11,6 +11,7 @@ from torch import Tensor
 
 from longattn import masks
 from longattn.api import IMPLS, _to_block_sparse, attention
+from longattn.hf.cache import LongattnCache, active_layer, attend_cached
 from longattn.masks.block_sparse import BlockSparse
 from longattn.masks.core import MaskMod
 from longattn.methods.prefill.base import PrefillMethod
@@ -28,6 +29,7 @@ class PatchState:
     impl: str
     previous: str
     method: PrefillMethod | None = None  # a dynamic method estimates blocks from each layer's real q and k
+    policy: object | None = None  # a decode policy (methods/decode), used through a LongattnCache
     _shifted: tuple[int, MaskMod | None] = (0, None)
     densities: list[float] = field(default_factory=list)  # per prefill layer call: kept pairs / causal pairs
     last_blocks: BlockSparse | None = None  # the last prefill layer's blocks (attention fidelity reads them)
@@ -60,6 +62,17 @@ class Patched:
     def restore(self) -> None:
         _set_attn_implementation(self.model, self.state.previous)
         _states.pop(id(self.model.config), None)
+        self.model.__dict__.pop("generate", None)
+
+    def cache(self, *, offload: str | None = None, auto_compress: bool = True) -> LongattnCache:
+        """A fresh LongattnCache for this model's decode policy (pass it as ``past_key_values``).
+        offload: None, "values" or "all" (held in CPU memory). auto_compress=False: the question-agnostic setting,
+        call ``cache.compress()`` yourself after a context-only prefill."""
+        if self.state.policy is None:
+            raise ValueError("decode: this model was patched without a decode policy; patch(model, decode=...)")
+        cfg = self.model.config
+        return LongattnCache(self.state.policy, cfg.num_hidden_layers, offload=offload, auto_compress=auto_compress,
+                             config_key=id(cfg))
 
     def __enter__(self):
         return self.model
@@ -68,22 +81,33 @@ class Patched:
         self.restore()
 
 
-def patch(model, prefill: str | None = None, decode: str | None = None, *, impl: str = "auto", **config) -> Patched:
+def patch(model, prefill: str | None = None, decode: str | None = None, *, impl: str = "auto",
+          decode_config: dict | None = None, **config) -> Patched:
     """Route every attention layer of ``model`` through ``longattn.attention``.
 
     prefill: a registered pattern or prefill method (``longattn methods``) built with ``**config`` as its knobs,
     or None for dense attention; it shapes multi-token (prompt) forwards, while single-token decoding steps read
-    the whole cache. decode: a registered decode policy (none are registered yet). impl: the backend, as in
-    ``longattn.attention``. Usable as ``with longattn.patch(model, ...):`` to restore the model afterwards.
+    the whole cache. decode: a registered decode policy built with ``decode_config`` as its knobs;
+    then ``model.generate(...)`` runs on a fresh ``LongattnCache`` unless ``past_key_values`` is given (build one
+    with ``handle.cache(...)``). impl: the backend, as in ``longattn.attention``. Usable as
+    ``with longattn.patch(model, ...):`` to restore the model afterwards.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model: unsupported model type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    policy = None
     if decode is not None:
         valid = names("decode")
-        raise ValueError(f"decode: unknown policy {decode!r}; valid: {', '.join(valid) if valid else 'none yet'}")
+        if decode not in valid:
+            raise ValueError(f"decode: unknown policy {decode!r}; valid: {', '.join(valid)}")
+        if decode_config is not None and not isinstance(decode_config, dict):
+            raise TypeError(f"decode_config: expected a dict of policy knobs, got {type(decode_config).__name__}")
+        policy = get(decode).factory(**(decode_config or {}))
+        policy.bind(model.config)
+    elif decode_config:
+        raise ValueError(f"decode_config: knobs {sorted(decode_config)} given without a decode policy")
     pattern = method = None
     if prefill is not None:
         entry = get(prefill)
@@ -96,12 +120,27 @@ def patch(model, prefill: str | None = None, decode: str | None = None, *, impl:
     elif config:
         raise ValueError(f"config: knobs {sorted(config)} given without a prefill method")
     _register()
-    state = PatchState(pattern, impl, model.config._attn_implementation, method)
+    state = PatchState(pattern, impl, model.config._attn_implementation, method, policy)
     key = id(model.config)
     _states[key] = state
     weakref.finalize(model.config, _states.pop, key, None)
     _set_attn_implementation(model, ATTN_NAME)
-    return Patched(model, state)
+    handle = Patched(model, state)
+    if policy is not None:
+        _wrap_generate(model, handle)
+    return handle
+
+
+def _wrap_generate(model, handle: Patched) -> None:
+    """Shadow ``model.generate`` on the instance so a plain call decodes on a fresh LongattnCache."""
+    generate = type(model).generate
+
+    def generate_with_cache(*args, **kwargs):
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = handle.cache()
+        return generate(model, *args, **kwargs)
+
+    model.generate = generate_with_cache
 
 
 def _set_attn_implementation(model, name: str) -> None:
@@ -128,6 +167,24 @@ def longattn_attention_forward(module, query: Tensor, key: Tensor, value: Tensor
         raise ValueError(f"dropout: longattn attention has no dropout, got {dropout} (call model.eval())")
     if kwargs.get("softcap") is not None:
         raise ValueError("softcap: logit soft-capping is not supported by longattn attention")
+    layer_idx = getattr(module, "layer_idx", 0)
+    cache, layer = active_layer(module.config, layer_idx, key) if state.policy is not None else (None, None)
+    if layer is not None and not layer.first_prefill:  # decoding (or a later chunk) on the policy's cache
+        policy = cache.policy
+        selection = policy.select(layer_idx, query, layer) if query.shape[2] == 1 else None
+        out = attend_cached(query, layer, selection, scale=scaling, attention_mask=attention_mask,
+                            sliding_window=kwargs.get("sliding_window"))
+        policy.after_step(layer_idx, query, layer)
+        return out.transpose(1, 2).contiguous(), None
+    out = _uncached(state, module, query, key, value, attention_mask, scaling, kwargs)
+    if layer is not None:  # end of the first prefill: capture the prompt queries a policy needs, maybe compress
+        cache.after_prefill(layer_idx, query)
+    return out, None
+
+
+def _uncached(state: PatchState, module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+              scaling: float | None, kwargs: dict) -> Tensor:
+    """Attention over the given keys/values: dense, a static pattern, or a dynamic prefill method."""
     Sq, Skv = query.shape[2], key.shape[2]
     offset = Skv - Sq  # cached decoding / chunked prefill: queries are the last Sq positions
     if state.method is not None and Sq > 1:  # dynamic prefill; decoding steps read the whole cache
@@ -137,7 +194,7 @@ def longattn_attention_forward(module, query: Tensor, key: Tensor, value: Tensor
         bs = state.method.estimate(query, key, layer=getattr(module, "layer_idx", 0))
         state.record(bs, Sq, Skv)
         out = attention(query, key, value, mask=bs, scale=scaling, impl=state.impl)
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous()
     mask = state.pattern_at(offset) if Sq > 1 else None  # prefill patterns shape prompts; decoding reads it all
     window = kwargs.get("sliding_window")
     if window and int(window) < Skv:  # the model's own sliding window (Mistral, Qwen2), when it restricts
@@ -159,4 +216,4 @@ def longattn_attention_forward(module, query: Tensor, key: Tensor, value: Tensor
         causal = False  # the BlockSparse holds causality
         state.record(mask, Sq, Skv)
     out = attention(query, key, value, mask=mask, causal=causal, scale=scaling, impl=state.impl)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()

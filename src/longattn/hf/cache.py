@@ -1,0 +1,321 @@
+"""``LongattnCache``: a transformers ``Cache`` whose layers keep, per (batch, kv head), only the tokens a decode
+policy chose, so heads may hold different counts. Storage per layer is ``[B, Hkv, capacity, D]`` plus per-head
+lengths and each slot's absolute position; logical pages carry key min/max bounds (Quest); optional offload to
+CPU memory; ``bytes_by_device()`` reports what the held tensors really occupy.
+
+The quantised variant (KIVI-style int8/int4) lives in ``hf/quant_cache.py``; the read path is ``attend_cached``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+OFFLOAD = (None, "values", "all")
+_active: dict[int, weakref.ref] = {}  # id(model config) -> the LongattnCache that was last updated for it
+
+
+def available_cpu_bytes() -> int:
+    """Bytes of host memory the kernel reports as available (MemAvailable); what an offload may claim."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _alloc(shape, *, dtype, device, fill=None) -> Tensor:
+    """Allocate, checking host memory first for CPU tensors so an offload fails loudly before touching state."""
+    device = torch.device(device)
+    need = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cpu" and need > available_cpu_bytes():
+        raise MemoryError(f"offload: cannot allocate {need / 2**20:.1f} MiB of CPU memory for the KV cache "
+                          f"({available_cpu_bytes() / 2**20:.1f} MiB available); the cache was left unchanged")
+    try:
+        t = torch.empty(shape, dtype=dtype, device=device)
+    except RuntimeError as e:  # CUDA OOM, or an allocator failure: never half-update the cache
+        raise MemoryError(f"cache: allocating {need / 2**20:.1f} MiB on {device} failed ({e}); the cache was left "
+                          f"unchanged") from e
+    return t.fill_(fill) if fill is not None else t
+
+
+class LongattnLayer(CacheLayerMixin):
+    """One layer's kept tokens: keys/values [B, Hkv, cap, D], ``pos`` [B, Hkv, cap] absolute positions (-1 = empty
+    slot), ``lengths`` [B, Hkv] valid slots per head (valid slots are a prefix), ``seen`` = tokens ever appended.
+
+    ``slot_state`` holds per-slot policy tensors [B, Hkv, cap] (e.g. H2O's accumulated attention) that move with
+    their tokens on eviction. ``page_size`` keeps per-page key min/max [B, Hkv, n_pages, D] up to date.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, page_size: int | None = None, offload: str | None = None, growth: int = 8):
+        super().__init__()
+        if offload not in OFFLOAD:
+            raise ValueError(f"offload: expected one of {OFFLOAD}, got {offload!r}")
+        self.page_size, self.offload_mode, self.growth = page_size, offload, growth
+        self.seen = 0
+        self.pos = self.lengths = self.page_min = self.page_max = self.queries = None
+        self.slot_state: dict[str, Tensor] = {}
+        self.last_update: Tensor | None = None
+        self.first_prefill = False
+        self.compressed = False
+
+    # ------------------------------------------------------------------------------------------ transformers API
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        B, H, _, D = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = _alloc((B, H, 0, D), dtype=self.dtype, device=self._home("keys"))
+        self.values = _alloc((B, H, 0, value_states.shape[-1]), dtype=self.dtype, device=self._home("values"))
+        self.pos = torch.full((B, H, 0), -1, dtype=torch.int32, device=self.device)
+        self.lengths = torch.zeros(B, H, dtype=torch.int64, device=self.device)
+        if self.page_size:
+            self.page_min = torch.zeros(B, H, 0, D, dtype=self.dtype, device=self.device)
+            self.page_max = torch.zeros_like(self.page_min)
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Append the new tokens; returns the inputs themselves (the attention function reads the cache through
+        ``attend_cached``, or attends the inputs directly during the first prefill)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.first_prefill = self.seen == 0
+        self.append(key_states, value_states)
+        self.last_update = key_states
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.page_size, self.offload_mode, self.growth)
+
+    def offload(self):  # transformers' own layer offloading is replaced by ours (``offload=``)
+        return None
+
+    def prefetch(self):
+        return None
+
+    # ------------------------------------------------------------------------------------------ storage
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def _home(self, which: str) -> torch.device:
+        if self.offload_mode == "all" or (self.offload_mode == "values" and which == "values"):
+            return torch.device("cpu")
+        return self.device
+
+    def valid(self) -> Tensor:
+        """Bool [B, Hkv, cap]: which slots hold a kept token."""
+        return torch.arange(self.capacity, device=self.device) < self.lengths[..., None]
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Write n new tokens after each head's last valid slot (per-head offsets differ after eviction)."""
+        n = k.shape[2]
+        need = int(self.lengths.max()) + n
+        if need > self.capacity:
+            self._resize(need + (max(16, need // self.growth) if self.seen else 0))  # grow by ~1/8 while decoding
+        idx = self.lengths[..., None] + torch.arange(n, device=self.device)  # [B, H, n]
+        self.keys.scatter_(2, _ex(idx, k.shape[-1]).to(self.keys.device), k.to(self.keys.device))
+        self.values.scatter_(2, _ex(idx, v.shape[-1]).to(self.values.device), v.to(self.values.device))
+        new_pos = torch.arange(self.seen, self.seen + n, device=self.device, dtype=torch.int32).expand_as(idx)
+        self.pos.scatter_(2, idx, new_pos)
+        for t in self.slot_state.values():
+            t.scatter_(2, idx, torch.zeros((), dtype=t.dtype, device=t.device).expand_as(idx))
+        self.lengths += n
+        self.seen += n
+        self._refresh_pages(int(self.lengths.min()) - n)
+
+    def _resize(self, cap: int) -> None:
+        """Reallocate every slot tensor to ``cap`` slots (allocating all first, so a failure changes nothing)."""
+        keep = min(cap, self.capacity)
+        # zero-filled: empty slots are masked, but 0 × garbage (NaN) would still poison p @ V
+        new = {"keys": _alloc((*self.keys.shape[:2], cap, self.keys.shape[3]), dtype=self.dtype,
+                              device=self.keys.device, fill=0),
+               "values": _alloc((*self.values.shape[:2], cap, self.values.shape[3]), dtype=self.dtype,
+                                device=self.values.device, fill=0),
+               "pos": torch.full((*self.pos.shape[:2], cap), -1, dtype=torch.int32, device=self.device)}
+        state = {n: torch.zeros((*t.shape[:2], cap), dtype=t.dtype, device=t.device)
+                 for n, t in self.slot_state.items()}
+        for name, t in new.items():
+            t[:, :, :keep] = getattr(self, name)[:, :, :keep]
+        for name, t in state.items():
+            t[:, :, :keep] = self.slot_state[name][:, :, :keep]
+        self.keys, self.values, self.pos, self.slot_state = new["keys"], new["values"], new["pos"], state
+
+    def add_slot_state(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        """A per-slot tensor [B, Hkv, cap] that follows its tokens through eviction; created zero-filled once."""
+        if name not in self.slot_state:
+            self.slot_state[name] = torch.zeros(self.pos.shape, dtype=dtype, device=self.device)
+        return self.slot_state[name]
+
+    def evict(self, keep: Tensor) -> None:
+        """Keep only the slots where ``keep`` [B, Hkv, cap] is True (invalid slots are dropped regardless); order
+        is preserved, storage shrinks to the longest head."""
+        keep = keep & self.valid()
+        lengths = keep.sum(-1)
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept slots first, in order
+        cap = int(lengths.max())
+        order = order[..., :cap]
+        keys = self.keys.gather(2, _ex(order, self.keys.shape[-1]).to(self.keys.device))
+        values = self.values.gather(2, _ex(order, self.values.shape[-1]).to(self.values.device))
+        pos = self.pos.gather(2, order)
+        state = {n: t.gather(2, order) for n, t in self.slot_state.items()}
+        self.keys, self.values, self.pos, self.slot_state, self.lengths = keys, values, pos, state, lengths
+        self.pos.masked_fill_(~self.valid(), -1)
+        self._refresh_pages(0)
+
+    def _refresh_pages(self, first_slot: int) -> None:
+        """Recompute key min/max of every page from the one holding ``first_slot`` on (invalid slots ignored)."""
+        if not self.page_size:
+            return
+        ps = self.page_size
+        n_pages = math.ceil(self.capacity / ps)
+        p0 = max(first_slot, 0) // ps
+        B, H, _, D = self.keys.shape
+        k = torch.nn.functional.pad(self.keys[:, :, p0 * ps:].to(self.device), (0, 0, 0, n_pages * ps - self.capacity))
+        ok = torch.nn.functional.pad(self.valid()[:, :, p0 * ps:], (0, n_pages * ps - self.capacity))[..., None]
+        k = k.view(B, H, n_pages - p0, ps, D)
+        ok = ok.view(B, H, n_pages - p0, ps, 1)
+        big = torch.finfo(k.dtype).max
+        lo = k.masked_fill(~ok, big).amin(3)
+        hi = k.masked_fill(~ok, -big).amax(3)
+        self.page_min = torch.cat([self.page_min[:, :, :p0], lo], 2)
+        self.page_max = torch.cat([self.page_max[:, :, :p0], hi], 2)
+
+    def page_valid(self) -> Tensor:
+        """Bool [B, Hkv, n_pages]: pages holding at least one kept token."""
+        return torch.arange(self.page_min.shape[2], device=self.device) * self.page_size < self.lengths[..., None]
+
+    def kv(self) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, Hkv, cap, D] on the compute device (dequantised by subclasses)."""
+        return self.keys.to(self.device, non_blocking=True), self.values.to(self.device, non_blocking=True)
+
+    def kept_positions(self, b: int = 0, h: int = 0) -> list[int]:
+        """Absolute positions of the tokens kept for (batch b, kv head h), in storage order."""
+        return self.pos[b, h, : int(self.lengths[b, h])].tolist()
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor this layer holds (what ``bytes_by_device`` counts)."""
+        held = [self.keys, self.values, self.pos, self.lengths, self.page_min, self.page_max, self.queries,
+                *self.slot_state.values()]
+        return [t for t in held if t is not None]
+
+
+def _ex(idx: Tensor, d: int) -> Tensor:
+    return idx[..., None].expand(*idx.shape, d)
+
+
+class LongattnCache(Cache):
+    """A transformers Cache of ``LongattnLayer`` driven by a decode policy; pass it as ``past_key_values`` (or let
+    the patched ``generate`` build one). ``auto_compress=False`` defers eviction to an explicit ``compress()``:
+    the question-agnostic setting (prefill the context, compress, then feed the question)."""
+
+    # transformers keeps a ``layers`` list; ``policy`` decides what each layer keeps and reads
+    def __init__(self, policy, num_layers: int, *, offload: str | None = None, auto_compress: bool = True,
+                 config_key: int | None = None):
+        if offload not in OFFLOAD:
+            raise ValueError(f"offload: expected one of {OFFLOAD}, got {offload!r}")
+        layers = [policy.make_layer(i, offload=offload) for i in range(num_layers)]
+        super().__init__(layers=layers)
+        self.policy, self.auto_compress, self.config_key = policy, auto_compress, config_key
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        if self.config_key is not None:
+            _active[self.config_key] = weakref.ref(self)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def after_prefill(self, layer_idx: int, query: Tensor) -> None:
+        """End of a layer's first prefill: keep the prompt queries the policy asks for; compress if automatic."""
+        layer, w = self.layers[layer_idx], self.policy.query_window
+        if w != 0:
+            layer.queries = (query if w is None else query[:, :, -w:]).clone()
+        if self.auto_compress:
+            self.policy.apply_compress(layer_idx, layer)
+
+    def compress(self) -> None:
+        """Evict now with the captured prompt queries (question-agnostic use: call after a context-only prefill)."""
+        for i, layer in enumerate(self.layers):
+            if layer.is_initialized and not layer.compressed:
+                self.policy.apply_compress(i, layer)
+
+    def bytes_by_device(self) -> dict[str, int]:
+        """Bytes held per device, from the storage of every tensor actually held (shared storage counted once)."""
+        out: dict[str, int] = {}
+        seen: set[tuple[str, int]] = set()
+        for layer in self.layers:
+            for t in layer.tensors() + self.policy.tensors(layer):
+                key = (str(t.device), t.untyped_storage().data_ptr())
+                if key in seen:
+                    continue
+                seen.add(key)
+                out[str(t.device)] = out.get(str(t.device), 0) + t.untyped_storage().nbytes()
+        return out
+
+
+def active_layer(config, layer_idx: int, key: Tensor) -> tuple[LongattnCache, LongattnLayer] | tuple[None, None]:
+    """The LongattnCache layer whose last ``update`` returned ``key``, or (None, None) when the model runs on
+    another cache (then attention is plain)."""
+    ref = _active.get(id(config))
+    cache = ref() if ref is not None else None
+    if cache is None or layer_idx >= len(cache.layers) or cache.layers[layer_idx].last_update is not key:
+        return None, None
+    return cache, cache.layers[layer_idx]
+
+
+
+def cached_logits(q: Tensor, layer: LongattnLayer, selection: Tensor | None = None, *, scale: float | None = None,
+                  attention_mask: Tensor | None = None, sliding_window: int | None = None) -> Tensor:
+    """Scaled scores [B, Hkv, group, Sq, cap] (float32) of q [B, Hq, Sq, D] — the cache's last Sq positions —
+    against each head's kept tokens; -inf where a slot is empty, in the future, padded, outside the model's
+    sliding window, or not in ``selection`` (bool [B, Hkv or Hq, cap])."""
+    keys = layer.kv()[0]
+    B, Hq, Sq, D = q.shape
+    Hkv, cap = keys.shape[1], keys.shape[2]
+    g = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qpos = torch.arange(layer.seen - Sq, layer.seen, device=q.device)[:, None]  # [Sq, 1]
+    pos = layer.pos[:, :, None, :].long()  # [B, Hkv, 1, cap]
+    allowed = layer.valid()[:, :, None, :] & (pos <= qpos)
+    if sliding_window:
+        allowed = allowed & (pos > qpos - int(sliding_window))
+    if attention_mask is not None:
+        am = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        am = am[:, :1, -Sq:].expand(B, Hkv, Sq, am.shape[-1])
+        allowed = allowed & am.gather(3, pos.clamp(min=0).expand(B, Hkv, Sq, cap))
+    allowed = allowed[:, :, None]  # [B, Hkv, 1, Sq, cap]
+    if selection is not None:
+        hs = selection.shape[1]  # Hq (per query head), Hkv, or 1 (shared by all heads)
+        allowed = allowed & (selection.view(B, Hkv, g, 1, cap) if hs == Hq else selection.view(B, hs, 1, 1, cap))
+    s = q.view(B, Hkv, g, Sq, D).float() @ keys.float()[:, :, None].transpose(-1, -2) * scale
+    bias = layer.slot_state.get("logit_bias")
+    if bias is not None:
+        s = s + bias[:, :, None, None, :]
+    return s.masked_fill(~allowed, float("-inf"))
+
+
+def attend_cached(q: Tensor, layer: LongattnLayer, selection: Tensor | None = None, **kwargs) -> Tensor:
+    """THE cached read path: attention of q [B, Hq, Sq, D] over the kept (and, if given, selected) tokens of each
+    head; out [B, Hq, Sq, D]. One function, so a paged decode kernel can replace it in one line."""
+    B, Hq, Sq, D = q.shape
+    values = layer.kv()[1]
+    p = torch.softmax(cached_logits(q, layer, selection, **kwargs), dim=-1).nan_to_num_(0.0)
+    out = p @ values.float()[:, :, None]
+    return out.reshape(B, Hq, Sq, values.shape[-1]).to(q.dtype)

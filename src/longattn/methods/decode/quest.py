@@ -1,0 +1,49 @@
+"""Quest (Tang et al., 2024), as also used by LServe: keep everything, read little. Each page of ``page_size``
+tokens keeps its keys' per-channel min/max; a query bounds each page's best score from them and reads only the
+top pages per query head."""
+
+from __future__ import annotations
+
+import torch
+
+from longattn.methods.decode.base import DecodePolicy, check_int, topk_mask
+from longattn.methods.registry import register
+
+
+@register("quest", "decode", paper="Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference (2024)")
+class Quest(DecodePolicy):
+    """Read ``budget // page_size`` pages per query head (the page holding the newest token always included);
+    the first ``dense_layers`` layers read everything, as in the paper."""
+
+    budget_is_cap = True  # a read budget: at or above the context, every page is read
+
+    def __init__(self, budget: int = 2048, page_size: int = 16, dense_layers: int = 2):
+        super().__init__(budget)
+        check_int("page_size", page_size)
+        check_int("dense_layers", dense_layers, minimum=0)
+        if budget % page_size:
+            raise ValueError(f"page_size: {page_size} does not divide budget={budget}; the budget is read in whole "
+                             f"pages, pass a budget that is a multiple of page_size")
+        self.page_size, self.dense_layers = page_size, dense_layers
+
+    def select(self, layer_idx, q, layer):
+        if layer_idx < self.dense_layers or q.shape[2] != 1:
+            return None
+        B, Hq, _, D = q.shape
+        Hkv = layer.keys.shape[1]
+        scores = page_upper_bounds(q, layer.page_min, layer.page_max)  # [B, Hq, n_pages]
+        valid = layer.page_valid().repeat_interleave(Hq // Hkv, 1)
+        newest = (layer.lengths - 1) // self.page_size  # [B, Hkv]
+        forced = torch.zeros_like(valid)
+        forced.scatter_(2, newest.repeat_interleave(Hq // Hkv, 1)[..., None], True)
+        pages = forced | topk_mask(scores, self.budget // self.page_size - 1, valid & ~forced)
+        return pages.repeat_interleave(self.page_size, -1)[..., : layer.capacity]
+
+
+def page_upper_bounds(q, page_min, page_max):
+    """Upper bound [B, Hq, n_pages] of q · k over each page's keys: sum over channels of max(q·min, q·max)."""
+    B, Hq, _, D = q.shape
+    Hkv = page_min.shape[1]
+    qg = q.float().reshape(B, Hkv, Hq // Hkv, 1, D)
+    lo, hi = page_min.float()[:, :, None], page_max.float()[:, :, None]
+    return torch.maximum(qg * lo, qg * hi).sum(-1).reshape(B, Hq, -1)

@@ -1,0 +1,48 @@
+"""Shared pieces of the decode-policy tests: a tiny random Llama and the dense-equivalence check."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import transformers
+
+import longattn
+
+
+@functools.cache
+def tiny_llama(layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    """A tiny randomly initialised fp32 Llama (GQA), built offline."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                                   num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
+                                   max_position_embeddings=1024)
+    cfg._attn_implementation = "sdpa"
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def prompt(n: int = 40, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 97, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids, new: int = 20, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
+
+
+def assert_dense_equivalent(policy: str, config: dict, *, n: int = 40, layers: int = 2, kv_heads: int = 2) -> None:
+    """With a budget that keeps (or reads) everything, cached generation == the unpatched model's, token for token;
+    and the cache really was a LongattnCache (the policy ran)."""
+    model = tiny_llama(layers, 4, kv_heads)
+    ids = prompt(n)
+    dense = greedy(model, ids)
+    with longattn.patch(model, decode=policy, impl="reference", decode_config=config) as patched_model:
+        ours = greedy(patched_model, ids)
+    assert torch.equal(ours, dense), (ours, dense)
+    handle = longattn.patch(model, decode=policy, impl="reference", decode_config=config)
+    try:
+        cache = handle.cache()
+        greedy(model, ids, new=3, past_key_values=cache)
+        assert cache.get_seq_length() == n + 2  # the last generated token is never fed back
+    finally:
+        handle.restore()

@@ -1,0 +1,27 @@
+"""Recycled Attention: a full step every ``stride``, the recycled top tokens in between."""
+
+from __future__ import annotations
+
+import torch
+
+from longattn.hf.cache import LongattnLayer
+from longattn.methods.decode.recycled import RecycledAttention
+from tests.methods.decode.helpers import assert_dense_equivalent
+
+
+def test_budget_covering_everything_equals_dense():
+    assert_dense_equivalent("recycled", {"budget": 64, "stride": 3})
+
+
+def test_schedule_hand_worked():
+    k = torch.zeros(1, 1, 5, 2)
+    k[0, 0, 3, 0] = 9.0
+    layer = LongattnLayer()
+    layer.update(k, k)
+    policy = RecycledAttention(budget=1, stride=2)
+    q = torch.tensor([[[[1.0, 0.0]]]])
+    assert policy.select(0, q, layer) is None  # step 0: full attention, token 3 recycled
+    layer.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+    sel = policy.select(0, q, layer)  # step 1: token 3 + the token generated since
+    assert layer.capacity >= 6 and sel[0, 0, :6].tolist() == [False, False, False, True, False, True]
+    assert policy.select(0, q, layer) is None  # step 2: full again
