@@ -1,0 +1,261 @@
+"""Triton decode attention (flash-decoding): a few query tokens against a dense, paged or page-selected KV cache.
+
+Grid (batch, kv head, split): each program walks its share of the cache in tiles, loads each K/V tile once and
+scores all G = Hq / Hkv query heads × Tq queries of the group against it with one dot, keeping an online softmax.
+It writes a partial (out, lse); a second small kernel merges the splits by their LSE. With a single split the
+first kernel writes the final output itself. Pages are ``page_size`` consecutive logical tokens; a tile never
+crosses a page, so every tile load is contiguous even when pages are scattered (block_table) or selected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from longattn.kernels.decode_checks import check_decode_inputs
+from longattn.kernels.decode_reference import decode_reference
+
+log = logging.getLogger("longattn")
+LOG2E = 1.4426950408889634
+IMPLS = ("auto", "triton", "reference")
+DENSE_UNIT = 256  # tokens per split unit on an unselected contiguous cache (a "virtual page")
+MIN_SPLIT_TOKENS = 512  # fewer tokens than this per program and the merge costs more than the parallelism gains
+_logged: set[str] = set()
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs() -> list[triton.Config]:
+    """(tile tokens, warps, stages) candidates; the interpreter gets one small tile."""
+    if _interpret():
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    sizes = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3), (128, 4, 3), (32, 4, 4)]
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in sizes]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Tiles must not cross a page: keep tile sizes that divide the page (all are powers of two)."""
+    page = {**named_args, **kwargs}["PAGE"]
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= page]
+    return kept or [triton.Config({"BLOCK_N": page}, num_warps=4, num_stages=2)]
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "PAGE", "PAGED", "SELECTED", "DIRECT"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, LENS, BT, PIDX, PCNT, OUT, LSE,
+    qk_scale, units_per_split, n_splits,
+    stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_bt, n_sel, HKV,
+    TQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    PAGED: tl.constexpr, SELECTED: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (batch, kv head, split): online softmax over its tiles; writes normalised out and natural-log LSE."""
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    TPP: tl.constexpr = PAGE // BLOCK_N  # tiles per page
+    length = tl.load(LENS + b)
+    n_units = tl.load(PCNT + pid_bh) if SELECTED else tl.cdiv(length, PAGE)
+    unit_lo = split * units_per_split
+    unit_hi = tl.minimum(unit_lo + units_per_split, n_units)
+    tile_lo = unit_lo * TPP
+    tile_hi = unit_hi * TPP
+    if not SELECTED:
+        tile_hi = tl.minimum(tile_hi, tl.cdiv(length, BLOCK_N))
+
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < ROWS
+    q_ptrs = Q + (pid_bh.to(tl.int64) * ROWS + rows[:, None]) * HEAD_DIM + dims[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q = (q * qk_scale).to(q.dtype)  # scale · log2(e) folded into q: scores come out in base 2
+    limit = length - TQ + (rows % TQ)  # query row r (= head g · TQ + t) sees tokens <= len - TQ + t
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_head = K + h.to(tl.int64) * stride_kh
+    v_head = V + h.to(tl.int64) * stride_vh
+    for tile in range(tile_lo, tile_hi):
+        unit = tile // TPP
+        page = tl.load(PIDX + pid_bh.to(tl.int64) * n_sel + unit).to(tl.int64) if SELECTED else unit.to(tl.int64)
+        first = page * PAGE + (tile % TPP) * BLOCK_N  # logical position of the tile's first token
+        pos = first + cols
+        if PAGED:
+            phys = tl.load(BT + b.to(tl.int64) * stride_bt + page).to(tl.int64)
+            tok = phys * stride_kb + ((tile % TPP) * BLOCK_N + cols) * stride_ks
+            tok_v = phys * stride_vb + ((tile % TPP) * BLOCK_N + cols) * stride_vs
+        else:
+            tok = b.to(tl.int64) * stride_kb + pos * stride_ks
+            tok_v = b.to(tl.int64) * stride_vb + pos * stride_vs
+        in_len = pos < length
+        k = tl.load(k_head + tok[:, None] + dims[None, :], mask=in_len[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        s = tl.where(pos[None, :] <= limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + tok_v[:, None] + dims[None, :], mask=in_len[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    if DIRECT:  # one split: final output in the input dtype, [B, Hkv, G·Tq, D] = [B, Hq, Tq, D]
+        o_ptrs = OUT + (pid_bh.to(tl.int64) * ROWS + rows[:, None]) * HEAD_DIM + dims[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(LSE + pid_bh.to(tl.int64) * ROWS + rows, lse, mask=row_ok)
+    else:  # partials [B·Hkv, splits, ROWS, D] and [B·Hkv, splits, ROWS], float32
+        base = (pid_bh.to(tl.int64) * n_splits + split) * ROWS
+        tl.store(OUT + (base + rows[:, None]) * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
+        tl.store(LSE + base + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(PO, PL, OUT, LSE, n_splits, ROWS, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One (batch, kv head, row): combine the splits' partial outputs weighted by exp(lse_s - lse)."""
+    pid = tl.program_id(0)
+    bh = pid // ROWS
+    r = pid % ROWS
+    s = tl.arange(0, SPLITS_P2)
+    dims = tl.arange(0, HEAD_DIM)
+    ok = s < n_splits
+    idx = (bh.to(tl.int64) * n_splits + s) * ROWS + r
+    lse_s = tl.load(PL + idx, mask=ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)
+    total = tl.sum(w, 0)
+    o = tl.load(PO + idx[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(OUT + (bh.to(tl.int64) * ROWS + r) * HEAD_DIM + dims, out.to(OUT.dtype.element_ty))
+    tl.store(LSE + bh.to(tl.int64) * ROWS + r, tl.where(total > 0, m_safe + tl.log(total), float("-inf")))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def choose_splits(batch_heads: int, n_units: int, unit_tokens: int, sm_count: int) -> tuple[int, int]:
+    """(splits, units per split): about four programs per SM, but never fewer than MIN_SPLIT_TOKENS each."""
+    by_sm = max(1, math.ceil(4 * sm_count / batch_heads))
+    by_work = max(1, n_units * unit_tokens // MIN_SPLIT_TOKENS)
+    splits = max(1, min(by_sm, by_work, n_units))
+    per = max(1, math.ceil(n_units / splits))
+    return math.ceil(max(n_units, 1) / per), per
+
+
+def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_table: Tensor | None,
+                  page_size: int | None, page_indices: Tensor | None, page_counts: Tensor | None, scale: float,
+                  splits: int | None = None) -> tuple[Tensor, Tensor]:
+    """Launch the split kernel (+ merge); inputs already validated. ``splits`` overrides the heuristic (tests)."""
+    B, Hq, Tq, D = q.shape
+    Hkv = k_cache.shape[1]
+    rows = (Hq // Hkv) * Tq
+    q = q.contiguous()
+    paged, selected = block_table is not None, page_indices is not None
+    page = page_size if (paged or selected) else DENSE_UNIT
+    if selected:
+        n_units = page_indices.shape[2]
+    elif paged:
+        n_units = block_table.shape[1]
+    else:
+        n_units = math.ceil(k_cache.shape[2] / page)
+    if splits is None:
+        splits, per = choose_splits(B * Hkv, n_units, page, _sm_count(q.device))
+    else:
+        per = max(1, math.ceil(n_units / splits))
+    block_m = max(16, triton.next_power_of_2(rows))
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    direct = splits == 1
+    if direct:
+        p_out, p_lse = out, lse
+    else:
+        p_out = torch.empty(B * Hkv, splits, rows, D, dtype=torch.float32, device=q.device)
+        p_lse = torch.empty(B * Hkv, splits, rows, dtype=torch.float32, device=q.device)
+    dummy = lengths
+    bt = block_table if paged else dummy
+    pidx = page_indices.contiguous() if selected else dummy
+    pcnt = page_counts.contiguous() if selected else dummy
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _decode_split_kernel[(B * Hkv, splits)](
+        q, k_cache, v_cache, lengths, bt, pidx, pcnt, p_out, p_lse,
+        scale * LOG2E, per, splits,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        bt.stride(0) if paged else 0, page_indices.shape[2] if selected else 0, Hkv,
+        TQ=Tq, ROWS=rows, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page, PAGED=paged, SELECTED=selected,
+        DIRECT=direct, PREC=prec,
+    )
+    if not direct:
+        _merge_kernel[(B * Hkv * rows,)](p_out, p_lse, out, lse, splits, rows,
+                                         SPLITS_P2=max(2, triton.next_power_of_2(splits)), HEAD_DIM=D)
+    return out, lse
+
+
+def _pick_impl(impl: str, q: Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: got {impl!r}, expected one of {IMPLS}")
+    if impl == "triton" and q.device.type != "cuda" and not _interpret():
+        raise ValueError(f"impl='triton': tensors are on {q.device}; the Triton kernel needs CUDA "
+                         "(or TRITON_INTERPRET=1 for the interpreter)")
+    if impl != "auto":
+        return impl
+    chosen = "triton" if q.device.type == "cuda" else "reference"
+    if chosen not in _logged:
+        _logged.add(chosen)
+        log.info("longattn.decode_attention impl='auto' chose %r on %s", chosen, q.device.type)
+    return chosen
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, cache_seqlens: Tensor | None = None,
+                     block_table: Tensor | None = None, page_size: int | None = None,
+                     page_indices: Tensor | None = None, page_counts: Tensor | None = None,
+                     scale: float | None = None, impl: str = "auto", return_lse: bool = False):
+    """Attention of the last Tq tokens q [B, Hq, Tq, D] over a KV cache (flash-decoding on GPU).
+
+    Cache: contiguous [B, Hkv, S_max, D] (valid length per sequence = cache_seqlens, default S_max) or paged
+    [num_pages, Hkv, page_size, D] with block_table [B, max_pages] mapping logical to physical pages.
+    Selection: page_indices [B, Hkv, n_sel] logical page numbers (pages of page_size tokens, on a contiguous
+    cache too), of which the first page_counts [B, Hkv] are read; the query heads of a group share them.
+    Query i (of Tq) sees tokens < len - Tq + i + 1. Returns out [B, Hq, Tq, D] (q's dtype), and with
+    ``return_lse`` also lse [B, Hq, Tq] float32 (natural log; -inf and zero output where nothing is seen).
+    """
+    lengths, page_size = check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_size,
+                                             page_indices, page_counts)
+    chosen = _pick_impl(impl, q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if chosen == "triton":
+        if page_size is not None and page_size < 16:
+            raise ValueError(f"page_size: got {page_size}; the Triton kernel needs pages of at least 16 tokens")
+        out, lse = decode_triton(q, k_cache, v_cache, lengths, block_table, page_size, page_indices, page_counts,
+                                 scale)
+    else:
+        out, lse = decode_reference(q, k_cache, v_cache, cache_seqlens=lengths, block_table=block_table,
+                                    page_size=page_size, page_indices=page_indices, page_counts=page_counts,
+                                    scale=scale)
+    return (out, lse) if return_lse else out
