@@ -144,10 +144,16 @@ def _merge_kernel(PO, PL, OUT, LSE, n_splits, ROWS, SPLITS_P2: tl.constexpr, HEA
     o = tl.load(PO + idx[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
     out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(OUT + (bh.to(tl.int64) * ROWS + r) * HEAD_DIM + dims, out.to(OUT.dtype.element_ty))
-    tl.store(LSE + bh.to(tl.int64) * ROWS + r, tl.where(total > 0, m_safe + tl.log(total), float("-inf")))
+    lse = tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(LSE + bh.to(tl.int64) * ROWS + r, lse)
 
 
 _SM_COUNT: dict[int, int] = {}
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Output allocation (tests replace it with a NaN fill to catch anything the kernels leave unwritten)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -189,14 +195,14 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, 
     else:
         per = max(1, math.ceil(n_units / splits))
     block_m = max(16, triton.next_power_of_2(rows))
-    out = torch.empty_like(q)
-    lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    out = _empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
+    lse = _empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     direct = splits == 1
     if direct:
         p_out, p_lse = out, lse
     else:
-        p_out = torch.empty(B * Hkv, splits, rows, D, dtype=torch.float32, device=q.device)
-        p_lse = torch.empty(B * Hkv, splits, rows, dtype=torch.float32, device=q.device)
+        p_out = _empty(B * Hkv, splits, rows, D, dtype=torch.float32, device=q.device)
+        p_lse = _empty(B * Hkv, splits, rows, dtype=torch.float32, device=q.device)
     dummy = lengths
     bt = block_table if paged else dummy
     pidx = page_indices.contiguous() if selected else dummy
