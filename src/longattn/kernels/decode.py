@@ -80,7 +80,6 @@ def _decode_split_kernel(
     row_ok = rows < ROWS
     q_ptrs = Q + (pid_bh.to(tl.int64) * ROWS + rows[:, None]) * HEAD_DIM + dims[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    q = (q * qk_scale).to(q.dtype)  # scale · log2(e) folded into q: scores come out in base 2
     limit = length - TQ + (rows % TQ)  # query row r (= head g · TQ + t) sees tokens <= len - TQ + t
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -102,7 +101,7 @@ def _decode_split_kernel(
             tok_v = b.to(tl.int64) * stride_vb + pos * stride_vs
         in_len = pos < length
         k = tl.load(k_head + tok[:, None] + dims[None, :], mask=in_len[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # scale · log2(e): scores in base 2
         s = tl.where(pos[None, :] <= limit[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
