@@ -77,7 +77,7 @@ def test_dense_matches_oracle(S, G, Tq, D, dtype):
     _check(out, lse, q, k, v)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits", [1, 3, 20])
 @pytest.mark.parametrize("Tq", [1, 4])
 def test_varlen_and_forced_splits(Tq, splits):
     """Per-sequence lengths (one shorter than Tq: its early queries see nothing), split counts that leave

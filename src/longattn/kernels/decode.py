@@ -24,8 +24,8 @@ from longattn.kernels.decode_reference import decode_reference
 log = logging.getLogger("longattn")
 LOG2E = 1.4426950408889634
 IMPLS = ("auto", "triton", "reference")
-DENSE_UNIT = 256  # tokens per split unit on an unselected contiguous cache (a "virtual page")
-MIN_SPLIT_TOKENS = 512  # fewer tokens than this per program and the merge costs more than the parallelism gains
+DENSE_UNIT = 128  # tokens per split unit on an unselected contiguous cache (a "virtual page")
+MIN_SPLIT_TOKENS = 256  # fewer tokens than this per program and the merge costs more than the parallelism gains
 _logged: set[str] = set()
 
 
@@ -126,24 +126,33 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _merge_kernel(PO, PL, OUT, LSE, n_splits, ROWS, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One (batch, kv head, row): combine the splits' partial outputs weighted by exp(lse_s - lse)."""
+def _merge_kernel(PO, PL, OUT, LSE, n_splits, ROWS, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One (batch, kv head, row): combine the splits' partial outputs weighted by exp(lse_s - lse), BLOCK_S
+    splits at a time (a first pass finds the largest LSE)."""
     pid = tl.program_id(0)
     bh = pid // ROWS
     r = pid % ROWS
-    s = tl.arange(0, SPLITS_P2)
     dims = tl.arange(0, HEAD_DIM)
-    ok = s < n_splits
-    idx = (bh.to(tl.int64) * n_splits + s) * ROWS + r
-    lse_s = tl.load(PL + idx, mask=ok, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_s - m_safe)
-    total = tl.sum(w, 0)
-    o = tl.load(PO + idx[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    base = bh.to(tl.int64) * n_splits * ROWS + r
+    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        m = tl.maximum(m, tl.load(PL + base + s * ROWS, mask=s < n_splits, other=float("-inf")))
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    total = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_S, HEAD_DIM], tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ok = s < n_splits
+        w = tl.exp(tl.load(PL + base + s * ROWS, mask=ok, other=float("-inf")) - m_safe)
+        o = tl.load(PO + (base + s * ROWS)[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
+        total += w
+        acc += o * w[:, None]
+    t = tl.sum(total, 0)
+    out = tl.sum(acc, 0) / tl.where(t > 0, t, 1.0)
     tl.store(OUT + (bh.to(tl.int64) * ROWS + r) * HEAD_DIM + dims, out.to(OUT.dtype.element_ty))
-    lse = tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    lse = tl.where(t > 0, m_safe + tl.log(tl.where(t > 0, t, 1.0)), float("-inf"))
     tl.store(LSE + bh.to(tl.int64) * ROWS + r, lse)
 
 
@@ -218,7 +227,7 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, 
     )
     if not direct:
         _merge_kernel[(B * Hkv * rows,)](p_out, p_lse, out, lse, splits, rows,
-                                         SPLITS_P2=max(2, triton.next_power_of_2(splits)), HEAD_DIM=D)
+                                         BLOCK_S=16, HEAD_DIM=D)
     return out, lse
 
 
