@@ -114,8 +114,8 @@ def _rows_for(B: int, L: int, env: dict, *, heads: int, heads_kv: int, head_dim:
         row = {**base, "variant": variant, "bytes_read": bytes_read, **extra, **(check or {})}
         try:
             ms, mode = _time(calls, dev)
-        except (RuntimeError, torch.OutOfMemoryError) as e:  # recorded in the row, never dropped
-            row.update(ms=None, error=str(e).splitlines()[0][:200])
+        except Exception as e:  # OOM, a backend that cannot run: recorded in the row, never dropped
+            row.update(ms=None, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
