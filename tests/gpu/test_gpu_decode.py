@@ -114,3 +114,15 @@ def test_graph_capture_replays_the_same_result():
     graph.replay()
     torch.testing.assert_close(got, decode_attention(q, k, v, cache_seqlens=lens, impl="triton"), rtol=0, atol=0)
     assert not torch.equal(got, want)
+
+
+def test_programmatic_dependent_launch_matches_plain_launch(monkeypatch):
+    """The merge launched early (PDL, waiting on griddepcontrol) gives bit-identical results to a plain launch."""
+    q, k, v = _inputs(2, 32, 8, 1, 70_000, 128, torch.bfloat16)
+    lens = torch.tensor([70_000, 9_999], dtype=torch.int32, device="cuda")
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LONGATTN_DECODE_PDL", flag)
+        results.append(decode_attention(q, k, v, cache_seqlens=lens, impl="triton", return_lse=True))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    _check(*results[0], q, k, v, cache_seqlens=lens)

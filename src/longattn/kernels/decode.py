@@ -57,9 +57,12 @@ def _decode_split_kernel(
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_bt, n_sel, HKV,
     TQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    PAGED: tl.constexpr, SELECTED: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, SELECTED: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """One (batch, kv head, split): online softmax over its tiles; writes normalised out and natural-log LSE."""
+    if PDL:  # let the merge kernel be scheduled now; it waits (griddepcontrol.wait) for this grid to finish
+        tl.extra.cuda.gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
@@ -126,9 +129,12 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _merge_kernel(PO, PL, OUT, LSE, n_splits, ROWS, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _merge_kernel(PO, PL, OUT, LSE, n_splits, ROWS, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  PDL: tl.constexpr):
     """One (batch, kv head, row): combine the splits' partial outputs weighted by exp(lse_s - lse), BLOCK_S
     splits at a time (a first pass finds the largest LSE)."""
+    if PDL:  # launched early (programmatic dependent launch): wait until the split kernel's writes are visible
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     bh = pid // ROWS
     r = pid % ROWS
@@ -157,6 +163,18 @@ def _merge_kernel(PO, PL, OUT, LSE, n_splits, ROWS, BLOCK_S: tl.constexpr, HEAD_
 
 
 _SM_COUNT: dict[int, int] = {}
+_PDL_OK: dict[int, bool] = {}
+
+
+def _use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch of the merge (Hopper and newer): hides its launch behind the split kernel's
+    tail. LONGATTN_DECODE_PDL=0 turns it off."""
+    if device.type != "cuda" or _interpret() or os.environ.get("LONGATTN_DECODE_PDL", "1") == "0":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL_OK:
+        _PDL_OK[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL_OK[idx]
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -216,6 +234,7 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, 
     pidx = page_indices.contiguous() if selected else dummy
     pcnt = page_counts.contiguous() if selected else dummy
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    pdl = not direct and _use_pdl(q.device)
     _decode_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, lengths, bt, pidx, pcnt, p_out, p_lse,
         scale * LOG2E, per, splits,
@@ -223,11 +242,11 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt.stride(0) if paged else 0, page_indices.shape[2] if selected else 0, Hkv,
         TQ=Tq, ROWS=rows, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page, PAGED=paged, SELECTED=selected,
-        DIRECT=direct, PREC=prec,
+        DIRECT=direct, PREC=prec, PDL=pdl,
     )
     if not direct:
         _merge_kernel[(B * Hkv * rows,)](p_out, p_lse, out, lse, splits, rows,
-                                         BLOCK_S=16, HEAD_DIM=D)
+                                         BLOCK_S=16, HEAD_DIM=D, PDL=pdl, launch_pdl=pdl)
     return out, lse
 
 
