@@ -131,6 +131,16 @@ def test_selected_pages_match_oracle(paged, G, Tq, dtype):
     assert torch.isinf(lse[0, :G]).all() and (out[0, :G] == 0).all()  # count 0: kv head 0 of batch 0
 
 
+def test_selection_padding_is_never_read():
+    """Entries of page_indices past page_counts may hold anything (-1 here): not validated, not read."""
+    q, k, v = _inputs(1, 4, 1, 100, 32, torch.float32, seed=3)
+    idx = torch.tensor([[[2, 0, -1, -1], [6, -1, -1, -1]]], dtype=torch.int32)
+    counts = torch.tensor([[2, 1]], dtype=torch.int32)
+    kw = dict(page_size=16, page_indices=idx, page_counts=counts)
+    out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
+    _check(out, lse, q, k, v, **kw)
+
+
 def test_oracle_matches_prefill_reference():
     """The decode oracle on a full dense cache equals bottom-right causal attention of the prefill oracle."""
     q, k, v = _inputs(2, 4, 3, 77, 32, torch.float64, seed=0)

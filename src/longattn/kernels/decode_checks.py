@@ -1,7 +1,7 @@
 """Validation of ``decode_attention`` inputs at the public boundary: shapes, dtypes, devices, pages, selections.
 
-Value checks (lengths within the cache, page numbers within range) read the tensors, which synchronises the GPU:
-they are skipped while a CUDA graph is being captured, where a decode step usually runs once warmed up.
+Value checks (lengths within the cache, page numbers within range) are computed on the device and read back with
+one synchronisation; they are skipped while a CUDA graph is being captured (the usual way a decode step runs).
 """
 
 from __future__ import annotations
@@ -28,13 +28,27 @@ def _int_tensor(name: str, t: Tensor, shape: tuple[int, ...], device: torch.devi
         raise ValueError(f"{name}: on {t.device}, expected the device of q ({device})")
 
 
-def _in_range(name: str, t: Tensor, lo: int, hi: int, what: str) -> None:
-    """Every value of t in [lo, hi] (skipped under graph capture)."""
-    if t.numel() == 0 or _capturing(t):
-        return
-    mn, mx = int(t.min()), int(t.max())
-    if mn < lo or mx > hi:
-        raise ValueError(f"{name}: values must lie in [{lo}, {hi}] ({what}); got min {mn}, max {mx}")
+class _RangeChecks:
+    """Value-range checks gathered on the device and read back with one synchronisation (none while capturing)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Tensor, int, int, str, Tensor | None]] = []
+
+    def add(self, name: str, t: Tensor, lo: int, hi: int, what: str, used: Tensor | None = None) -> None:
+        """Every value of t (where ``used``) must lie in [lo, hi]."""
+        if t.numel():
+            self.items.append((name, t, lo, hi, what, used))
+
+    def run(self) -> None:
+        if not self.items or _capturing(self.items[0][1]):
+            return
+        bad = [((t < lo) | (t > hi)) & (True if used is None else used) for _, t, lo, hi, _, used in self.items]
+        flags = torch.stack([b.any() for b in bad]).tolist()
+        for (name, t, lo, hi, what, used), failed in zip(self.items, flags, strict=True):
+            if failed:
+                vals = t if used is None else t[used]
+                raise ValueError(f"{name}: values must lie in [{lo}, {hi}] ({what}); got min {int(vals.min())}, "
+                                 f"max {int(vals.max())}")
 
 
 def check_page_size(page_size: object) -> int:
@@ -74,6 +88,7 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_si
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("k_cache/v_cache: the last dimension (head_dim) must be contiguous")
 
+    checks = _RangeChecks()
     if block_table is not None:
         ps = k_cache.shape[2]
         if page_size is not None and page_size != ps:
@@ -83,7 +98,7 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_si
         if block_table.dim() != 2:
             raise ValueError(f"block_table: got shape {tuple(block_table.shape)}, expected [B={B}, max_pages]")
         _int_tensor("block_table", block_table, (B, block_table.shape[1]), q.device)
-        _in_range("block_table", block_table, 0, k_cache.shape[0] - 1, "physical page numbers")
+        checks.add("block_table", block_table, 0, k_cache.shape[0] - 1, "physical page numbers")
         capacity = block_table.shape[1] * ps
     else:
         if k_cache.shape[0] != B:
@@ -97,7 +112,7 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_si
         lengths = torch.full((B,), capacity, dtype=torch.int32, device=q.device)
     else:
         _int_tensor("cache_seqlens", cache_seqlens, (B,), q.device)
-        _in_range("cache_seqlens", cache_seqlens, 0, capacity, "tokens the cache can hold")
+        checks.add("cache_seqlens", cache_seqlens, 0, capacity, "tokens the cache can hold")
         lengths = cache_seqlens.to(torch.int32)
 
     if (page_indices is None) != (page_counts is None):
@@ -113,8 +128,8 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_si
         _int_tensor("page_indices", page_indices, (B, Hkv, n_sel), q.device)
         _int_tensor("page_counts", page_counts, (B, Hkv), q.device)
         n_pages = -(-capacity // page_size)
-        _in_range("page_counts", page_counts, 0, n_sel, "entries of page_indices")
-        if not _capturing(page_indices):  # entries past page_counts are padding and never read
-            used = torch.arange(n_sel, device=q.device).view(1, 1, -1) < page_counts.unsqueeze(-1)
-            _in_range("page_indices", page_indices[used], 0, n_pages - 1, f"logical pages of {page_size} tokens")
+        checks.add("page_counts", page_counts, 0, n_sel, "entries of page_indices")
+        used = torch.arange(n_sel, device=q.device).view(1, 1, -1) < page_counts.unsqueeze(-1)  # the rest is padding
+        checks.add("page_indices", page_indices, 0, n_pages - 1, f"logical pages of {page_size} tokens", used)
+    checks.run()
     return lengths, page_size
