@@ -200,6 +200,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"longattn cost: {e}") from e
     print(format_table(dense, method))
+    if method.max_concurrent == 0:
+        print(f"note: the weights ({method.weight_bytes / 1e9:.1f} GB) leave no room for one request's KV cache "
+              f"in {spec.hbm_gb:g} GB (try --weight-bytes 1 or a larger GPU)")
     print(f"assumptions: prefill at {args.mfu:g} of {spec.bf16_tflops:g} TFLOP/s; decode at {args.bw_efficiency:g} "
           f"of {spec.tb_s:g} TB/s; HBM {spec.hbm_gb:g} GB; GB = 1e9 bytes")
     if args.json:
@@ -226,3 +229,10 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print both estimates as JSON")
     p.set_defaults(fn=cmd_cost)
     return p
+
+
+if __name__ == "__main__":  # `python -m longattn.cost cost ...` until the CLI wires the sub-command
+    parser = argparse.ArgumentParser(prog="longattn")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    cli_args = parser.parse_args()
+    raise SystemExit(cli_args.fn(cli_args))

@@ -232,9 +232,9 @@ def run(lengths: list[int], *, batches: tuple[int, ...] = (1, 8), heads: int = 3
             try:
                 new = _rows_for(B, L, env, heads=heads, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype,
                                 page_size=page_size, budget=budget, anchors=anchors, dev=dev)
-            except torch.OutOfMemoryError as e:  # the whole case did not fit: one row says so
+            except Exception as e:  # OOM or a failure before any row: one row says so, the sweep goes on
                 new = [{"suite": "decode", "variant": "all", "batch": B, "cache_len": L, "ms": None,
-                        "error": "OOM: " + str(e).splitlines()[0][:160], **env}]
+                        "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}", **env}]
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             for r in new:
@@ -294,3 +294,12 @@ def cmd_bench_decode(args) -> int:
     print(markdown_table(rows))
     print(f"rows: {out}")
     return 0
+
+
+if __name__ == "__main__":  # `python -m longattn.bench.decode ...` until the CLI wires the sub-command
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="longattn bench")
+    add_cli(parser.add_subparsers(dest="suite", required=True))
+    cli_args = parser.parse_args()
+    raise SystemExit(cli_args.fn(cli_args))

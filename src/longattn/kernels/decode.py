@@ -48,19 +48,20 @@ def _prune(configs, named_args, **kwargs):
     return kept or [triton.Config({"BLOCK_N": page}, num_warps=4, num_stages=2)]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "PAGE", "PAGED", "SELECTED", "DIRECT"],
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "PAGE", "PAGED", "SELECTED", "DIRECT", "work_bucket"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, LENS, BT, PIDX, PCNT, OUT, LSE,
     qk_scale, units_per_split, n_splits,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    stride_bt, n_sel, HKV,
+    stride_bt, n_sel, HKV, work_bucket,
     TQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     PAGED: tl.constexpr, SELECTED: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One (batch, kv head, split): online softmax over its tiles; writes normalised out and natural-log LSE."""
+    """One (batch, kv head, split): online softmax over its tiles; writes normalised out and natural-log LSE.
+    ``work_bucket`` (tokens per program, coarsely) only keys the autotuner: short and long programs tune apart."""
     if PDL:  # let the merge kernel be scheduled now; it waits (griddepcontrol.wait) for this grid to finish
         tl.extra.cuda.gdc_launch_dependents()
     pid_bh = tl.program_id(0)
@@ -200,6 +201,11 @@ def choose_splits(batch_heads: int, n_units: int, unit_tokens: int, sm_count: in
     return math.ceil(max(n_units, 1) / per), per
 
 
+def _work_bucket(tokens_per_program: int) -> int:
+    """0: < 1k tokens per program, 1: < 4k, 2: < 16k, 3: more."""
+    return sum(tokens_per_program >= t for t in (1024, 4096, 16384))
+
+
 def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_table: Tensor | None,
                   page_size: int | None, page_indices: Tensor | None, page_counts: Tensor | None, scale: float,
                   splits: int | None = None) -> tuple[Tensor, Tensor]:
@@ -240,7 +246,7 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, 
         scale * LOG2E, per, splits,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        bt.stride(0) if paged else 0, page_indices.shape[2] if selected else 0, Hkv,
+        bt.stride(0) if paged else 0, page_indices.shape[2] if selected else 0, Hkv, _work_bucket(per * page),
         TQ=Tq, ROWS=rows, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page, PAGED=paged, SELECTED=selected,
         DIRECT=direct, PREC=prec, PDL=pdl,
     )
