@@ -42,6 +42,14 @@ def test_presets_match_published_sizes():
     assert estimate("llama3-8b", 131072).kv_bytes_per_request == 2 * 32 * 8 * 128 * 131072 * 2
 
 
+def test_transformers_config_matches_preset():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                                   num_key_value_heads=8, intermediate_size=14336, vocab_size=128256)
+    shape = model_shape(cfg, name="llama3-8b")
+    assert shape == model_shape("llama3-8b")
+
+
 def test_config_object_and_dict_agree():
     obj = types.SimpleNamespace(**TINY)
     assert model_shape(obj) == model_shape(TINY, name=model_shape(obj).name)

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from longattn import decode_attention
 from longattn.kernels import decode as decode_mod
@@ -131,12 +133,42 @@ def test_selected_pages_match_oracle(paged, G, Tq, dtype):
     assert torch.isinf(lse[0, :G]).all() and (out[0, :G] == 0).all()  # count 0: kv head 0 of batch 0
 
 
+def test_strided_cache_views():
+    """A cache stored token-major ([B, S, Hkv, D], viewed as [B, Hkv, S, D]) and a non-contiguous q."""
+    q, k, v = _inputs(2, 4, 2, 130, 32, torch.float16, seed=4)
+    kt, vt = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not kt.is_contiguous() and not qt.is_contiguous()
+    out, lse = decode_attention(qt, kt, vt, impl="triton", return_lse=True)
+    _check(out, lse, q, k, v)
+
+
 def test_selection_padding_is_never_read():
     """Entries of page_indices past page_counts may hold anything (-1 here): not validated, not read."""
     q, k, v = _inputs(1, 4, 1, 100, 32, torch.float32, seed=3)
     idx = torch.tensor([[[2, 0, -1, -1], [6, -1, -1, -1]]], dtype=torch.int32)
     counts = torch.tensor([[2, 1]], dtype=torch.int32)
     kw = dict(page_size=16, page_indices=idx, page_counts=counts)
+    out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
+    _check(out, lse, q, k, v, **kw)
+
+
+@settings(max_examples=8)
+@given(B=st.integers(1, 2), G=st.sampled_from([1, 2, 4]), Tq=st.integers(1, 3), S=st.integers(1, 200),
+       page_size=st.sampled_from([16, 32]), mode=st.sampled_from(["dense", "paged", "selected"]),
+       seed=st.integers(0, 2**16))
+def test_random_layouts_match_oracle(B, G, Tq, S, page_size, mode, seed):
+    q, k, v = _inputs(B, G, Tq, S, 32, torch.float32, seed)
+    g = torch.Generator().manual_seed(seed)
+    kw = {"cache_seqlens": torch.randint(0, S + 1, (B,), generator=g, dtype=torch.int32)}
+    if mode == "paged":
+        k, v, kw["block_table"] = _paged(k, v, page_size, seed)
+    elif mode == "selected":
+        n_pages = math.ceil(S / page_size)
+        n_sel = min(3, n_pages)
+        idx = torch.rand(B, HKV, n_pages, generator=g).argsort(-1)[..., :n_sel]  # distinct pages, random order
+        kw.update(page_size=page_size, page_indices=idx.to(torch.int32),
+                  page_counts=torch.randint(0, n_sel + 1, (B, HKV), generator=g, dtype=torch.int32))
     out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
     _check(out, lse, q, k, v, **kw)
 
@@ -240,6 +272,10 @@ def test_bad_inputs_raise_clear_errors():
     _err(lambda: decode_attention(q, k, v, page_size=16, page_indices=idx, page_counts=cnt + 2), ValueError,
          "page_counts", "[0, 2]")
     _err(lambda: decode_attention(q, k, v, cache_seqlens=lens + 60), ValueError, "cache_seqlens", "[0, 64]")
+    dup = torch.tensor([[[1, 1], [0, 1]], [[2, 3], [3, 3]]], dtype=torch.int32)
+    _err(lambda: decode_attention(q, k, v, page_size=16, page_indices=dup, page_counts=cnt * 2), ValueError,
+         "page_indices", "twice")
+    decode_attention(q, k, v, page_size=16, page_indices=dup, page_counts=cnt)  # duplicates past the count: fine
     _err(lambda: decode_attention(q, k, v, cache_seqlens=lens.float()), TypeError, "cache_seqlens", "int32")
     _err(lambda: decode_attention(q, k[:, :1].expand(2, 3, 64, 32), v[:, :1].expand(2, 3, 64, 32)), ValueError,
          "GQA")

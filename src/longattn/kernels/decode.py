@@ -280,7 +280,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, cache_seqle
     Cache: contiguous [B, Hkv, S_max, D] (valid length per sequence = cache_seqlens, default S_max) or paged
     [num_pages, Hkv, page_size, D] with block_table [B, max_pages] mapping logical to physical pages.
     Selection: page_indices [B, Hkv, n_sel] logical page numbers (pages of page_size tokens, on a contiguous
-    cache too), of which the first page_counts [B, Hkv] are read; the query heads of a group share them.
+    cache too), of which the first page_counts [B, Hkv] are read (distinct, any order; the rest is padding);
+    the query heads of a group share them.
     Query i (of Tq) sees tokens < len - Tq + i + 1. Returns out [B, Hq, Tq, D] (q's dtype), and with
     ``return_lse`` also lse [B, Hq, Tq] float32 (natural log; -inf and zero output where nothing is seen).
     """

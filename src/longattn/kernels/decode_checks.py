@@ -6,6 +6,8 @@ one synchronisation; they are skipped while a CUDA graph is being captured (the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -28,27 +30,41 @@ def _int_tensor(name: str, t: Tensor, shape: tuple[int, ...], device: torch.devi
         raise ValueError(f"{name}: on {t.device}, expected the device of q ({device})")
 
 
-class _RangeChecks:
-    """Value-range checks gathered on the device and read back with one synchronisation (none while capturing)."""
+class _ValueChecks:
+    """Value checks gathered on the device and read back with one synchronisation (none while capturing)."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[str, Tensor, int, int, str, Tensor | None]] = []
+        self.items: list[tuple[Tensor, Callable[[], str]]] = []
 
-    def add(self, name: str, t: Tensor, lo: int, hi: int, what: str, used: Tensor | None = None) -> None:
+    def in_range(self, name: str, t: Tensor, lo: int, hi: int, what: str, used: Tensor | None = None) -> None:
         """Every value of t (where ``used``) must lie in [lo, hi]."""
-        if t.numel():
-            self.items.append((name, t, lo, hi, what, used))
+        if not t.numel():
+            return
+        bad = (t < lo) | (t > hi)
+
+        def message() -> str:  # evaluated only after a failure (boolean indexing synchronises)
+            vals = t if used is None else t[used]
+            return f"{name}: values must lie in [{lo}, {hi}] ({what}); got min {int(vals.min())}, max {int(vals.max())}"
+
+        self.items.append((bad if used is None else bad & used, message))
+
+    def distinct(self, name: str, t: Tensor, used: Tensor) -> None:
+        """The used entries of each row of t (last dim) are pairwise different."""
+        if t.shape[-1] < 2:
+            return
+        fill = -1 - torch.arange(t.shape[-1], device=t.device)  # distinct negatives for the unused slots
+        s = torch.where(used, t.long(), fill).sort(-1).values
+        self.items.append(((s[..., 1:] == s[..., :-1]), lambda: (
+            f"{name}: a page is listed twice among the first page_counts entries of one (batch, kv head); "
+            "expected distinct pages")))
 
     def run(self) -> None:
-        if not self.items or _capturing(self.items[0][1]):
+        if not self.items or _capturing(self.items[0][0]):
             return
-        bad = [((t < lo) | (t > hi)) & (True if used is None else used) for _, t, lo, hi, _, used in self.items]
-        flags = torch.stack([b.any() for b in bad]).tolist()
-        for (name, t, lo, hi, what, used), failed in zip(self.items, flags, strict=True):
+        flags = torch.stack([bad.any() for bad, _ in self.items]).tolist()
+        for (_, message), failed in zip(self.items, flags, strict=True):
             if failed:
-                vals = t if used is None else t[used]
-                raise ValueError(f"{name}: values must lie in [{lo}, {hi}] ({what}); got min {int(vals.min())}, "
-                                 f"max {int(vals.max())}")
+                raise ValueError(message())
 
 
 def check_page_size(page_size: object) -> int:
@@ -88,7 +104,7 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_si
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("k_cache/v_cache: the last dimension (head_dim) must be contiguous")
 
-    checks = _RangeChecks()
+    checks = _ValueChecks()
     if block_table is not None:
         ps = k_cache.shape[2]
         if page_size is not None and page_size != ps:
@@ -98,7 +114,7 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_si
         if block_table.dim() != 2:
             raise ValueError(f"block_table: got shape {tuple(block_table.shape)}, expected [B={B}, max_pages]")
         _int_tensor("block_table", block_table, (B, block_table.shape[1]), q.device)
-        checks.add("block_table", block_table, 0, k_cache.shape[0] - 1, "physical page numbers")
+        checks.in_range("block_table", block_table, 0, k_cache.shape[0] - 1, "physical page numbers")
         capacity = block_table.shape[1] * ps
     else:
         if k_cache.shape[0] != B:
@@ -112,7 +128,7 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_si
         lengths = torch.full((B,), capacity, dtype=torch.int32, device=q.device)
     else:
         _int_tensor("cache_seqlens", cache_seqlens, (B,), q.device)
-        checks.add("cache_seqlens", cache_seqlens, 0, capacity, "tokens the cache can hold")
+        checks.in_range("cache_seqlens", cache_seqlens, 0, capacity, "tokens the cache can hold")
         lengths = cache_seqlens.to(torch.int32)
 
     if (page_indices is None) != (page_counts is None):
@@ -128,8 +144,9 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_si
         _int_tensor("page_indices", page_indices, (B, Hkv, n_sel), q.device)
         _int_tensor("page_counts", page_counts, (B, Hkv), q.device)
         n_pages = -(-capacity // page_size)
-        checks.add("page_counts", page_counts, 0, n_sel, "entries of page_indices")
+        checks.in_range("page_counts", page_counts, 0, n_sel, "entries of page_indices")
         used = torch.arange(n_sel, device=q.device).view(1, 1, -1) < page_counts.unsqueeze(-1)  # the rest is padding
-        checks.add("page_indices", page_indices, 0, n_pages - 1, f"logical pages of {page_size} tokens", used)
+        checks.in_range("page_indices", page_indices, 0, n_pages - 1, f"logical pages of {page_size} tokens", used)
+        checks.distinct("page_indices", page_indices, used)
     checks.run()
     return lengths, page_size
