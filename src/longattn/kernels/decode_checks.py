@@ -15,10 +15,6 @@ INT_DTYPES = (torch.int32, torch.int64)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _capturing(t: Tensor) -> bool:
-    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _int_tensor(name: str, t: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: got {type(t).__name__}, expected a torch.Tensor")
@@ -33,12 +29,13 @@ def _int_tensor(name: str, t: Tensor, shape: tuple[int, ...], device: torch.devi
 class _ValueChecks:
     """Value checks gathered on the device and read back with one synchronisation (none while capturing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.active = not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
         self.items: list[tuple[Tensor, Callable[[], str]]] = []
 
     def in_range(self, name: str, t: Tensor, lo: int, hi: int, what: str, used: Tensor | None = None) -> None:
         """Every value of t (where ``used``) must lie in [lo, hi]."""
-        if not t.numel():
+        if not self.active or not t.numel():
             return
         bad = (t < lo) | (t > hi)
 
@@ -50,7 +47,7 @@ class _ValueChecks:
 
     def distinct(self, name: str, t: Tensor, used: Tensor) -> None:
         """The used entries of each row of t (last dim) are pairwise different."""
-        if t.shape[-1] < 2:
+        if not self.active or t.shape[-1] < 2:
             return
         fill = -1 - torch.arange(t.shape[-1], device=t.device)  # distinct negatives for the unused slots
         s = torch.where(used, t.long(), fill).sort(-1).values
@@ -59,7 +56,7 @@ class _ValueChecks:
             "expected distinct pages")))
 
     def run(self) -> None:
-        if not self.items or _capturing(self.items[0][0]):
+        if not self.items:
             return
         flags = torch.stack([bad.any() for bad, _ in self.items]).tolist()
         for (_, message), failed in zip(self.items, flags, strict=True):
@@ -104,7 +101,7 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_si
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("k_cache/v_cache: the last dimension (head_dim) must be contiguous")
 
-    checks = _ValueChecks()
+    checks = _ValueChecks(q.device)
     if block_table is not None:
         ps = k_cache.shape[2]
         if page_size is not None and page_size != ps:
@@ -145,7 +142,9 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_si
         _int_tensor("page_counts", page_counts, (B, Hkv), q.device)
         n_pages = -(-capacity // page_size)
         checks.in_range("page_counts", page_counts, 0, n_sel, "entries of page_indices")
-        used = torch.arange(n_sel, device=q.device).view(1, 1, -1) < page_counts.unsqueeze(-1)  # the rest is padding
+        used = None
+        if checks.active:
+            used = torch.arange(n_sel, device=q.device).view(1, 1, -1) < page_counts.unsqueeze(-1)  # rest: padding
         checks.in_range("page_indices", page_indices, 0, n_pages - 1, f"logical pages of {page_size} tokens", used)
         checks.distinct("page_indices", page_indices, used)
     checks.run()
