@@ -37,7 +37,8 @@ def _configs() -> list[triton.Config]:
     """(tile tokens, warps, stages) candidates; the interpreter gets one small tile."""
     if _interpret():
         return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    sizes = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3), (128, 4, 3), (32, 4, 4)]
+    # all compile for sm_90 without spills (benchmarks/NOTES-decode.md); (32, 4, 4) serves 32-token pages
+    sizes = [(64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3), (32, 4, 4)]
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in sizes]
 
 
