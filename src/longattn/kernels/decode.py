@@ -1,0 +1,302 @@
+"""Triton decode attention (flash-decoding): a few query tokens against a dense, paged or page-selected KV cache.
+
+Grid (batch, kv head, split): each program walks its share of the cache in tiles, loads each K/V tile once and
+scores all G = Hq / Hkv query heads × Tq queries of the group against it with one dot, keeping an online softmax.
+It writes a partial (out, lse); a second small kernel merges the splits by their LSE. With a single split the
+first kernel writes the final output itself. Pages are ``page_size`` consecutive logical tokens; a tile never
+crosses a page, so every tile load is contiguous even when pages are scattered (block_table) or selected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from longattn.kernels.decode_checks import check_decode_inputs
+from longattn.kernels.decode_reference import decode_reference
+
+log = logging.getLogger("longattn")
+LOG2E = 1.4426950408889634
+IMPLS = ("auto", "triton", "reference")
+DENSE_UNIT = 128  # tokens per split unit on an unselected contiguous cache (a "virtual page")
+MIN_SPLIT_TOKENS = 256  # fewer tokens than this per program and the merge costs more than the parallelism gains
+_logged: set[str] = set()
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs() -> list[triton.Config]:
+    """(tile tokens, warps, stages) candidates; the interpreter gets one small tile."""
+    if _interpret():
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    # all compile for sm_90 without spills (benchmarks/NOTES-decode.md); (32, 4, 4) serves 32-token pages
+    sizes = [(64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3), (32, 4, 4)]
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in sizes]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Tiles must not cross a page: keep tile sizes that divide the page (all are powers of two)."""
+    page = {**named_args, **kwargs}["PAGE"]
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= page]
+    return kept or [triton.Config({"BLOCK_N": page}, num_warps=4, num_stages=2)]
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "PAGE", "PAGED", "SELECTED", "DIRECT", "work_bucket"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, LENS, BT, PIDX, PCNT, OUT, LSE,
+    qk_scale, units_per_split, n_splits,
+    stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_bt, n_sel, HKV, work_bucket,
+    TQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    PAGED: tl.constexpr, SELECTED: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One (batch, kv head, split): online softmax over its tiles; writes normalised out and natural-log LSE.
+    ``work_bucket`` (tokens per program, coarsely) only keys the autotuner: short and long programs tune apart."""
+    if PDL:  # let the merge kernel be scheduled now; it waits (griddepcontrol.wait) for this grid to finish
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    TPP: tl.constexpr = PAGE // BLOCK_N  # tiles per page
+    length = tl.load(LENS + b)
+    n_units = tl.load(PCNT + pid_bh) if SELECTED else tl.cdiv(length, PAGE)
+    unit_lo = split * units_per_split
+    unit_hi = tl.minimum(unit_lo + units_per_split, n_units)
+    tile_lo = unit_lo * TPP
+    tile_hi = unit_hi * TPP
+    if not SELECTED:
+        tile_hi = tl.minimum(tile_hi, tl.cdiv(length, BLOCK_N))
+
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < ROWS
+    q_ptrs = Q + (pid_bh.to(tl.int64) * ROWS + rows[:, None]) * HEAD_DIM + dims[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    limit = length - TQ + (rows % TQ)  # query row r (= head g · TQ + t) sees tokens <= len - TQ + t
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_head = K + h.to(tl.int64) * stride_kh
+    v_head = V + h.to(tl.int64) * stride_vh
+    for tile in range(tile_lo, tile_hi):
+        unit = tile // TPP
+        page = tl.load(PIDX + pid_bh.to(tl.int64) * n_sel + unit).to(tl.int64) if SELECTED else unit.to(tl.int64)
+        first = page * PAGE + (tile % TPP) * BLOCK_N  # logical position of the tile's first token
+        pos = first + cols
+        if PAGED:
+            phys = tl.load(BT + b.to(tl.int64) * stride_bt + page).to(tl.int64)
+            tok = phys * stride_kb + ((tile % TPP) * BLOCK_N + cols) * stride_ks
+            tok_v = phys * stride_vb + ((tile % TPP) * BLOCK_N + cols) * stride_vs
+        else:
+            tok = b.to(tl.int64) * stride_kb + pos * stride_ks
+            tok_v = b.to(tl.int64) * stride_vb + pos * stride_vs
+        in_len = pos < length
+        k = tl.load(k_head + tok[:, None] + dims[None, :], mask=in_len[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # scale · log2(e): scores in base 2
+        s = tl.where(pos[None, :] <= limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + tok_v[:, None] + dims[None, :], mask=in_len[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    if DIRECT:  # one split: final output in the input dtype, [B, Hkv, G·Tq, D] = [B, Hq, Tq, D]
+        o_ptrs = OUT + (pid_bh.to(tl.int64) * ROWS + rows[:, None]) * HEAD_DIM + dims[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(LSE + pid_bh.to(tl.int64) * ROWS + rows, lse, mask=row_ok)
+    else:  # partials [B·Hkv, splits, ROWS, D] and [B·Hkv, splits, ROWS], float32
+        base = (pid_bh.to(tl.int64) * n_splits + split) * ROWS
+        tl.store(OUT + (base + rows[:, None]) * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
+        tl.store(LSE + base + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(PO, PL, OUT, LSE, n_splits, ROWS, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  PDL: tl.constexpr):
+    """One (batch, kv head, row): combine the splits' partial outputs weighted by exp(lse_s - lse), BLOCK_S
+    splits at a time (a first pass finds the largest LSE)."""
+    if PDL:  # launched early (programmatic dependent launch): wait until the split kernel's writes are visible
+        tl.extra.cuda.gdc_wait()
+    pid = tl.program_id(0)
+    bh = pid // ROWS
+    r = pid % ROWS
+    dims = tl.arange(0, HEAD_DIM)
+    base = bh.to(tl.int64) * n_splits * ROWS + r
+    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        m = tl.maximum(m, tl.load(PL + base + s * ROWS, mask=s < n_splits, other=float("-inf")))
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    total = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_S, HEAD_DIM], tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ok = s < n_splits
+        w = tl.exp(tl.load(PL + base + s * ROWS, mask=ok, other=float("-inf")) - m_safe)
+        o = tl.load(PO + (base + s * ROWS)[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
+        total += w
+        acc += o * w[:, None]
+    t = tl.sum(total, 0)
+    out = tl.sum(acc, 0) / tl.where(t > 0, t, 1.0)
+    tl.store(OUT + (bh.to(tl.int64) * ROWS + r) * HEAD_DIM + dims, out.to(OUT.dtype.element_ty))
+    lse = tl.where(t > 0, m_safe + tl.log(tl.where(t > 0, t, 1.0)), float("-inf"))
+    tl.store(LSE + bh.to(tl.int64) * ROWS + r, lse)
+
+
+_SM_COUNT: dict[int, int] = {}
+_PDL_OK: dict[int, bool] = {}
+
+
+def _use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch of the merge (Hopper and newer): hides its launch behind the split kernel's
+    tail. LONGATTN_DECODE_PDL=0 turns it off."""
+    if device.type != "cuda" or _interpret() or os.environ.get("LONGATTN_DECODE_PDL", "1") == "0":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL_OK:
+        _PDL_OK[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL_OK[idx]
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Output allocation (tests replace it with a NaN fill to catch anything the kernels leave unwritten)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def choose_splits(batch_heads: int, n_units: int, unit_tokens: int, sm_count: int) -> tuple[int, int]:
+    """(splits, units per split): about four programs per SM, but never fewer than MIN_SPLIT_TOKENS each."""
+    by_sm = max(1, math.ceil(4 * sm_count / batch_heads))
+    by_work = max(1, n_units * unit_tokens // MIN_SPLIT_TOKENS)
+    splits = max(1, min(by_sm, by_work, n_units))
+    per = max(1, math.ceil(n_units / splits))
+    return math.ceil(max(n_units, 1) / per), per
+
+
+def _work_bucket(tokens_per_program: int) -> int:
+    """0: < 1k tokens per program, 1: < 4k, 2: < 16k, 3: more."""
+    return sum(tokens_per_program >= t for t in (1024, 4096, 16384))
+
+
+def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_table: Tensor | None,
+                  page_size: int | None, page_indices: Tensor | None, page_counts: Tensor | None, scale: float,
+                  splits: int | None = None) -> tuple[Tensor, Tensor]:
+    """Launch the split kernel (+ merge); inputs already validated. ``splits`` overrides the heuristic (tests)."""
+    B, Hq, Tq, D = q.shape
+    Hkv = k_cache.shape[1]
+    rows = (Hq // Hkv) * Tq
+    q = q.contiguous()
+    paged, selected = block_table is not None, page_indices is not None
+    page = page_size if (paged or selected) else DENSE_UNIT
+    if selected:
+        n_units = page_indices.shape[2]
+    elif paged:
+        n_units = block_table.shape[1]
+    else:
+        n_units = math.ceil(k_cache.shape[2] / page)
+    if splits is None:
+        splits, per = choose_splits(B * Hkv, n_units, page, _sm_count(q.device))
+    else:
+        per = max(1, math.ceil(n_units / splits))
+    block_m = max(16, triton.next_power_of_2(rows))
+    out = _empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
+    lse = _empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    direct = splits == 1
+    if direct:
+        p_out, p_lse = out, lse
+    else:
+        p_out = _empty(B * Hkv, splits, rows, D, dtype=torch.float32, device=q.device)
+        p_lse = _empty(B * Hkv, splits, rows, dtype=torch.float32, device=q.device)
+    dummy = lengths
+    bt = block_table if paged else dummy
+    pidx = page_indices.contiguous() if selected else dummy
+    pcnt = page_counts.contiguous() if selected else dummy
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    pdl = not direct and _use_pdl(q.device)
+    _decode_split_kernel[(B * Hkv, splits)](
+        q, k_cache, v_cache, lengths, bt, pidx, pcnt, p_out, p_lse,
+        scale * LOG2E, per, splits,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        bt.stride(0) if paged else 0, page_indices.shape[2] if selected else 0, Hkv, _work_bucket(per * page),
+        TQ=Tq, ROWS=rows, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page, PAGED=paged, SELECTED=selected,
+        DIRECT=direct, PREC=prec, PDL=pdl,
+    )
+    if not direct:
+        _merge_kernel[(B * Hkv * rows,)](p_out, p_lse, out, lse, splits, rows,
+                                         BLOCK_S=16, HEAD_DIM=D, PDL=pdl, launch_pdl=pdl)
+    return out, lse
+
+
+def _pick_impl(impl: str, q: Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: got {impl!r}, expected one of {IMPLS}")
+    if impl == "triton" and q.device.type != "cuda" and not _interpret():
+        raise ValueError(f"impl='triton': tensors are on {q.device}; the Triton kernel needs CUDA "
+                         "(or TRITON_INTERPRET=1 for the interpreter)")
+    if impl != "auto":
+        return impl
+    chosen = "triton" if q.device.type == "cuda" else "reference"
+    if chosen not in _logged:
+        _logged.add(chosen)
+        log.info("longattn.decode_attention impl='auto' chose %r on %s", chosen, q.device.type)
+    return chosen
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, cache_seqlens: Tensor | None = None,
+                     block_table: Tensor | None = None, page_size: int | None = None,
+                     page_indices: Tensor | None = None, page_counts: Tensor | None = None,
+                     scale: float | None = None, impl: str = "auto", return_lse: bool = False):
+    """Attention of the last Tq tokens q [B, Hq, Tq, D] over a KV cache (flash-decoding on GPU).
+
+    Cache: contiguous [B, Hkv, S_max, D] (valid length per sequence = cache_seqlens, default S_max) or paged
+    [num_pages, Hkv, page_size, D] with block_table [B, max_pages] mapping logical to physical pages.
+    Selection: page_indices [B, Hkv, n_sel] logical page numbers (pages of page_size tokens, on a contiguous
+    cache too), of which the first page_counts [B, Hkv] are read (distinct, any order; the rest is padding);
+    the query heads of a group share them.
+    Query i (of Tq) sees tokens < len - Tq + i + 1. Returns out [B, Hq, Tq, D] (q's dtype), and with
+    ``return_lse`` also lse [B, Hq, Tq] float32 (natural log; -inf and zero output where nothing is seen).
+    """
+    lengths, page_size = check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_size,
+                                             page_indices, page_counts)
+    chosen = _pick_impl(impl, q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if chosen == "triton":
+        if page_size is not None and page_size < 16:
+            raise ValueError(f"page_size: got {page_size}; the Triton kernel needs pages of at least 16 tokens")
+        out, lse = decode_triton(q, k_cache, v_cache, lengths, block_table, page_size, page_indices, page_counts,
+                                 scale)
+    else:
+        out, lse = decode_reference(q, k_cache, v_cache, cache_seqlens=lengths, block_table=block_table,
+                                    page_size=page_size, page_indices=page_indices, page_counts=page_counts,
+                                    scale=scale)
+    return (out, lse) if return_lse else out

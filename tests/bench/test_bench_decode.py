@@ -1,0 +1,41 @@
+"""The decode benchmark runs end to end on CPU (tiny shapes): rows written, checked, and bad rows refused."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from longattn.bench import decode as bench
+
+
+def test_run_writes_checked_rows(tmp_path):
+    out = tmp_path / "decode.jsonl"
+    rows = bench.run([256], batches=(2,), heads=4, heads_kv=2, head_dim=32, dtype=torch.float32, page_size=16,
+                     budget=64, out=out, anchors=False, device="cpu")
+    assert [r["variant"] for r in rows] == ["ours_dense", "ours_paged", "ours_selected"]
+    assert all(r["correct"] and r["ms"] > 0 for r in rows)
+    assert rows[0]["bytes_read"] == 2 * 2 * 2 * 256 * 32 * 4 + 2 * 2 * 4 * 32 * 4
+    assert rows[2]["bytes_read"] < rows[0]["bytes_read"] and rows[2]["speedup_vs_ours_dense"] > 0
+    assert [json.loads(line)["variant"] for line in out.read_text().splitlines()] == [r["variant"] for r in rows]
+    assert "ours_selected" in bench.markdown_table(rows)
+
+
+def test_wrong_results_report_no_time(tmp_path, monkeypatch):
+    real = bench.decode_attention
+
+    def broken(*args, **kwargs):
+        res = real(*args, **kwargs)
+        return (res[0] + 1, res[1]) if isinstance(res, tuple) else res + 1
+
+    monkeypatch.setattr(bench, "decode_attention", broken)
+    rows = bench.run([64], batches=(1,), heads=2, heads_kv=1, head_dim=16, dtype=torch.float32, page_size=16,
+                     budget=32, out=tmp_path / "x.jsonl", anchors=False, device="cpu")
+    assert rows and all(r["correct"] is False and r["ms"] is None and r["refused"] for r in rows)
+
+
+def test_hbm_table():
+    assert bench.hbm_peak_tb_s("NVIDIA H100 80GB HBM3") == 3.35
+    assert bench.hbm_peak_tb_s("NVIDIA H100 PCIe") == 2.0
+    assert bench.hbm_peak_tb_s("NVIDIA H200") == 4.8
+    assert bench.hbm_peak_tb_s("cpu (x86_64)") is None

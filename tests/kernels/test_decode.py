@@ -1,0 +1,300 @@
+"""Decode kernel (Triton, interpreted on CPU) against the fp64 decode oracle: dense, varlen, paged and selected
+caches, Tq 1 and 4, GQA 1/4/8, odd lengths; the oracle itself against the prefill reference; page selection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longattn import decode_attention
+from longattn.kernels import decode as decode_mod
+from longattn.kernels.decode import decode_triton
+from longattn.kernels.decode_reference import decode_reference
+from longattn.kernels.page_select import page_bounds, page_scores, page_scores_reference, select_pages
+from longattn.kernels.reference import reference_attention
+from tests.oracle import assert_close_to_reference
+
+HKV = 2
+
+
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    """Every buffer the kernels write starts as NaN, so an unwritten row fails the oracle check."""
+    def nan_empty(*shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(decode_mod, "_empty", nan_empty)
+
+
+def _inputs(B, G, Tq, S, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, HKV * G, Tq, D, generator=g).to(dtype)
+    k = torch.randn(B, HKV, S, D, generator=g).to(dtype)
+    v = torch.randn(B, HKV, S, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def _check(out, lse, q, k, v, **kw):
+    """The tolerance rule: error vs fp64 oracle ≤ 2× the oracle's own error in q's precision."""
+    ref_o, ref_l = decode_reference(q.double(), k.double(), v.double(), **kw)
+    low_o, low_l = decode_reference(q, k, v, compute_dtype=q.dtype, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    assert_close_to_reference(out, ref_o, low_o, what="out")
+    assert_close_to_reference(lse, ref_l, low_l.double(), what="lse")
+
+
+def _paged(k, v, page_size, seed):
+    """Scatter a contiguous cache into shuffled physical pages (plus spare ones): (k_pages, v_pages, block_table)."""
+    B, H, S, D = k.shape
+    n = math.ceil(S / page_size)
+    pad = n * page_size - S
+    kp = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(B, H, n, page_size, D).permute(0, 2, 1, 3, 4)
+    vp = torch.nn.functional.pad(v, (0, 0, 0, pad)).view(B, H, n, page_size, D).permute(0, 2, 1, 3, 4)
+    total = B * n + 3
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: B * n]
+    k_pages = torch.randn(total, H, page_size, D).to(k.dtype)
+    v_pages = torch.randn(total, H, page_size, D).to(k.dtype)
+    k_pages[perm] = kp.reshape(B * n, H, page_size, D)
+    v_pages[perm] = vp.reshape(B * n, H, page_size, D)
+    return k_pages, v_pages, perm.view(B, n).to(torch.int32)
+
+
+DENSE = [  # (seq, group, Tq, head_dim, dtype)
+    (1, 1, 1, 32, torch.float32), (17, 4, 1, 64, torch.float16), (300, 8, 1, 32, torch.float16),
+    (1000, 4, 1, 64, torch.float32), (17, 1, 4, 32, torch.float16), (300, 4, 4, 64, torch.float32),
+    (1000, 8, 4, 32, torch.float16), (1, 8, 4, 64, torch.float32),
+]
+
+
+@pytest.mark.parametrize("S,G,Tq,D,dtype", DENSE,
+                         ids=[f"S{c[0]}-G{c[1]}-Tq{c[2]}-D{c[3]}-{str(c[4])[6:]}" for c in DENSE])
+def test_dense_matches_oracle(S, G, Tq, D, dtype):
+    q, k, v = _inputs(1, G, Tq, S, D, dtype, seed=S + G)
+    out, lse = decode_attention(q, k, v, impl="triton", return_lse=True)
+    _check(out, lse, q, k, v)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 20])
+@pytest.mark.parametrize("Tq", [1, 4])
+def test_varlen_and_forced_splits(Tq, splits):
+    """Per-sequence lengths (one shorter than Tq: its early queries see nothing), split counts that leave
+    programs empty, and the single-split direct path."""
+    q, k, v = _inputs(3, 4, Tq, 600, 32, torch.float16, seed=Tq)
+    lens = torch.tensor([2, 600, 301], dtype=torch.int32)
+    out, lse = decode_triton(q, k, v, lens, None, None, None, None, 1 / math.sqrt(32), splits=splits)
+    _check(out, lse, q, k, v, cache_seqlens=lens)
+    if Tq == 4:
+        assert torch.isinf(lse[0, :, :2]).all() and (out[0, :, :2] == 0).all()
+
+
+@pytest.mark.parametrize("page_size,G,Tq,dtype", [(16, 1, 1, torch.float32), (32, 4, 4, torch.float16),
+                                                  (64, 8, 1, torch.float16)])
+def test_paged_matches_oracle(page_size, G, Tq, dtype):
+    q, k, v = _inputs(2, G, Tq, 300, 64, dtype, seed=page_size)
+    kp, vp, table = _paged(k, v, page_size, seed=page_size)
+    lens = torch.tensor([300, 129], dtype=torch.int32)
+    out, lse = decode_attention(q, kp, vp, cache_seqlens=lens, block_table=table, impl="triton", return_lse=True)
+    _check(out, lse, q, kp, vp, cache_seqlens=lens, block_table=table)
+    # the same tokens in the contiguous layout: the oracle's paging is not what makes this pass
+    assert_close_to_reference(out, decode_reference(q.double(), k.double(), v.double(), cache_seqlens=lens)[0],
+                              decode_reference(q, k, v, cache_seqlens=lens, compute_dtype=dtype)[0])
+
+
+def _random_selection(B, n_pages, n_sel, seed, lens=None, page_size=16):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.stack([torch.randperm(n_pages, generator=g)[:n_sel] for _ in range(HKV)])
+                       for _ in range(B)])
+    counts = torch.randint(0, n_sel + 1, (B, HKV), generator=g)
+    counts[0, 0] = 0  # a head that reads nothing: output 0, lse -inf
+    counts[-1, -1] = n_sel
+    return idx.to(torch.int32), counts.to(torch.int32)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("G,Tq,dtype", [(1, 1, torch.float32), (4, 4, torch.float16), (8, 1, torch.float16)])
+def test_selected_pages_match_oracle(paged, G, Tq, dtype):
+    page_size, S = 16, 300
+    q, k, v = _inputs(2, G, Tq, S, 32, dtype, seed=G + 10 * paged)
+    lens = torch.tensor([300, 150], dtype=torch.int32)
+    idx, counts = _random_selection(2, math.ceil(S / page_size), 6, seed=G)
+    kw = dict(cache_seqlens=lens, page_indices=idx, page_counts=counts)
+    if paged:
+        k, v, table = _paged(k, v, page_size, seed=G)
+        kw["block_table"] = table
+    else:
+        kw["page_size"] = page_size
+    out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
+    _check(out, lse, q, k, v, **kw)
+    assert torch.isinf(lse[0, :G]).all() and (out[0, :G] == 0).all()  # count 0: kv head 0 of batch 0
+
+
+def test_strided_cache_views():
+    """A cache stored token-major ([B, S, Hkv, D], viewed as [B, Hkv, S, D]) and a non-contiguous q."""
+    q, k, v = _inputs(2, 4, 2, 130, 32, torch.float16, seed=4)
+    kt, vt = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not kt.is_contiguous() and not qt.is_contiguous()
+    out, lse = decode_attention(qt, kt, vt, impl="triton", return_lse=True)
+    _check(out, lse, q, k, v)
+
+
+def test_selection_padding_is_never_read():
+    """Entries of page_indices past page_counts may hold anything (-1 here): not validated, not read."""
+    q, k, v = _inputs(1, 4, 1, 100, 32, torch.float32, seed=3)
+    idx = torch.tensor([[[2, 0, -1, -1], [6, -1, -1, -1]]], dtype=torch.int32)
+    counts = torch.tensor([[2, 1]], dtype=torch.int32)
+    kw = dict(page_size=16, page_indices=idx, page_counts=counts)
+    out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
+    _check(out, lse, q, k, v, **kw)
+
+
+@settings(max_examples=8)
+@given(B=st.integers(1, 2), G=st.sampled_from([1, 2, 4]), Tq=st.integers(1, 3), S=st.integers(1, 200),
+       page_size=st.sampled_from([16, 32]), mode=st.sampled_from(["dense", "paged", "selected"]),
+       seed=st.integers(0, 2**16))
+def test_random_layouts_match_oracle(B, G, Tq, S, page_size, mode, seed):
+    q, k, v = _inputs(B, G, Tq, S, 32, torch.float32, seed)
+    g = torch.Generator().manual_seed(seed)
+    kw = {"cache_seqlens": torch.randint(0, S + 1, (B,), generator=g, dtype=torch.int32)}
+    if mode == "paged":
+        k, v, kw["block_table"] = _paged(k, v, page_size, seed)
+    elif mode == "selected":
+        n_pages = math.ceil(S / page_size)
+        n_sel = min(3, n_pages)
+        idx = torch.rand(B, HKV, n_pages, generator=g).argsort(-1)[..., :n_sel]  # distinct pages, random order
+        kw.update(page_size=page_size, page_indices=idx.to(torch.int32),
+                  page_counts=torch.randint(0, n_sel + 1, (B, HKV), generator=g, dtype=torch.int32))
+    out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
+    _check(out, lse, q, k, v, **kw)
+
+
+def test_oracle_matches_prefill_reference():
+    """The decode oracle on a full dense cache equals bottom-right causal attention of the prefill oracle."""
+    q, k, v = _inputs(2, 4, 3, 77, 32, torch.float64, seed=0)
+    out, lse = decode_reference(q, k, v)
+    ref, ref_lse = reference_attention(q, k, v, causal=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-12)
+
+
+def test_selection_of_all_pages_equals_dense():
+    q, k, v = _inputs(1, 4, 2, 100, 32, torch.float64, seed=1)
+    idx = torch.arange(7, dtype=torch.int32).flip(0).expand(1, HKV, 7).contiguous()  # order must not matter
+    counts = torch.full((1, HKV), 7, dtype=torch.int32)
+    sel = decode_reference(q, k, v, page_size=16, page_indices=idx, page_counts=counts)
+    torch.testing.assert_close(sel, decode_reference(q, k, v), rtol=0, atol=1e-12)
+
+
+def test_auto_on_cpu_is_the_reference():
+    q, k, v = _inputs(1, 4, 1, 50, 32, torch.float32, seed=2)
+    out, lse = decode_attention(q, k, v, return_lse=True)
+    ref_o, ref_l = decode_reference(q, k, v)
+    assert torch.equal(out, ref_o) and torch.equal(lse, ref_l)
+
+
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+@pytest.mark.parametrize("G,Tq,D", [(1, 1, 32), (4, 2, 64), (8, 1, 32)])
+def test_page_scores_match_torch(reduce, G, Tq, D):
+    g = torch.Generator().manual_seed(G)
+    q = torch.randn(2, HKV * G, Tq, D, generator=g)
+    k = torch.randn(2, HKV, 200, D, generator=g)
+    mn, mx = page_bounds(k, 16, cache_seqlens=torch.tensor([200, 37]))
+    got = page_scores(q, mn, mx, reduce=reduce, impl="triton")
+    want = page_scores_reference(q, mn, mx, reduce)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    # the bound really bounds: every token's score is at most its page's score (max over the group)
+    if reduce == "max":
+        s = torch.einsum("bhtd,bksd->bhts", q.double(), k.double()).view(2, HKV, G * Tq, 200)
+        per_page = torch.nn.functional.pad(s, (0, 8), value=-1e9).view(2, HKV, G * Tq, 13, 16).amax((2, 4))
+        assert (per_page[1, :, :3] <= got[1, :, :3] + 1e-4).all() and (per_page[0] <= got[0] + 1e-4).all()
+
+
+def test_page_bounds_paged_equals_contiguous():
+    k = torch.randn(2, HKV, 100, 32)
+    lens = torch.tensor([100, 40])
+    kp, _, table = _paged(k, k, 32, seed=3)
+    for a, b in zip(page_bounds(k, 32, cache_seqlens=lens), page_bounds(kp, 32, cache_seqlens=lens, block_table=table),
+                    strict=True):
+        assert torch.equal(a, b)
+    lo, hi = page_bounds(k, 32, cache_seqlens=lens)
+    assert torch.equal(lo[1, :, 1], k[1, :, 32:40].amin(1)) and torch.equal(hi[1, :, 3], torch.zeros(HKV, 32))
+
+
+def test_select_pages_keeps_sinks_recent_and_top_scores():
+    scores = torch.randn(2, HKV, 20)
+    lens = torch.tensor([320, 100])  # 20 and 7 valid pages of 16
+    idx, counts = select_pages(scores, 96, 16, cache_seqlens=lens)  # 6 pages
+    assert idx.dtype == torch.int32 and counts.tolist() == [[6, 6], [6, 6]]
+    for b, n_valid in ((0, 20), (1, 7)):
+        for h in range(HKV):
+            chosen = idx[b, h, : counts[b, h]].tolist()
+            assert chosen == sorted(chosen) and 0 in chosen and n_valid - 1 in chosen
+            rest = sorted(range(1, n_valid - 1), key=lambda p, b=b, h=h: -float(scores[b, h, p]))[:4]
+            assert set(chosen) == {0, n_valid - 1, *rest}
+    few = torch.tensor([320, 40])  # 3 valid pages < 6 selected: the count says so
+    idx, counts = select_pages(scores, 96, 16, cache_seqlens=few)
+    assert counts[1].tolist() == [3, 3] and idx[1, :, :3].tolist() == [[0, 1, 2]] * HKV
+
+
+def test_select_then_decode_end_to_end():
+    """Quest pipeline: bounds → scores → pages → kernel, checked against the oracle on the same selection."""
+    q, k, v = _inputs(1, 4, 1, 500, 32, torch.float16, seed=5)
+    mn, mx = page_bounds(k, 32)
+    idx, counts = select_pages(page_scores(q, mn, mx, impl="triton"), 160, 32)
+    kw = dict(page_size=32, page_indices=idx, page_counts=counts)
+    out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
+    _check(out, lse, q, k, v, **kw)
+
+
+def _err(fn, exc, *words):
+    with pytest.raises(exc) as e:
+        fn()
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = _inputs(2, 4, 1, 64, 32, torch.float32, seed=0)
+    lens = torch.tensor([64, 10], dtype=torch.int32)
+    idx = torch.zeros(2, HKV, 2, dtype=torch.int32)
+    cnt = torch.ones(2, HKV, dtype=torch.int32)
+    _err(lambda: decode_attention(q, k, v, page_size=24, page_indices=idx, page_counts=cnt), ValueError,
+         "page_size", "24", "power of two")
+    _err(lambda: decode_attention(q, k, v, page_indices=idx, page_counts=cnt), ValueError, "page_size")
+    _err(lambda: decode_attention(q, k, v, page_size=16, page_indices=idx), ValueError, "page_counts")
+    _err(lambda: decode_attention(q, k, v, page_size=16, page_indices=idx + 4, page_counts=cnt), ValueError,
+         "page_indices", "[0, 3]")
+    _err(lambda: decode_attention(q, k, v, page_size=16, page_indices=idx, page_counts=cnt + 2), ValueError,
+         "page_counts", "[0, 2]")
+    _err(lambda: decode_attention(q, k, v, cache_seqlens=lens + 60), ValueError, "cache_seqlens", "[0, 64]")
+    dup = torch.tensor([[[1, 1], [0, 1]], [[2, 3], [3, 3]]], dtype=torch.int32)
+    _err(lambda: decode_attention(q, k, v, page_size=16, page_indices=dup, page_counts=cnt * 2), ValueError,
+         "page_indices", "twice")
+    decode_attention(q, k, v, page_size=16, page_indices=dup, page_counts=cnt)  # duplicates past the count: fine
+    _err(lambda: decode_attention(q, k, v, cache_seqlens=lens.float()), TypeError, "cache_seqlens", "int32")
+    _err(lambda: decode_attention(q, k[:, :1].expand(2, 3, 64, 32), v[:, :1].expand(2, 3, 64, 32)), ValueError,
+         "GQA")
+    _err(lambda: decode_attention(q, k.half(), v.half()), TypeError, "dtype")
+    _err(lambda: decode_attention(q, k, v[:, :, :10]), ValueError, "v_cache", "shape")
+    _err(lambda: decode_attention(q[:, :, :0], k, v), ValueError, "q", "at least 1")
+    _err(lambda: decode_attention(q, k, v, impl="flash"), ValueError, "impl", "flash")
+    kp, vp, table = _paged(k, v, 16, seed=0)
+    _err(lambda: decode_attention(q, kp, vp, block_table=table, page_size=32), ValueError, "page_size", "16")
+    _err(lambda: decode_attention(q, kp, vp, block_table=table + 100), ValueError, "block_table")
+    k8, v8, t8 = _paged(k, v, 8, seed=0)
+    _err(lambda: decode_attention(q, k8, v8, block_table=t8, impl="triton"), ValueError, "page_size", "16")
+    scores = torch.randn(2, HKV, 4)
+    _err(lambda: select_pages(scores, 0, 16), ValueError, "budget_tokens", "0")
+    _err(lambda: select_pages(scores, -5, 16), ValueError, "budget_tokens")
+    _err(lambda: select_pages(scores, 65, 16), ValueError, "budget_tokens", "64")
+    _err(lambda: select_pages(scores, 16, 16), ValueError, "budget_tokens", "always")
+    _err(lambda: select_pages(scores, 32, 12), ValueError, "page_size", "12")
+    _err(lambda: page_bounds(k, 10), ValueError, "page_size", "10")
+    mn, mx = page_bounds(k, 16)
+    _err(lambda: page_scores(q, mn, mx, reduce="mean"), ValueError, "reduce")
+    _err(lambda: page_scores(q[:1], mn, mx), ValueError, "page_min")
