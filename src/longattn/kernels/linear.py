@@ -11,6 +11,7 @@ with a per-head constant ``decay`` in (0, 1] (RetNet / TransNormer / Lightning) 
 from __future__ import annotations
 
 import logging
+from itertools import pairwise
 
 import torch
 from torch import Tensor
@@ -58,9 +59,10 @@ def _gate_grad(dgl: Tensor, dht: Tensor | None, ht: Tensor, plan) -> Tensor:
         final = (dht * ht).sum((-2, -1))[plan.nonempty.to(ht.device)]  # [N', H]
         rows, last = plan.last_rows.to(dgl.device), plan.last_token.to(dgl.device)
         dgl[rows, :, last] += final
-    if plan.n_seq == dgl.shape[0]:  # one sequence per batch row
-        return dgl.flip(-1).cumsum(-1).flip(-1)
-    rev = torch.cat([dgl.double().flip(-1).cumsum(-1).flip(-1), dgl.new_zeros(*dgl.shape[:-1], 1).double()], -1)
+    rev = dgl.double().flip(-1).cumsum(-1).flip(-1)  # fp64: long sums of terms that largely cancel
+    if plan.n_seq == dgl.shape[0] and plan.nonempty.all():  # one sequence per batch row
+        return rev.float()
+    rev = torch.cat([rev, rev.new_zeros(*dgl.shape[:-1], 1)], -1)
     starts, lens = plan.seq[1].long(), plan.seq[2].long()
     end_of = torch.repeat_interleave(starts + lens, lens, output_size=dgl.shape[-1])
     return (rev[..., :-1] - rev[..., end_of]).float()
@@ -71,7 +73,7 @@ def _check(cond: bool, err: type[Exception], msg: str) -> None:
         raise err(msg)
 
 
-def _validate(q, k, v, decay, gate, initial_state, cu_seqlens, impl) -> int:
+def _validate(q, k, v, decay, gate, initial_state, cu_seqlens, impl, state_name="initial_state") -> int:
     """Check the public arguments once; returns the number of sequences N."""
     _check(impl in IMPLS, ValueError, f"impl must be one of {IMPLS}, got {impl!r}")
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -105,24 +107,28 @@ def _validate(q, k, v, decay, gate, initial_state, cu_seqlens, impl) -> int:
                f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
         _check(B == 1, ValueError, f"cu_seqlens needs a packed batch (B = 1), got B = {B}")
         cu = cu_seqlens.tolist()
-        _check(cu[0] == 0 and cu[-1] == S and all(a <= b for a, b in zip(cu, cu[1:])), ValueError,
+        _check(cu[0] == 0 and cu[-1] == S and all(a <= b for a, b in pairwise(cu)), ValueError,
                f"cu_seqlens must be non-decreasing from 0 to S = {S}, got {cu[:8]}{'...' if len(cu) > 8 else ''}")
         n = len(cu) - 1
     if initial_state is not None:
         want = (n, H, Dk, v.shape[-1])
         _check(isinstance(initial_state, Tensor) and tuple(initial_state.shape) == want, ValueError,
-               f"initial_state must be [N, H, Dk, Dv] = {list(want)}, got "
+               f"{state_name} must be [N, H, Dk, Dv] = {list(want)}, got "
                f"{tuple(getattr(initial_state, 'shape', ()))}")
     return n
 
 
-def _log_g(decay: Tensor | None, gate: Tensor | None, B: int, S: int) -> Tensor | None:
-    """One fp32 log-decay [B, H, S] from the constant per-head decay and/or the data-dependent gate."""
+def _state_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _log_g(decay: Tensor | None, gate: Tensor | None, B: int, S: int, dtype: torch.dtype) -> Tensor | None:
+    """One log-decay [B, H, S] (fp32; fp64 for fp64 inputs) from the per-head decay and/or the gate."""
     g = None
     if decay is not None:
-        g = torch.log(decay.float())[None, :, None].expand(B, -1, S)
+        g = torch.log(decay.to(dtype))[None, :, None].expand(B, -1, S)
     if gate is not None:
-        g = gate.float() if g is None else g + gate.float()
+        g = gate.to(dtype) if g is None else g + gate.to(dtype)
     return None if g is None else g.contiguous()
 
 
@@ -159,8 +165,8 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, decay: Tensor | None = 
     B, H, S, Dk = q.shape
     scale = Dk ** -0.5 if scale is None else float(scale)
     chosen = _choose(q, impl)
-    g = _log_g(decay, gate, B, S)
-    h0 = None if initial_state is None else initial_state.float()
+    g = _log_g(decay, gate, B, S, _state_dtype(q))
+    h0 = None if initial_state is None else initial_state.to(_state_dtype(q))
     if chosen == "triton":
         from longattn.kernels.linear_triton import Plan
 
@@ -180,20 +186,19 @@ def linear_attention_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, *, dec
                           impl: str = "auto") -> tuple[Tensor, Tensor]:
     """Decode T (usually 1) new tokens [B, H, T, D] from ``state`` [B, H, Dk, Dv]; returns (o, new fp32 state).
     Fused recurrent Triton kernel on CUDA (impl triton/auto), the PyTorch recurrence otherwise (no autograd)."""
-    _validate(q, k, v, decay, gate, state, None, impl)
-    _check(state is not None, ValueError, "state is required (zeros for an empty history)")
+    _check(isinstance(state, Tensor), TypeError, f"state must be a tensor [B, H, Dk, Dv], got {type(state).__name__}")
+    _validate(q, k, v, decay, gate, state, None, impl, state_name="state")
     B, H, T, Dk = q.shape
     scale = Dk ** -0.5 if scale is None else float(scale)
     chosen = _choose(q, impl)
-    g = _log_g(decay, gate, B, T)
+    g = _log_g(decay, gate, B, T, _state_dtype(q))
     if chosen == "triton":
         from longattn.kernels.linear_triton import recurrent_step
 
         with torch.no_grad():
             return recurrent_step(q.contiguous(), k.contiguous(), v.contiguous(), g, state.float().contiguous(),
                                   scale)
-    o, ht = ref.linear_attention_recurrent(q, k, v, g, scale=scale, initial_state=state.float())
-    return o, ht
+    return ref.linear_attention_recurrent(q, k, v, g, scale=scale, initial_state=state.to(_state_dtype(q)))
 
 
 __all__ = ["linear_attention", "linear_attention_step"]

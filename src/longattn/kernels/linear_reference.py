@@ -38,19 +38,23 @@ def linear_attention_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None
     own dtype for the low-precision baseline of the oracle rule). Returns (o in q.dtype, final states)."""
     B, H, S, Dk = q.shape
     dt = _state_dtype(q, state_dtype)
-    outs, finals = [], []
-    for i, (b, lo, hi) in enumerate(_segments(S, B, cu_seqlens)):
-        state = (initial_state[i].to(dt) if initial_state is not None
-                 else torch.zeros(H, Dk, v.shape[-1], dtype=dt, device=q.device))
-        steps = []
-        for t in range(lo, hi):
-            if g is not None:
-                state = torch.exp(g[b, :, t].to(dt))[:, None, None] * state
-            state = state + k[b, :, t, :, None].to(dt) * v[b, :, t, None, :].to(dt)
-            steps.append(scale * torch.einsum("hk,hkv->hv", q[b, :, t].to(dt), state))
-        outs.append(torch.stack(steps, 1) if steps else state.new_zeros(H, 0, v.shape[-1]))
-        finals.append(state)
-    return _assemble(outs, cu_seqlens is not None, q.dtype), torch.stack(finals, 0)
+    if cu_seqlens is not None:  # each packed sequence on its own, then back into one row
+        parts = [linear_attention_recurrent(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi],
+                                            None if g is None else g[:, :, lo:hi], scale=scale,
+                                            initial_state=None if initial_state is None else initial_state[i:i + 1],
+                                            state_dtype=dt)
+                 for i, (_, lo, hi) in enumerate(_segments(S, B, cu_seqlens))]
+        return torch.cat([o for o, _ in parts], 2), torch.cat([s for _, s in parts], 0)
+    state = (initial_state.to(dt) if initial_state is not None
+             else torch.zeros(B, H, Dk, v.shape[-1], dtype=dt, device=q.device))
+    steps = []
+    for t in range(S):
+        if g is not None:
+            state = torch.exp(g[:, :, t].to(dt))[..., None, None] * state
+        state = state + k[:, :, t, :, None].to(dt) * v[:, :, t, None, :].to(dt)
+        steps.append(scale * (q[:, :, t, :, None].to(dt) * state).sum(-2))
+    o = torch.stack(steps, 2) if steps else q.new_zeros(B, H, 0, v.shape[-1])
+    return o.to(q.dtype), state
 
 
 def _chunk_one(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale: float, state: Tensor,

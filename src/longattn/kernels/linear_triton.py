@@ -87,7 +87,7 @@ def _state_fwd(K, V, G, H0, HS, HT, SEQ_B, SEQ_START, SEQ_LEN, SEQ_CHUNK0, S, NH
 
 @triton.autotune(_out_configs(), key=["DK", "DV", "C", "USE_G"], prune_configs_by=_PRUNE)
 @triton.jit
-def _out_fwd(Q, K, V, G, HS, O, CH_B, CH_START, CH_LEN, scale, S, NH,
+def _out_fwd(Q, K, V, G, HS, OUT, CH_B, CH_START, CH_LEN, scale, S, NH,
              DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
              USE_G: tl.constexpr, PREC: tl.constexpr):
     """o = scale · (decayed q · start state + (decay-masked q kᵀ) v) for one chunk and one slice of DV."""
@@ -116,7 +116,7 @@ def _out_fwd(Q, K, V, G, HS, O, CH_B, CH_START, CH_LEN, scale, S, NH,
     else:
         scores = tl.where(causal, scores, 0.0)
     o = tl.dot(q, hs, input_precision=PREC) + tl.dot(scores.to(v.dtype), v, input_precision=PREC)
-    tl.store(O + (bh * S + t[:, None]) * DV + rv[None, :], (o * scale).to(O.dtype.element_ty),
+    tl.store(OUT + (bh * S + t[:, None]) * DV + rv[None, :], (o * scale).to(OUT.dtype.element_ty),
              mask=valid[:, None] & mv[None, :])
 
 
@@ -222,7 +222,7 @@ def _chunk_bwd(Q, K, V, G, HS, DHS, DO, DQ, DK_, DV_, DGL, CH_B, CH_START, CH_LE
 
 
 @triton.jit
-def _recurrent_step(Q, K, V, G, S0, O, ST, scale, T, NH, DK: tl.constexpr, DV: tl.constexpr,
+def _recurrent_step(Q, K, V, G, S0, OUT, ST, scale, T, NH, DK: tl.constexpr, DV: tl.constexpr,
                     BKF: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr):
     """T tokens from a state, one (batch·head, DV slice) per program: the state stays in registers (fp32)."""
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -240,7 +240,7 @@ def _recurrent_step(Q, K, V, G, S0, O, ST, scale, T, NH, DK: tl.constexpr, DV: t
             state = state * tl.exp(tl.load(G + bh * T + i))
         state += k[:, None] * v[None, :]
         o = tl.sum(q[:, None] * state, 0) * scale
-        tl.store(O + (bh * T + i) * DV + rv, o.to(O.dtype.element_ty), mask=mv)
+        tl.store(OUT + (bh * T + i) * DV + rv, o.to(OUT.dtype.element_ty), mask=mv)
     tl.store(ST + state_ptr, state, mask=mstate)
 
 
