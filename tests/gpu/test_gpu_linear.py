@@ -19,8 +19,9 @@ SHAPES = [(8192, 128, 128, "gate"), (4097, 64, 64, "decay"), (2000, 128, 64, "no
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"s{s[0]}-dk{s[1]}-dv{s[2]}-{s[3]}")
 def test_gpu_chunked_matches_oracle(shape, dtype):
+    """B=1, H=2: the fp64 recurrence keeps every step's state for autograd."""
     S, Dk, Dv, gating = shape
-    q, k, v, gate, decay, h0 = make_inputs(1, 2, S, Dk, Dv, dtype, gating=gating, device="cuda")  # fp64 loop: O(S) memory
+    q, k, v, gate, decay, h0 = make_inputs(1, 2, S, Dk, Dv, dtype, gating=gating, device="cuda")
     k = k * Dk ** -0.5
     oracle_check(api_run("triton", decay), q, k, v, gate, decay, h0)
 

@@ -92,8 +92,8 @@ def run(lengths: list[int], *, tokens: int = 1 << 20, heads: int = 16, head_dim:
                 base = {"suite": "linear", "op": direction, "mode": mode, "batch": B, "heads": heads, "seq": S,
                         "tokens": B * S, "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch."),
                         "chunk": 64, **check, **env}
-                ms, mem = _time(direction, lambda: linear_attention(q, k, v, decay=decay, impl="triton")[0],
-                                [q, k, v], dev)
+                fn = lambda x=(q, k, v), d=decay: linear_attention(*x, decay=d, impl="triton")[0]  # noqa: E731
+                ms, mem = _time(direction, fn, [q, k, v], dev)
                 row = {**base, "impl": "longattn-triton", "ms": ms, "tokens_per_s": B * S / ms * 1e3,
                        "peak_mem_bytes": mem}
                 if anchors:
@@ -129,7 +129,7 @@ def _sdpa_row(q, k, v, direction, dev, max_seq, cache, mode) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     S = q.shape[2]
-    if S > max_seq:
+    if max_seq < S:
         return {"sdpa_cudnn_ms": None, "sdpa_note": f"skipped: seq {S} > sdpa_max_seq {max_seq} (quadratic cost)"}
     key = (S, direction)
     if key not in cache:
@@ -157,7 +157,7 @@ def _decode_rows(heads, head_dim, dtype, batches, dev, env, out) -> list[dict]:
         o, s = linear_attention_step(q, k, v, state, decay=decay, impl="triton")
         ro, rs = linear_attention_step(q.float(), k.float(), v.float(), state, decay=decay, impl="recurrent")
         err = max(_rel_err(o, ro), _rel_err(s, rs))
-        ms = median_ms(lambda: linear_attention_step(q, k, v, state, decay=decay, impl="triton"), dev)
+        ms = median_ms(lambda x=(q, k, v, state), d=decay: linear_attention_step(*x, decay=d, impl="triton"), dev)
         row = {"suite": "linear", "op": "decode_step", "impl": "longattn-triton", "batch": B, "heads": heads,
                "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch."), "ms": ms, "us_per_step": ms * 1e3,
                "rel_err": err, "correct": err <= REL_TOL[dtype], **env}
