@@ -8,9 +8,10 @@ from longattn import masks
 from longattn.api import attention, sparse_attention
 from longattn.hf.patch import patch
 from longattn.kernels.decode import decode_attention
+from longattn.kernels.linear import linear_attention, linear_attention_step
 from longattn.masks.block_sparse import BlockSparse
 from longattn.methods import registry as methods
 
 __version__ = "0.1.0"
-__all__ = ["BlockSparse", "attention", "decode_attention", "masks", "methods", "patch", "sparse_attention",
-           "__version__"]
+__all__ = ["BlockSparse", "attention", "decode_attention", "linear_attention", "linear_attention_step", "masks",
+           "methods", "patch", "sparse_attention", "__version__"]
