@@ -42,11 +42,12 @@ def _load_builtin() -> None:
     import importlib
     import pkgutil
 
-    from longattn.methods import patterns, prefill  # noqa: F401  (patterns registers on import)
+    from longattn.methods import linear, patterns, prefill  # noqa: F401  (patterns registers on import)
 
-    for info in pkgutil.iter_modules(prefill.__path__):
-        if info.name != "base":
-            importlib.import_module(f"{prefill.__name__}.{info.name}")
+    for pkg in (prefill, linear):
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if info.name != "base":
+                importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
 def get(name: str) -> Entry:
