@@ -109,4 +109,3 @@ def test_hedgehog_distillation_learns_to_mimic_softmax():
         loss.backward()
         opt.step()
     assert float(loss.detach()) < first - 0.25, (first, float(loss.detach()))
-    assert all(p.grad is None for p in layer.q_proj.parameters())  # the teacher and q/k stay frozen here
