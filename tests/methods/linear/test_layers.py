@@ -22,6 +22,7 @@ CONFIGS = {
     "based": dict(n_heads=2, feature_dim=4, window=8, chunk=16),
     "hedgehog": dict(n_heads=2, feature_dim=8, chunk=16),
     "aaren": dict(n_heads=2),
+    "titans": dict(n_heads=2, chunk=4),
 }
 
 

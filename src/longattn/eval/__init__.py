@@ -1,0 +1,1 @@
+"""Evaluation: tasks, fidelity, recall-vs-state (one module per job)."""
