@@ -222,15 +222,17 @@ SWEEP: dict[str, list[dict]] = {
     "hedgehog": [{"n_heads": h, "feature_dim": f} for h, f in ((1, 64), (4, 16))],
     "based": [{"n_heads": 1, "feature_dim": f, "window": 16} for f in (4, 8, 16)],
     "aaren": [{"n_heads": h} for h in (1, 4)],
+    "titans": [{"n_heads": h} for h in (1, 4)],
 }
 
 
-def sweep_configs(lengths: Iterable[int], mixers: Iterable[str], **overrides) -> list[RecallConfig]:
-    """The grid: every mixer's state sizes at every length."""
+def sweep_configs(lengths: Iterable[int], mixers: Iterable[str], sizes: int | None = None,
+                  **overrides) -> list[RecallConfig]:
+    """The grid: every mixer's state sizes (the first ``sizes`` of them, default all) at every length."""
     out = []
     for S in lengths:
         for m in mixers:
-            for opts in SWEEP.get(m, [{}]):
+            for opts in SWEEP.get(m, [{}])[:sizes]:
                 out.append(RecallConfig(mixer=m, options=dict(opts), seq_len=S, **overrides))
     return out
 
@@ -307,7 +309,7 @@ def cmd_recall(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.quick:
         lengths, mixers = [64], ["softmax", "linear_elu", "based"]
-        overrides = dict(steps=args.steps or 150, batch=32, d_model=64, eval_size=128)
+        overrides = dict(steps=args.steps or 300, batch=64, d_model=64, eval_size=128, sizes=1)
     else:
         lengths = [int(x) for x in args.lengths.split(",")]
         mixers = args.mixers.split(",") if args.mixers else list(SWEEP)
@@ -327,7 +329,7 @@ def cmd_recall(args: argparse.Namespace) -> int:
 def add_cli(eval_subparsers) -> argparse.ArgumentParser:
     """Add the ``recall`` sub-command to ``longattn eval``."""
     p = eval_subparsers.add_parser("recall", help="MQAR recall vs recurrent state size (tiny models, CPU)")
-    p.add_argument("--quick", action="store_true", help="one short length, three mixers, ~1-2 min on CPU")
+    p.add_argument("--quick", action="store_true", help="S=64, three mixers, one size each: ~1-2 min on CPU")
     p.add_argument("--lengths", default="256,512,1024")
     p.add_argument("--mixers", default=None, help=f"comma list (default: all of {', '.join(SWEEP)})")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 1000; quick 150)")
