@@ -61,8 +61,9 @@ class SoftmaxMixer(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, d))
 
-    def state_bytes(self, seq_len: int, d_model: int) -> int:
-        return 2 * seq_len * d_model * 4
+    def cache_bytes(self, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+        """The KV cache at ``seq_len``."""
+        return 2 * batch * seq_len * self.o_proj.in_features * torch.empty((), dtype=dtype).element_size()
 
 
 def build_mixer(mixer: str, d_model: int, options: dict) -> nn.Module:
@@ -110,14 +111,11 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x))
 
     def state_bytes(self, seq_len: int) -> int:
-        """Mixer state per sequence (fp32) summed over layers: the KV cache for softmax at ``seq_len``, the fixed
-        recurrent state otherwise (the short convs' state, equal for every mixer, is left out)."""
-        total = 0
-        for b in self.blocks:
-            m = b.mixer
-            total += m.state_bytes(1, torch.float32) if isinstance(m, LinearLayer) else m.state_bytes(
-                seq_len, self.embed.embedding_dim)
-        return total
+        """Mixer state per sequence (fp32) summed over layers: the fixed recurrent state of recurrent layers, the
+        cache at ``seq_len`` of the others (softmax, ProbSparse, ...); the short convs' state, equal for every
+        mixer, is left out."""
+        return sum(b.mixer.state_bytes(1) if isinstance(b.mixer, LinearLayer) else b.mixer.cache_bytes(seq_len)
+                   for b in self.blocks)
 
 
 @dataclass
@@ -223,6 +221,9 @@ SWEEP: dict[str, list[dict]] = {
     "based": [{"n_heads": 1, "feature_dim": f, "window": 16} for f in (4, 8, 16)],
     "aaren": [{"n_heads": h} for h in (1, 4)],
     "titans": [{"n_heads": h} for h in (1, 4)],
+    "kernel_rpe": [{"n_heads": 2}],
+    "long_conv": [{}],
+    "probsparse": [{"n_heads": 2}],
 }
 
 
