@@ -221,6 +221,7 @@ SWEEP: dict[str, list[dict]] = {
     "based": [{"n_heads": 1, "feature_dim": f, "window": 16} for f in (4, 8, 16)],
     "aaren": [{"n_heads": h} for h in (1, 4)],
     "titans": [{"n_heads": h} for h in (1, 4)],
+    "lightnet": [{"n_heads": h} for h in (1, 4)],
     "kernel_rpe": [{"n_heads": 2}],
     "long_conv": [{}],
     "probsparse": [{"n_heads": 2}],

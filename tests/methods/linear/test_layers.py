@@ -23,6 +23,7 @@ CONFIGS = {
     "hedgehog": dict(n_heads=2, feature_dim=8, chunk=16),
     "aaren": dict(n_heads=2),
     "titans": dict(n_heads=2, chunk=4),
+    "lightnet": dict(n_heads=2, chunk=16),
 }
 
 
