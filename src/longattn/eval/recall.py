@@ -222,6 +222,7 @@ SWEEP: dict[str, list[dict]] = {
     "aaren": [{"n_heads": h} for h in (1, 4)],
     "titans": [{"n_heads": h} for h in (1, 4)],
     "lightnet": [{"n_heads": h} for h in (1, 4)],
+    "flowformer": [{"n_heads": h} for h in (1, 4)],
     "kernel_rpe": [{"n_heads": 2}],
     "long_conv": [{}],
     "probsparse": [{"n_heads": 2}],

@@ -24,6 +24,7 @@ CONFIGS = {
     "aaren": dict(n_heads=2),
     "titans": dict(n_heads=2, chunk=4),
     "lightnet": dict(n_heads=2, chunk=16),
+    "flowformer": dict(n_heads=2, chunk=16),
 }
 
 
