@@ -60,7 +60,7 @@ def test_every_config_is_registered():
     assert set(CONFIGS) | NOT_RECURRENT == set(names("linear"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=["fp16", "fp32", "fp64"])
 @pytest.mark.parametrize("S", [1, 37, 130])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_parallel_equals_recurrent(name, S, dtype):

@@ -42,10 +42,11 @@ class LightNet(FeatureMapAttention):
 
     def _gates(self, x: Tensor, lse0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, S, d] -> (log gate [B, H, S], key scale [B, H, S], final log-sum-exp [B, H])."""
-        z = self.z_proj(x).transpose(1, 2)
-        Z = torch.logcumsumexp(torch.cat([lse0[..., None], z], -1), -1)
+        acc = torch.promote_types(x.dtype, torch.float32)  # scores and gates in fp32 at least
+        z = self.z_proj(x).transpose(1, 2).to(acc)
+        Z = torch.logcumsumexp(torch.cat([lse0[..., None].to(acc), z], -1), -1)
         log_gate = first_gate_open(Z[..., :-1], Z[..., 1:])
-        return log_gate, (z - Z[..., 1:]).exp(), Z[..., -1]
+        return log_gate, (z - Z[..., 1:]).exp().to(x.dtype), Z[..., -1].to(x.dtype)
 
     def _forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         q, k, v = self._heads(x)
@@ -56,9 +57,11 @@ class LightNet(FeatureMapAttention):
     def _step(self, x_t: Tensor, state: State) -> tuple[Tensor, State]:
         x = x_t[:, None]
         q, k, v = self._heads(x)
-        z = self.z_proj(x_t)
-        lse = torch.logaddexp(state["lse"], z)
-        log_gate = first_gate_open(state["lse"], lse)
-        k = k[:, :, 0] * (z - lse).exp()[..., None]
+        acc = torch.promote_types(x_t.dtype, torch.float32)
+        z, prev = self.z_proj(x_t).to(acc), state["lse"].to(acc)
+        lse = torch.logaddexp(prev, z)
+        log_gate = first_gate_open(prev, lse).to(x_t.dtype)
+        k = k[:, :, 0] * (z - lse).exp().to(x_t.dtype)[..., None]
+        lse = lse.to(x_t.dtype)
         o, s = linear_attention_step(q[:, :, 0], k, v[:, :, 0], state["S"], log_gate, self.scale)
         return self._output(o[:, :, None], x)[:, 0], {"S": s, "lse": lse}
