@@ -226,6 +226,7 @@ SWEEP: dict[str, list[dict]] = {
     "kernel_rpe": [{"n_heads": 2}],
     "long_conv": [{}],
     "probsparse": [{"n_heads": 2}],
+    "softplus": [{"n_heads": 2}],
 }
 
 

@@ -53,7 +53,7 @@ def outputs_and_grads(layer, x, dout, form):
     return y, [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)]
 
 
-NOT_RECURRENT = {"kernel_rpe", "long_conv", "probsparse"}  # tested in test_not_recurrent.py
+NOT_RECURRENT = {"kernel_rpe", "long_conv", "probsparse", "softplus"}  # tested in test_not_recurrent.py
 
 
 def test_every_config_is_registered():

@@ -1,5 +1,5 @@
-"""Layers without a finite-state recurrence (kernel_rpe, long_conv, probsparse): the fast parallel form against
-the naive formula (fp64 oracle rule, outputs and gradients), their special cases, and their errors."""
+"""Layers without a finite-state recurrence (kernel_rpe, long_conv, probsparse, softplus): the fast parallel form
+against the naive formula (fp64 oracle rule, outputs and gradients), their special cases, and their errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.oracle import assert_close_to_reference
 
 D_MODEL = 16
 CONFIGS = {"kernel_rpe": dict(n_heads=2, max_len=64), "long_conv": dict(max_len=256),
-           "probsparse": dict(n_heads=2, factor=2)}
+           "probsparse": dict(n_heads=2, factor=2), "softplus": dict(n_heads=2, chunk=16)}
 
 
 def make(name: str) -> torch.nn.Module:
@@ -81,3 +81,14 @@ def test_bad_inputs_raise():
         get("probsparse").factory(D_MODEL, 2, factor=0)
     with pytest.raises(ValueError, match="n_heads"):
         get("kernel_rpe").factory(D_MODEL, 3)
+    with pytest.raises(ValueError, match="power"):
+        get("softplus").factory(D_MODEL, 2, power=0.5)
+
+
+def test_softplus_power_one_is_length_scaled_softplus_normalised():
+    layer = get("softplus").factory(D_MODEL, 2, power=1.0).double()
+    x = torch.randn(1, 9, D_MODEL, dtype=torch.float64)
+    q, k, v = layer._heads(x)
+    n = torch.arange(1, 10, dtype=torch.float64)[:, None]
+    w = F.softplus(q @ k.transpose(-1, -2) / (D_MODEL // 2) ** 0.5 * torch.log(n + 1)).tril()
+    torch.testing.assert_close(layer(x), layer._out((w / w.sum(-1, keepdim=True)) @ v))
