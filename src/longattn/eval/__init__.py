@@ -1,1 +1,1 @@
-"""Evaluation: long-context tasks, the eval loop, fidelity, perplexity and reports."""
+"""Evaluation: long-context tasks, the eval loop, fidelity, perplexity, recall-vs-state, and reports."""

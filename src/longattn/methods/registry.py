@@ -42,9 +42,9 @@ def _load_builtin() -> None:
     import importlib
     import pkgutil
 
-    from longattn.methods import decode, patterns, prefill  # noqa: F401  (patterns registers on import)
+    from longattn.methods import decode, linear, patterns, prefill  # noqa: F401  (patterns registers on import)
 
-    for package in (prefill, decode):
+    for package in (prefill, decode, linear):
         for info in pkgutil.iter_modules(package.__path__):
             if info.name != "base":
                 importlib.import_module(f"{package.__name__}.{info.name}")

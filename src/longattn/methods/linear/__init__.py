@@ -1,0 +1,1 @@
+"""Linear / recurrent attention layers: one file, one registered nn.Module each (see base.LinearLayer)."""
