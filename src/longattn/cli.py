@@ -155,6 +155,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from longattn import cost
+    from longattn.bench import decode as bench_decode
+    from longattn.bench import linear as bench_linear
+    from longattn.eval import recall
+
     p = argparse.ArgumentParser(prog="longattn", description="Fast, measured long-context attention.")
     p.add_argument("-v", "--verbose", action="store_true", help="log backend choices")
     sub = p.add_subparsers(dest="command", required=True)
@@ -202,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--brief", action="store_true", default=defaults.get("brief", False),
                        help="print the per-method table only")
         e.set_defaults(fn=fn)
+        if name == "eval":  # `longattn eval recall ...`: the MQAR recall-vs-state sweep
+            recall.add_cli(e.add_subparsers(dest="eval_command", required=False))
     fid = sub.add_parser("fidelity", help="attention-mass recall and output error per layer/head vs dense")
     fid.add_argument("--methods", default="minference_block")
     fid.add_argument("--lengths", default="4k")
@@ -223,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--reps", type=int, default=3)
     m.add_argument("--out", default=None)
     m.set_defaults(fn=cmd_bench_model)
+    bench_linear.add_cli(bench)
+    bench_decode.add_cli(bench)
+    cost.add_cli(sub)
     return p
 
 
