@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call per phase, everything written under $OUT. Usage: benchmarks/gpu-suite.sh PHASE [ARGS]
+#   tests  [PYTEST PATHS]      all GPU tests (4 pytest workers share the GPU), log + junit XML
+#   model  LENGTHS METHODS     `bench model`: random-weight Llama-3-8B-shaped prefill, dense cuDNN/flash vs methods
+#   decode LENGTHS BATCHES     `bench decode`: one decode step, ours dense/paged/selected vs SDPA flash and Flex
+#   linear LENGTHS             `bench linear`: chunked linear attention tokens/s at constant tokens vs cuDNN softmax
+set -uo pipefail
+export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/nvidia-smi.txt"
+python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__,
+"transformers", transformers.__version__, torch.cuda.get_device_name())'
+phase=${1:-tests}
+shift || true
+case "$phase" in
+  tests)
+    timeout "${TEST_TIMEOUT:-540}" python3 -m pytest ${@:-tests/gpu} -q -p no:cacheprovider -n "${WORKERS:-4}" \
+      --dist loadfile --durations=15 --junitxml="$OUT/gpu-tests.xml" -W ignore 2>&1 | tee "$OUT/gpu-tests.log" | tail -60 ;;
+  model)
+    python3 -m longattn.cli bench model --lengths "${1:-128k}" --methods "${2:-minference_vertical_slash,flexprefill}" \
+      --reps "${REPS:-2}" --out "$OUT/model.jsonl" 2>&1 | grep -v "it/s\]" | tail -60 ;;
+  decode)
+    python3 -m longattn.cli bench decode --lengths "${1:-8k,32k,128k,512k}" --batches "${2:-1,8}" \
+      --out "$OUT/decode.jsonl" 2>&1 | grep -v "it/s\]" | tail -60 ;;
+  linear)
+    python3 -m longattn.cli bench linear --lengths ${1:-4096 65536 1048576} --tokens 1048576 --heads 16 \
+      --head-dim 128 --modes decay none --out "$OUT/linear.jsonl" 2>&1 | grep -v "it/s\]" | tail -60 ;;
+  *) echo "unknown phase $phase" >&2; exit 2 ;;
+esac
