@@ -4,8 +4,14 @@
 #   model  LENGTHS METHODS     `bench model`: random-weight Llama-3-8B-shaped prefill, dense cuDNN/flash vs methods
 #   decode LENGTHS BATCHES     `bench decode`: one decode step, ours dense/paged/selected vs SDPA flash and Flex
 #   linear LENGTHS             `bench linear`: chunked linear attention tokens/s at constant tokens vs cuDNN softmax
+#                              (and fla-core's chunk kernels when its wheel is carried in .whl/)
+#   recall LENGTHS             `eval recall` (MQAR) on the GPU, the mixers split over 4 processes, one JSONL each
 set -uo pipefail
-export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (e.g. fla-core), installed beside the image's packages
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/nvidia-smi.txt"
@@ -26,5 +32,13 @@ case "$phase" in
   linear)
     python3 -m longattn.cli bench linear --lengths ${1:-4096 65536 1048576} --tokens 1048576 --heads 16 \
       --head-dim 128 --modes decay none --out "$OUT/linear.jsonl" 2>&1 | grep -v "it/s\]" | tail -60 ;;
+  recall)
+    groups=("softmax,sliding_window,linear_elu,kernel_rpe,long_conv" "lightning,transnormer,retnet,probsparse,softplus"
+            "hedgehog,based,aaren" "titans,lightnet,flowformer")
+    for i in "${!groups[@]}"; do
+      timeout "${RECALL_TIMEOUT:-480}" python3 -m longattn.cli eval recall --device auto --lengths "${1:-256,512,1024}" \
+        --mixers "${groups[$i]}" --out "$OUT/recall-g$i.jsonl" --plot "$OUT/recall-g$i.png" >"$OUT/recall-g$i.log" 2>&1 &
+    done
+    wait; tail -n 4 "$OUT"/recall-g*.log ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
