@@ -46,3 +46,13 @@ def assert_dense_equivalent(policy: str, config: dict, *, n: int = 40, layers: i
         assert cache.get_seq_length() == n + 2  # the last generated token is never fed back
     finally:
         handle.restore()
+
+
+def assert_listed(name: str, paper_words: str, capsys) -> None:
+    """`longattn methods` prints the policy with family 'decode' and its paper."""
+    from longattn.cli import main
+
+    assert main(["methods"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    row = next(r for r in rows if r and r[0] == name)
+    assert row[1] == "decode" and paper_words in " ".join(row[2:]), row
