@@ -7,7 +7,7 @@ import torch
 
 import longattn
 from longattn.hf.cache import LongattnLayer
-from longattn.methods.decode.squeezed import SqueezedAttention, kmeans, take_until
+from longattn.methods.decode.squeezed import SqueezedAttention, kmeans, nearest, take_until
 from tests.methods.decode.helpers import assert_dense_equivalent, assert_listed, greedy, prompt, tiny_llama
 
 
@@ -49,6 +49,7 @@ def test_kmeans_and_take_until():
     x = torch.tensor([[[0.0], [0.2], [5.0], [5.2], [9.0]]])
     c, a = kmeans(x, 2, 5)
     assert a.tolist() == [[0, 0, 1, 1, 1]] and torch.allclose(c, torch.tensor([[[0.1], [6.4]]]))
+    assert torch.equal(nearest(x, c, chunk=2), a)  # chunked assignment = one pass
     mass, size = torch.tensor([0.1, 0.5, 0.3, 0.1]), torch.tensor([4.0, 2.0, 3.0, 1.0])
     assert take_until(mass, size, 4).tolist() == [False, True, True, False]  # 2 tokens < 4, then 5 >= 4
     assert take_until(mass, size, 4, torch.tensor([True, False, True, True])).tolist() == [True, False, True, False]

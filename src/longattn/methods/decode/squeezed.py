@@ -24,6 +24,12 @@ from longattn.methods.decode.base import DecodePolicy, check_fraction, check_int
 from longattn.methods.registry import register
 
 
+def nearest(x: Tensor, c: Tensor, *, chunk: int = 1024) -> Tensor:
+    """Index [N, n] of the nearest centroid c [N, k, D] to each point x [N, n, D], ``chunk`` points at a time so the
+    distance matrix stays O(chunk x k) per head."""
+    return torch.cat([torch.cdist(x[:, i:i + chunk], c).argmin(-1) for i in range(0, x.shape[1], chunk)], 1)
+
+
 def kmeans(x: Tensor, k: int, iters: int) -> tuple[Tensor, Tensor]:
     """Batched Lloyd k-means of x [N, n, D] into k clusters (k <= n), initialised on k evenly spaced points
     (deterministic); an emptied cluster keeps its last centroid. Returns (centroids [N, k, D], assign [N, n])."""
@@ -31,13 +37,13 @@ def kmeans(x: Tensor, k: int, iters: int) -> tuple[Tensor, Tensor]:
     x = x.float()
     init = torch.linspace(0, n - 1, k, device=x.device).round().long()
     c = x[:, init].clone()
-    assign = torch.zeros(N, n, dtype=torch.long, device=x.device)
+    ones = torch.ones(N, n, device=x.device)
     for _ in range(iters):
-        assign = torch.cdist(x, c).argmin(-1)
+        assign = nearest(x, c)
         sums = torch.zeros_like(c).scatter_add_(1, assign[..., None].expand(N, n, D), x)
-        counts = torch.zeros(N, k, device=x.device).scatter_add_(1, assign, torch.ones(N, n, device=x.device))
+        counts = torch.zeros(N, k, device=x.device).scatter_add_(1, assign, ones)
         c = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], c)
-    return c, torch.cdist(x, c).argmin(-1)
+    return c, nearest(x, c)
 
 
 def take_until(mass: Tensor, size: Tensor, target: float, eligible: Tensor | None = None) -> Tensor:
@@ -89,7 +95,7 @@ class SqueezedAttention(DecodePolicy):
         keys = layer.keys[:, :, :S].to(layer.device).reshape(B * H, S, D)
         kf = max(1, min(S, math.ceil(self.fine_ratio * S)))
         kc = max(1, min(kf, math.ceil(self.coarse_ratio * S)))
-        fine, assign = kmeans(keys, kf, self.iters)
+        fine, assign = kmeans(keys, kf, self.iters)  # all heads at once: [B * H, S, kf] distances per chunk
         fine_size = torch.zeros(B * H, kf, device=layer.device).scatter_add_(1, assign, torch.ones_like(
             assign, dtype=torch.float32))
         coarse, parent = kmeans(fine, kc, self.iters)
