@@ -10,7 +10,12 @@ with 4 representatives, 16 units looked up per step. Nothing is evicted (the pap
 memory: pass ``offload="values"`` or ``"all"`` to the cache for that); a slot's index is its absolute position.
 
 Representative scores need the prompt's queries, captured at the end of prefill (``query_window = None``) and
-freed at ``compress``; tokens fed later (decoded, or a later chunk) score their own unit's keys as they go."""
+freed at ``compress`` (scored ``chunk`` queries at a time to bound memory); tokens fed later (decoded, or a later
+chunk) score their own unit's keys as they go.
+
+Deviation from the paper: InfLLM gives every memory token one shared position (the local window's size) so that
+a model can run beyond its trained length. Here keys are cached after the model's own RoPE, so memory tokens keep
+their real positions: the policy saves compute within the trained context, it does not extend it."""
 
 from __future__ import annotations
 
