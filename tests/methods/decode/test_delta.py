@@ -8,12 +8,20 @@ import torch
 import longattn
 from longattn.hf.cache import LongattnLayer
 from longattn.methods.decode.delta import DELTA
-from tests.methods.decode.helpers import assert_dense_equivalent, assert_listed, greedy, prompt, tiny_llama
+from tests.methods.decode.helpers import (
+    assert_dense_equivalent,
+    assert_listed,
+    assert_padded_dense_equivalent,
+    greedy,
+    prompt,
+    tiny_llama,
+)
 
 
 def test_budget_covering_everything_equals_dense():
     config = {"budget": 64, "full_layers": 1, "delta_layers": (1,), "page_size": 4, "sinks": 4, "recent": 8}
     assert_dense_equivalent("delta", config, layers=3)
+    assert_padded_dense_equivalent("delta", config, layers=3)
 
 
 def _layer(hot: int, S: int = 10) -> LongattnLayer:

@@ -8,12 +8,20 @@ import torch
 import longattn
 from longattn.hf.cache import LongattnLayer
 from longattn.methods.decode.infllm import InfLLM
-from tests.methods.decode.helpers import assert_dense_equivalent, assert_listed, greedy, prompt, tiny_llama
+from tests.methods.decode.helpers import (
+    assert_dense_equivalent,
+    assert_listed,
+    assert_padded_dense_equivalent,
+    greedy,
+    prompt,
+    tiny_llama,
+)
 
 
 def test_budget_covering_everything_equals_dense():
     """16 units of 4 cover the 60 tokens: every memory unit is read."""
     assert_dense_equivalent("infllm", {"n_init": 4, "n_local": 8, "block_size": 4, "repr_topk": 2, "topk": 16})
+    assert_padded_dense_equivalent("infllm", {"n_init": 4, "n_local": 8, "block_size": 4, "repr_topk": 2, "topk": 16})
 
 
 def test_representatives_are_voted_by_their_own_unit_causally():

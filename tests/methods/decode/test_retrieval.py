@@ -10,7 +10,14 @@ import torch
 import longattn
 from longattn.hf.cache import LongattnLayer
 from longattn.methods.decode.retrieval import RetrievalAttention
-from tests.methods.decode.helpers import assert_dense_equivalent, assert_listed, greedy, prompt, tiny_llama
+from tests.methods.decode.helpers import (
+    assert_dense_equivalent,
+    assert_listed,
+    assert_padded_dense_equivalent,
+    greedy,
+    prompt,
+    tiny_llama,
+)
 
 pytest.importorskip("faiss", reason="the 'ann' extra (faiss-cpu) is part of the dev install")
 
@@ -20,6 +27,7 @@ def test_budget_covering_everything_equals_dense(index):
     """top_k >= the indexed middle: every token is read."""
     config = {"n_sink": 4, "n_recent": 8, "top_k": 64, "index": index, "ef_search": 64}
     assert_dense_equivalent("retrieval", config)
+    assert_padded_dense_equivalent("retrieval", config)
 
 
 def test_retrieval_hand_worked():

@@ -13,13 +13,21 @@ from longattn.hf.cache import attend_cached
 from longattn.kernels.reference import reference_attention
 from longattn.masks.core import MaskMod
 from longattn.methods.decode.shadowkv import ShadowKV, ShadowLayer
-from tests.methods.decode.helpers import assert_dense_equivalent, assert_listed, greedy, prompt, tiny_llama
+from tests.methods.decode.helpers import (
+    assert_dense_equivalent,
+    assert_listed,
+    assert_padded_dense_equivalent,
+    greedy,
+    prompt,
+    tiny_llama,
+)
 from tests.oracle import assert_close_to_reference
 
 
 def test_budget_covering_everything_equals_dense():
     assert_dense_equivalent("shadowkv", {"budget": 64, "chunk_size": 8, "rank": 16, "outlier_chunk": 1,
                                          "local_chunk": 1})
+    assert_padded_dense_equivalent("shadowkv", {"budget": 64, "chunk_size": 8, "rank": 16})
 
 
 def test_full_rank_reading_every_chunk_matches_dense_logits():

@@ -8,11 +8,19 @@ import torch
 import longattn
 from longattn.hf.cache import LongattnLayer
 from longattn.methods.decode.squeezed import SqueezedAttention, kmeans, nearest, take_until
-from tests.methods.decode.helpers import assert_dense_equivalent, assert_listed, greedy, prompt, tiny_llama
+from tests.methods.decode.helpers import (
+    assert_dense_equivalent,
+    assert_listed,
+    assert_padded_dense_equivalent,
+    greedy,
+    prompt,
+    tiny_llama,
+)
 
 
 def test_budget_covering_everything_equals_dense():
     assert_dense_equivalent("squeezed", {"budget": 40, "fine_ratio": 0.25, "coarse_ratio": 0.1})
+    assert_padded_dense_equivalent("squeezed", {"budget": 40, "fine_ratio": 0.25, "coarse_ratio": 0.1})
 
 
 def _four_blobs() -> LongattnLayer:
