@@ -75,6 +75,7 @@ class InfLLM(DecodePolicy):
             rcnt[:, :, lo:pb] += same.sum(0).to(rcnt.dtype)
 
     def apply_compress(self, layer_idx, layer):
+        layer.infllm = None  # (a reset cache may hold old representatives)
         if layer.queries is not None:
             self.accumulate(layer, layer.queries, layer.seen - layer.queries.shape[2])
         super().apply_compress(layer_idx, layer)

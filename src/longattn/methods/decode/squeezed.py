@@ -88,7 +88,7 @@ class SqueezedAttention(DecodePolicy):
     def apply_compress(self, layer_idx, layer):
         """Cluster the fixed context (offline, once): every head holds the same slots, slot = position."""
         S = int(layer.lengths.max())
-        layer.queries, layer.compressed = None, True
+        layer.queries, layer.compressed, layer.squeezed = None, True, None  # (a reset cache may hold old state)
         if self.budget >= S:
             return  # everything would be read
         B, H, _, D = layer.keys.shape
