@@ -46,3 +46,24 @@ def assert_dense_equivalent(policy: str, config: dict, *, n: int = 40, layers: i
         assert cache.get_seq_length() == n + 2  # the last generated token is never fed back
     finally:
         handle.restore()
+
+
+def assert_listed(name: str, paper_words: str, capsys) -> None:
+    """`longattn methods` prints the policy with family 'decode' and its paper."""
+    from longattn.cli import main
+
+    assert main(["methods"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    row = next(r for r in rows if r and r[0] == name)
+    assert row[1] == "decode" and paper_words in " ".join(row[2:]), row
+
+
+def assert_padded_dense_equivalent(policy: str, config: dict, *, layers: int = 2) -> None:
+    """A left-padded batch with a budget that reads everything == the unpatched model on the same batch."""
+    model = tiny_llama(layers, 4, 2)
+    a, b = prompt(30, seed=2), prompt(22, seed=3)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], 1)])
+    mask = torch.cat([torch.ones(1, 30), torch.cat([torch.zeros(1, 8), torch.ones(1, 22)], 1)]).long()
+    dense = greedy(model, batch, new=8, attention_mask=mask)
+    with longattn.patch(model, decode=policy, impl="reference", decode_config=config) as patched_model:
+        assert torch.equal(greedy(patched_model, batch, new=8, attention_mask=mask), dense)
