@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from longattn import masks
+from longattn.kernels import gather
 from longattn.kernels.gather import block_gather_attention
 from longattn.masks.block_sparse import BlockSparse
 from tests.kernels.test_block_sparse_kernel import ALL_FACTORIES
@@ -20,19 +21,29 @@ def _inputs(B, Hq, Hkv, Sq, Skv, D, dtype, seed=0):
             torch.randn(B, Hkv, Skv, D, generator=g, dtype=dtype))
 
 
-def _run(bs, scale=0.3, fused=False):
-    """The explicit-softmax path (with LSE), or the fused SDPA path (no LSE: its out and gradients are checked,
-    the LSE checked beside it comes from the explicit path)."""
+STRATEGIES = ["lse", "blocks", "prefix"]
+
+
+def _run(bs, scale=0.3, fused: bool | str = False):
+    """The explicit-softmax path (with LSE), or without LSE the fused SDPA strategies: over gathered blocks
+    ("blocks"), over each query chunk's masked key prefix ("prefix"), or whichever the density picks (True). Their
+    out and gradients are checked; the LSE checked beside them comes from the explicit path."""
+    share = {"blocks": float("inf"), "prefix": -1.0}.get(fused, gather._PREFIX_SHARE)
+
     def run(q, k, v, bias):
         out, lse = block_gather_attention(q, k, v, bs, scale)
-        if fused:
-            out, none = block_gather_attention(q, k, v, bs, scale, return_lse=False)
+        if fused and fused != "lse":
+            saved, gather._PREFIX_SHARE = gather._PREFIX_SHARE, share
+            try:
+                out, none = block_gather_attention(q, k, v, bs, scale, return_lse=False)
+            finally:
+                gather._PREFIX_SHARE = saved
             assert none is None
         return out, lse
     return run
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["lse", "fused"])
+@pytest.mark.parametrize("fused", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize(("Sq", "Skv", "Hq", "Hkv", "block"), [(1, 1, 2, 2, (16, 32)), (127, 127, 4, 1, (32, 64)),
                                                                (70, 300, 8, 1, (64, 32)), (1, 1000, 4, 4, (16, 64))])
@@ -48,7 +59,8 @@ def test_every_mask_factory(name):
     q, k, v = _inputs(1, 4, 2, 160, 160, 32, torch.bfloat16)
     mask = ALL_FACTORIES[name]()
     bs = BlockSparse.from_mask_mod(mask, 1, 4, 160, 160, (32, 32))
-    check_against_oracle(_run(bs, fused=True), q, k, v, mask=mask, scale=0.3)
+    check_against_oracle(_run(bs, fused="blocks"), q, k, v, mask=mask, scale=0.3)
+    check_against_oracle(_run(bs, fused="prefix"), q, k, v, mask=mask, scale=0.3)
 
 
 @given(sq=st.integers(1, 150), skv=st.integers(1, 150), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
@@ -57,7 +69,14 @@ def test_random_block_masks(sq, skv, density, seed):
     g = torch.Generator().manual_seed(seed)
     blocks = torch.rand(1, 4, -(-sq // 16), -(-skv // 32), generator=g) < density
     bs = BlockSparse.from_block_mask(blocks, sq, skv, (16, 32))
-    check_against_oracle(_run(bs, fused=seed % 2 == 1), q, k, v, mask=bs, scale=0.3)
+    check_against_oracle(_run(bs, fused=STRATEGIES[seed % 3]), q, k, v, mask=bs, scale=0.3)
+
+
+def test_prefix_share_picks_the_strategy():
+    """A sliding window over a long row keeps few of its prefix blocks (gather them); causal keeps all of them."""
+    window = BlockSparse.from_mask_mod(masks.sliding_window(64), 1, 1, 1024, 1024, (64, 64))
+    causal = BlockSparse.from_mask_mod(masks.causal(), 1, 1, 1024, 1024, (64, 64))
+    assert gather.prefix_share(window) < gather._PREFIX_SHARE < gather.prefix_share(causal) == 1.0
 
 
 def test_packed_block_sparse_is_refused():

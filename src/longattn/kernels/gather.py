@@ -3,7 +3,10 @@
 For a few query blocks at a time it gathers only the kv blocks their lists name, so the work is proportional to
 the retained blocks (unlike the reference, which scores every pair and masks). Without LSE the gathered blocks go
 through PyTorch's fused SDPA kernel (one pass, no score tensor kept); with LSE, through the explicit softmax the
-reference uses. Differentiable through autograd.
+reference uses. When the blocks cover much of each row's key prefix (token-level patterns with many partial
+blocks), per-block gathering costs more than it saves; then, without LSE, query chunks run through fused SDPA over
+their whole key prefix with the BlockSparse expanded to an element mask (same pairs, same result). Differentiable
+through autograd.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from longattn.kernels.reference import softmax_attend
 from longattn.masks.block_sparse import BlockSparse, _unpack_bits
 
 _CHUNK_ELEMS = 1 << 23  # score elements (q rows × gathered keys × heads) held at once
+_PREFIX_SHARE = 0.25  # kept blocks / key-prefix blocks above which the masked-prefix strategy is used
+_PREFIX_ROWS = 1024  # query rows per masked-prefix SDPA call
 
 
 def block_gather_attention(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale: float,
@@ -30,6 +35,8 @@ def block_gather_attention(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, sca
         raise ValueError("mask: the gather path takes plain (not packed variable-length) BlockSparse masks")
     if compute_dtype is None:
         compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    if not return_lse and prefix_share(bs) > _PREFIX_SHARE:
+        return masked_prefix_attention(q, k, v, bs, scale), None
     outs, lses = [], []
     for qc, kg, vg, allowed, rows in _gathered(q, k, v, bs, compute_dtype if return_lse else q.dtype):
         if return_lse:
@@ -81,3 +88,50 @@ def _gathered(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, dtype: torch.dty
         q_lo, q_hi = lo * bq, min(Sq, hi * bq)
         qc = F.pad(q[:, :, q_lo:q_hi].to(dtype), (0, 0, 0, n * bq - (q_hi - q_lo))).view(B, Hq, n, bq, D)
         yield qc, kg, vg, allowed, q_hi - q_lo
+
+
+def prefix_share(bs: BlockSparse) -> float:
+    """Kept kv blocks / the blocks of each query block's key prefix (up to its last kept block), over all rows."""
+    counts = bs.kv_counts.long()
+    pos = torch.arange(bs.kv_indices.shape[-1], device=counts.device)
+    live = pos < counts.unsqueeze(-1)
+    last = torch.where(live, bs.kv_indices.long(), -1).amax(-1) + 1  # [B', H', nQB]
+    return float(counts.sum()) / max(1.0, float(last.sum()))
+
+
+def masked_prefix_attention(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale: float) -> Tensor:
+    """Fused SDPA per chunk of query rows over the keys up to the chunk's last kept block, the BlockSparse expanded
+    to an element mask for those rows only (memory O(rows × Skv × heads)); rows with nothing kept give zeros."""
+    B, Hq, Sq, D = q.shape
+    Skv = k.shape[2]
+    bq, bkv = bs.block_size
+    nkb = -(-Skv // bkv)
+    # tile 0: not kept, 1: full, 2..: the partial bit tiles
+    tiles = torch.cat([torch.zeros(1, bq, bkv, dtype=torch.bool, device=q.device),
+                       torch.ones(1, bq, bkv, dtype=torch.bool, device=q.device), _unpack_bits(bs.tiles, bkv)])
+    row_any = tiles.any(-1)  # [T, bq]
+    shape = (B, Hq, len(bs.q_blocks))
+    live = torch.arange(bs.kv_indices.shape[-1], device=q.device) < bs.kv_counts.expand(shape).long().unsqueeze(-1)
+    idx = torch.where(live, bs.kv_indices.expand(*shape, -1).long(), nkb)  # padding -> a dummy block, dropped
+    tile_of = torch.zeros(*shape, nkb + 1, dtype=torch.long, device=q.device)
+    tile_of.scatter_(3, idx, torch.where(live, bs.tile_ids.expand(*shape, -1).long() + 2, 0))
+    tile_of = tile_of[..., :nkb]  # [B, Hq, nQB, nKB]: which tile each (query block, kv block) uses
+    kept = (tile_of > 0).flip(-1).cumsum(-1).flip(-1) > 0  # blocks at or before the row's last kept block
+    per_chunk = max(1, _PREFIX_ROWS // bq)
+    out = torch.empty_like(q)
+    for lo in range(0, shape[2], per_chunk):
+        hi = min(shape[2], lo + per_chunk)
+        q_lo, q_hi = lo * bq, min(Sq, hi * bq)
+        n_kv = int(kept[..., lo:hi, :].any(-2).any(0).any(0).sum())
+        if n_kv == 0:
+            out[:, :, q_lo:q_hi] = 0
+            continue
+        kv_hi = min(Skv, n_kv * bkv)
+        t = tile_of[..., lo:hi, :n_kv]  # [B, Hq, n, m]
+        allowed = tiles[t].permute(0, 1, 2, 4, 3, 5).reshape(B, Hq, (hi - lo) * bq, n_kv * bkv)
+        allowed = allowed[:, :, :q_hi - q_lo, :kv_hi]
+        o = F.scaled_dot_product_attention(q[:, :, q_lo:q_hi], k[:, :, :kv_hi], v[:, :, :kv_hi], attn_mask=allowed,
+                                           scale=scale, enable_gqa=Hq != k.shape[1])
+        empty = ~row_any[t].any(-2).flatten(-2)[..., :q_hi - q_lo]  # [B, Hq, rows]: nothing kept in the row
+        out[:, :, q_lo:q_hi] = torch.where(empty.unsqueeze(-1), 0, o) if bool(empty.any()) else o
+    return out
