@@ -21,6 +21,19 @@ def _ints(text: str) -> list[int]:
     return out
 
 
+def _specs(text: str) -> list[str]:
+    """Split a comma list of specs, keeping commas inside brackets (``tidaldecode:selection_layers=(2,13)``)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [s for s in (*out, cur) if s.strip()]
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from longattn.methods.registry import table
 
@@ -77,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Tasks × lengths × depths × methods on one model; JSONL rows (resumable), a table and an HTML report."""
     from longattn.bench.timing import environment
     from longattn.eval import report, runner
-    from longattn.eval.methods import parse_method
+    from longattn.eval.methods import expand_budgets, parse_decode, parse_method
     from longattn.eval.tasks import TASKS
     from longattn.hf.models import load_model
 
@@ -85,7 +98,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     unknown = [t for t in tasks if t not in (*TASKS, "perplexity")]
     if unknown:
         raise SystemExit(f"--tasks: unknown {unknown}; valid: {', '.join(TASKS)}, perplexity")
-    methods = [parse_method(m) for m in args.methods.split(",")]  # fails on unknown names before loading a model
+    # every spec is checked before a model loads: unknown names and knobs, bad knob values
+    try:
+        methods = [parse_method(m) for m in _specs(args.methods)]
+    except ValueError as e:
+        raise SystemExit(f"--methods {args.methods!r}: {e}") from None
+    policies = [m.label for m in methods if m.family == "decode"]
+    if policies:
+        raise SystemExit(f"--methods: {policies} are decode policies; pass them with --decode")
+    try:
+        decodes = [parse_decode(d) for d in _specs(args.decode)]
+    except ValueError as e:
+        raise SystemExit(f"--decode {args.decode!r}: {e}") from None
+    try:
+        decodes = expand_budgets(decodes, _ints(args.budgets) if args.budgets else None)
+    except ValueError as e:
+        raise SystemExit(f"--budgets {args.budgets!r}: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
@@ -96,13 +124,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if max_len and max(lengths) > max_len:
         raise SystemExit(f"--lengths: {max(lengths)} exceeds the model's {max_len} positions")
     jobs = runner.grid(tasks, lengths, [float(d) for d in args.depths.split(",")], methods,
-                       seeds=range(args.seeds), haystacks=args.haystack.split(","))
+                       seeds=range(args.seeds), haystacks=args.haystack.split(","), decodes=decodes)
     out, name = Path(args.out), args.model or "smollm2-135m-instruct"
     new = runner.run(jobs, model, tokenizer, out, model_name=name, impl=args.impl,
                      environment={k: v for k, v in environment(torch.device(device)).items() if k != "device"})
     rows = runner.rows_of(jobs, out, model_name=name, dtype=model.dtype)
     print(report.markdown(rows, per_task=not args.brief))
     html = report.write_html(rows, Path(args.report or out.with_suffix(".html")))
+    skipped = [r for r in rows if r.get("skipped")]
+    if skipped:
+        print(f"skipped {len(skipped)} rows, e.g. {skipped[0]['decode']} at {skipped[0]['tokens']} tokens: "
+              f"{skipped[0]['skipped']}")
     print(f"rows: {out} ({len(rows)} in this grid, {len(new)} new) · report: {html}")
     return 0
 
@@ -194,7 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--lengths", default=defaults["lengths"], help="prompt tokens, e.g. 2k,4k,8000")
         e.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths (fractions)")
         e.add_argument("--methods", default=defaults["methods"],
-                       help="comma list of dense | NAME | NAME:knob=value:knob=value (see `longattn methods`)")
+                       help="prefill: comma list of dense | NAME | NAME:knob=value:knob=value (see `longattn methods`)")
+        e.add_argument("--decode", default="dense",
+                       help="decode-time KV policies, comma list of dense | POLICY[:knob=value...] (decode family in "
+                            "`longattn methods`); each runs with every --methods entry")
+        e.add_argument("--budgets", default=None,
+                       help="e.g. 256,512,1k: run each --decode policy that takes a budget (and sets none) once per "
+                            "budget (tokens per kv head)")
         e.add_argument("--haystack", default="noise", help="noise, essay or both (comma list)")
         e.add_argument("--seeds", type=int, default=1)
         e.add_argument("--model", default=None, help="local HF folder or cached hub id (default: embedded model)")

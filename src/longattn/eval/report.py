@@ -1,5 +1,7 @@
 """Turn eval rows into tables (markdown / HTML) and plots: NIAH heatmaps (depth × length) per method, accuracy vs
-density and vs prefill time, so accuracy always sits beside the speed it buys."""
+density and vs prefill time, so accuracy always sits beside the speed it buys. Rows run with a decode policy are
+named ``method + decode`` and get their own table (accuracy, compression, KV read fraction, decode ms/token) and
+an accuracy-vs-compression plot per task."""
 
 from __future__ import annotations
 
@@ -28,21 +30,44 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _decode(row: dict) -> str:
+    return row.get("decode", "dense")  # rows written before decode policies were evaluated ran on the dense cache
+
+
+def _name(row: dict) -> str:
+    """The row's method, with its decode policy when that is not the dense cache."""
+    return row["method"] if _decode(row) == "dense" else f"{row['method']} + {_decode(row)}"
+
+
 def _methods(rows: list[dict]) -> list[str]:
     """Dense first, then the others in order of first appearance."""
-    seen = list(dict.fromkeys(r["method"] for r in rows))
+    seen = list(dict.fromkeys(_name(r) for r in rows))
     return sorted(seen, key=lambda m: m != "dense")
 
 
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    """Mean of a field over the rows that have it (None when none do)."""
+    xs = [r[key] for r in rows if r.get(key) is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def has_decode(rows: list[dict]) -> bool:
+    """Whether any row ran with a decode policy (not the dense cache)."""
+    return any(_decode(r) != "dense" for r in rows)
+
+
 def summary(rows: list[dict]) -> list[dict]:
-    """One row per method: accuracy (%) per length and overall, mean density, mean prefill ms per length."""
+    """One row per (method, decode policy): accuracy (%) per length and overall, mean density, mean prefill ms per
+    length; mean compression, KV read fraction, decode ms/token and tokens/s where the rows carry them."""
     rows = [r for r in rows if r.get("correct") is not None]
     lengths = sorted({r["length"] for r in rows})
     out = []
     for m in _methods(rows):
-        mine = [r for r in rows if r["method"] == m]
-        entry = {"method": m, "samples": len(mine), "accuracy": 100 * _mean([r["correct"] for r in mine]),
-                 "density": _mean([r["density"] for r in mine])}
+        mine = [r for r in rows if _name(r) == m]
+        entry = {"method": m, "prefill": mine[0]["method"], "decode": _decode(mine[0]), "samples": len(mine),
+                 "accuracy": 100 * _mean([r["correct"] for r in mine]), "density": _mean([r["density"] for r in mine])}
+        for key in ("compression", "kv_read_fraction", "decode_ms_per_token", "tokens_per_s", "kv_bytes_kept"):
+            entry[key] = _mean_of(mine, key)
         for n in lengths:
             at = [r for r in mine if r["length"] == n]
             entry[f"acc@{n}"] = 100 * _mean([r["correct"] for r in at])
@@ -72,10 +97,29 @@ def markdown(rows: list[dict], *, per_task: bool = True) -> str:
             for n in lengths:
                 cells = []
                 for t in tasks:
-                    at = [r["correct"] for r in rows if r["method"] == m and r["length"] == n and r["task"] == t]
+                    at = [r["correct"] for r in rows if _name(r) == m and r["length"] == n and r["task"] == t]
                     cells.append(f"{100 * _mean(at):.0f}" if at else "–")
                 lines.append(f"| {m} | {n} | " + " | ".join(cells) + " |")
+    if has_decode(rows):
+        lines += ["", decode_table(rows)]
     return "\n".join(lines) + ("\n\n" + _perplexity_table(ppl) if ppl else "")
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def decode_table(rows: list[dict]) -> str:
+    """Per (method, decode policy): accuracy, compression (dense KV bytes / kept KV bytes), fraction of the kept
+    KV a step reads (query-aware policies), kept KV in KiB, decode ms/token, tokens/s, samples."""
+    lines = ["| method | decode | acc % | compression | kv read | kept KiB | decode ms/token | tokens/s | samples |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in summary(rows):
+        kib = None if e["kv_bytes_kept"] is None else e["kv_bytes_kept"] / 1024
+        lines.append(f"| {e['prefill']} | {e['decode']} | {e['accuracy']:.1f} | {_fmt(e['compression'], '.2f')}x | "
+                     f"{_fmt(e['kv_read_fraction'], '.2f')} | {_fmt(kib, '.1f')} | "
+                     f"{_fmt(e['decode_ms_per_token'], '.2f')} | {_fmt(e['tokens_per_s'], '.1f')} | {e['samples']} |")
+    return "\n".join(lines)
 
 
 def _perplexity_table(rows: list[dict]) -> str:
@@ -85,7 +129,7 @@ def _perplexity_table(rows: list[dict]) -> str:
     for m in _methods(rows):
         cells = []
         for n in lengths:
-            at = [r for r in rows if r["method"] == m and r["length"] == n]
+            at = [r for r in rows if _name(r) == m and r["length"] == n]
             cells.append(f"{_mean([r['perplexity'] for r in at]):.3f} ({_mean([r['density'] for r in at]):.2f})"
                          if at else "–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -111,7 +155,7 @@ def heatmaps(rows: list[dict], path: Path) -> Path | None:
     for ax, m in zip(axes.flat, methods, strict=False):
         cell = defaultdict(list)
         for r in needle:
-            if r["method"] == m:
+            if _name(r) == m:
                 cell[(r["depth"], r["length"])].append(r["correct"])
         grid = [[_mean(cell[(d, n)]) for n in lengths] for d in depths]
         ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -144,7 +188,7 @@ def pareto(rows: list[dict], path: Path) -> Path:
     markers = "osD^v<>p*h"
     for i, m in enumerate(_methods(rows)):
         for j, n in enumerate(lengths):
-            at = [r for r in rows if r["method"] == m and r["length"] == n]
+            at = [r for r in rows if _name(r) == m and r["length"] == n]
             if not at:
                 continue
             acc = 100 * _mean([r["correct"] for r in at])
@@ -165,12 +209,68 @@ def pareto(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def compression_plot(rows: list[dict], path: Path) -> Path | None:
+    """One panel per task: accuracy vs KV compression (dense bytes / kept bytes), one line per (prefill method,
+    decode policy) through its configurations (points labelled with their budget), the dense cache as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("correct") is not None and r.get("compression") is not None]
+    if not has_decode(rows):
+        return None
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    cols = min(3, len(tasks))
+    n_rows = (len(tasks) + cols - 1) // cols
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.6 * cols, 3.6 * n_rows), squeeze=False)
+    series = list(dict.fromkeys((r["method"], _decode(r).split(":")[0]) for r in rows))
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        mine = [r for r in rows if r["task"] == task]
+        for i, (method, policy) in enumerate(series):
+            specs = list(dict.fromkeys(_decode(r) for r in mine if r["method"] == method
+                                       and _decode(r).split(":")[0] == policy))
+            points = []
+            for spec in specs:
+                at = [r for r in mine if r["method"] == method and _decode(r) == spec]
+                budget = at[0].get("decode_config", {}).get("budget")
+                points.append((_mean([r["compression"] for r in at]), 100 * _mean([r["correct"] for r in at]),
+                               budget))
+            if not points:
+                continue
+            points.sort()
+            label = method if policy == "dense" else f"{method} + {policy}"
+            kw = {"color": f"C{i % 10}", "label": label}
+            if policy == "dense":
+                ax.scatter([p[0] for p in points], [p[1] for p in points], marker="*", s=120, **kw)
+            else:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", **kw)
+            for x, y, budget in points:
+                if budget is not None:
+                    ax.annotate(str(budget), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+        ax.set_xscale("log", base=2)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("KV compression (dense bytes / kept bytes)")
+        ax.set_ylabel("accuracy %")
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower left")
+    for ax in axes.flat[len(tasks):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_html(rows: list[dict], out: Path, *, title: str = "longattn eval") -> Path:
     """A single self-contained HTML file (plots embedded) next to its PNGs."""
     out.parent.mkdir(parents=True, exist_ok=True)
     scored = any(r.get("correct") is not None for r in rows)
     pngs = [p for p in (heatmaps(rows, out.with_suffix(".niah.png")),
-                        pareto(rows, out.with_suffix(".pareto.png")) if scored else None) if p is not None]
+                        pareto(rows, out.with_suffix(".pareto.png")) if scored else None,
+                        compression_plot(rows, out.with_suffix(".compression.png")) if scored else None)
+            if p is not None]
     env = {k: rows[0].get(k) for k in ("model", "dtype", "device", "torch", "git_sha") if rows and k in rows[0]}
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"

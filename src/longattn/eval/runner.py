@@ -1,8 +1,12 @@
-"""The eval loop: (task × haystack × length × depth × seed) × method on one model, one JSONL row per sample.
+"""The eval loop: (task × haystack × length × depth × seed) × method × decode policy on one model, one JSONL row per
+sample.
 
 Rows are appended and flushed as they finish; a rerun skips every row already in the file, so a killed run loses
 nothing. Each method is patched in through ``longattn.patch`` (never forked model code), the prompt is prefilled once
-(timed), and the answer is decoded greedily from the cache."""
+(timed), and the answer is decoded greedily from the cache. With a decode policy the cache is the policy's
+``LongattnCache`` (``handle.cache()``): the prompt is prefilled into it (compression runs at the end of prefill, the
+question-aware setting, inside the timed prefill) and every decoding step reads from it. Rows then carry what the
+cache holds and reads (see ``eval/kvstats.py`` for how each number is obtained)."""
 
 from __future__ import annotations
 
@@ -15,18 +19,20 @@ from pathlib import Path
 
 import torch
 
+from longattn.eval.kvstats import ReadMeter, dense_bytes, held_bytes
 from longattn.eval.memory import PeakMemory
-from longattn.eval.methods import MethodSpec, applied
+from longattn.eval.methods import DENSE, MethodSpec, applied
 from longattn.eval.perplexity import perplexity, text_ids
 from longattn.eval.tasks import make_sample, score
 from longattn.eval.tasks.needles import DEPTHLESS
 
-KEY_FIELDS = ("task", "haystack", "length", "depth", "seed", "method", "model", "dtype")
+KEY_FIELDS = ("task", "haystack", "length", "depth", "seed", "method", "decode", "model", "dtype")
+KEY_DEFAULTS = {"decode": "dense"}  # rows written before decode policies were evaluated ran on the dense cache
 
 
 @dataclass(frozen=True)
 class Job:
-    """One sample under one method."""
+    """One sample under one prefill method and one decode policy."""
 
     task: str
     haystack: str
@@ -34,23 +40,30 @@ class Job:
     depth: float
     seed: int
     method: MethodSpec
+    decode: MethodSpec = DENSE
 
 
 def grid(tasks: Iterable[str], lengths: Iterable[int], depths: Iterable[float], methods: Iterable[MethodSpec], *,
-         seeds: Iterable[int] = (0,), haystacks: Iterable[str] = ("noise",)) -> list[Job]:
-    """Every combination, grouped by method (one patch per method); depthless tasks run once per length."""
+         seeds: Iterable[int] = (0,), haystacks: Iterable[str] = ("noise",),
+         decodes: Iterable[MethodSpec] = (DENSE,)) -> list[Job]:
+    """Every combination, grouped by (method, decode policy) (one patch each); depthless tasks run once per length;
+    perplexity (no decoding) runs on the dense cache only."""
     jobs = []
+    decodes = list(decodes)
     for m in methods:
-        for t in tasks:
-            for h in haystacks:
-                for n in lengths:
-                    for d in ((0.5,) if t in DEPTHLESS + ("perplexity",) else depths):
-                        jobs.extend(Job(t, h, n, d, s, m) for s in seeds)
+        for dec in decodes:
+            for t in tasks:
+                if t == "perplexity" and dec.name != "dense":
+                    continue
+                for h in haystacks:
+                    for n in lengths:
+                        for d in ((0.5,) if t in DEPTHLESS + ("perplexity",) else depths):
+                            jobs.extend(Job(t, h, n, d, s, m, dec) for s in seeds)
     return jobs
 
 
 def row_key(row: dict) -> tuple:
-    return tuple(row[k] for k in KEY_FIELDS)
+    return tuple(row[k] if k not in KEY_DEFAULTS else row.get(k, KEY_DEFAULTS[k]) for k in KEY_FIELDS)
 
 
 def finished(out: Path) -> set[tuple]:
@@ -87,11 +100,11 @@ def run(jobs: list[Job], model, tokenizer, out: Path, *, model_name: str, impl: 
     rows = []
     bar = tqdm(total=len(todo), disable=not progress, desc="eval", unit="sample")
     with out.open("a") as f:
-        for method in dict.fromkeys(j.method for j in todo):
-            with applied(model, method, impl) as handle:
-                for job in (j for j in todo if j.method == method):
-                    bar.set_postfix_str(f"{method.label} {job.task} {job.length} d={job.depth}")
-                    row = _key_row(job, model_name, dtype) | run_one(job, model, tokenizer, handle.state)
+        for method, decode in dict.fromkeys((j.method, j.decode) for j in todo):
+            with applied(model, method, impl, decode=decode) as handle:
+                for job in (j for j in todo if (j.method, j.decode) == (method, decode)):
+                    bar.set_postfix_str(f"{method.label} {decode.label} {job.task} {job.length} d={job.depth}")
+                    row = _key_row(job, model_name, dtype) | run_one(job, model, tokenizer, handle)
                     row |= environment or {}
                     f.write(json.dumps(row) + "\n")
                     f.flush()
@@ -104,46 +117,83 @@ def run(jobs: list[Job], model, tokenizer, out: Path, *, model_name: str, impl: 
 
 def _key_row(job: Job, model_name: str, dtype: str) -> dict:
     return {"task": job.task, "haystack": job.haystack, "length": job.length, "depth": job.depth, "seed": job.seed,
-            "method": job.method.label, "model": model_name, "dtype": dtype}
+            "method": job.method.label, "decode": job.decode.label, "model": model_name, "dtype": dtype}
 
 
 @torch.no_grad()
-def run_one(job: Job, model, tokenizer, state) -> dict:
-    """Prefill (timed, peak memory), greedy decode, score; density from what the patch recorded."""
+def run_one(job: Job, model, tokenizer, handle) -> dict:
+    """Prefill (timed, peak memory), greedy decode, score; density from what the patch recorded.
+
+    ``handle``: the ``Patched`` handle from ``applied`` (a bare ``PatchState`` still works for dense decoding). With
+    a decode policy the prompt goes into ``handle.cache()``. Decode fields: ``kv_bytes_gpu`` / ``kv_bytes_cpu``
+    (everything the cache holds per side after prefill + compression; ``*_max``: the max over that point and every
+    decode step), ``kv_bytes_kept`` (the key/value payload after prefill + compression), ``kv_bytes_dense`` (what
+    a dense cache holds for the prompt, computed from the shapes), ``compression`` = dense / kept,
+    ``kv_read_fraction`` (query-aware policies only, else None), ``decode_ms_per_token`` and ``tokens_per_s``
+    (decoding steps only, timed per step around the model call)."""
+    state = getattr(handle, "state", handle)
+    if job.decode.name != "dense" and getattr(state, "policy", None) is None:
+        raise ValueError(f"decode: job asks for {job.decode.label!r} but the model was patched without a policy")
     if job.task == "perplexity":
         return _perplexity_row(job, model, tokenizer, state)
     sample = make_sample(tokenizer, job.task, job.length, job.depth, seed=job.seed, haystack=job.haystack)
     device = next(model.parameters()).device
     ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
+    cache = handle.cache() if job.decode.name != "dense" else None
+    if cache is not None and state.policy.budget is not None:
+        try:  # a compression target above the prompt is no measurement: the row says so and stays finished
+            state.policy.check_budget(state.policy.budget, ids.shape[1])
+        except ValueError as e:
+            return {"family": job.method.family, "config": job.method.knobs, "decode_config": job.decode.knobs,
+                    "tokens": ids.shape[1], "correct": None, "skipped": str(e)}
     state.densities.clear()
     with PeakMemory(device) as mem:
         start = time.perf_counter()
-        out = model(ids, use_cache=True, logits_to_keep=1)
+        out = model(ids, use_cache=True, logits_to_keep=1, **({"past_key_values": cache} if cache is not None else {}))
         _sync(device)
         prefill_ms = (time.perf_counter() - start) * 1e3
     densities = list(state.densities)
     cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    held = held_bytes(cache)
+    dense = dense_bytes(cache, ids.shape[1])
+    peak = {"gpu": held["gpu"], "cpu": held["cpu"]}
     generated = [token]
-    start = time.perf_counter()
-    for _ in range(sample.max_new_tokens - 1):
-        if int(token) == tokenizer.eos_token_id:
-            break
-        out = model(token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        generated.append(token)
-    _sync(device)
-    steps = max(1, len(generated) - 1)
+    decode_s = 0.0
+    with ReadMeter(getattr(state, "policy", None)) as meter:
+        for _ in range(sample.max_new_tokens - 1):
+            if int(token) == tokenizer.eos_token_id:
+                break
+            start = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
+            decode_s += time.perf_counter() - start
+            generated.append(token)
+            meter.flush()
+            now = held_bytes(cache)
+            peak = {k: max(v, now[k]) for k, v in peak.items()}
+    steps = len(generated) - 1
     text = tokenizer.decode(torch.cat(generated, 1)[0], skip_special_tokens=True)
     return {
         "family": job.method.family,
         "config": job.method.knobs,
+        "decode_config": job.decode.knobs,
         "tokens": ids.shape[1],
         "density": sum(densities) / len(densities) if densities else 1.0,
         "correct": score(sample, text),
         "answers": list(sample.answers),
         "output": text[:200],
         "prefill_ms": round(prefill_ms, 1),
-        "decode_ms_per_token": round((time.perf_counter() - start) * 1e3 / steps, 2),
+        "decode_ms_per_token": round(decode_s * 1e3 / max(1, steps), 2),
+        "tokens_per_s": round(steps / decode_s, 1) if steps and decode_s > 0 else None,
+        "kv_bytes_gpu": held["gpu"],
+        "kv_bytes_cpu": held["cpu"],
+        "kv_bytes_gpu_max": peak["gpu"],
+        "kv_bytes_cpu_max": peak["cpu"],
+        "kv_bytes_kept": held["kv"],
+        "kv_bytes_dense": dense,
+        "compression": round(dense / held["kv"], 4) if held["kv"] else None,
+        "kv_read_fraction": None if meter.fraction is None else round(meter.fraction, 4),
         "peak_mem_mb": None if mem.peak_mb is None else round(mem.peak_mb, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }

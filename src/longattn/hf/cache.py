@@ -218,6 +218,11 @@ class LongattnLayer(CacheLayerMixin):
                 *self.slot_state.values()]
         return [t for t in held if t is not None]
 
+    def kv_tensors(self) -> list[Tensor]:
+        """The tensors holding the kept keys and values themselves (``bytes_by_device(kv_only=True)``), without
+        positions, lengths, page bounds or policy state."""
+        return [t for t in (self.keys, self.values) if t is not None]
+
 
 def _ex(idx: Tensor, d: int) -> Tensor:
     return idx[..., None].expand(*idx.shape, d)
@@ -256,12 +261,13 @@ class LongattnCache(Cache):
             if layer.is_initialized and not layer.compressed:
                 self.policy.apply_compress(i, layer)
 
-    def bytes_by_device(self) -> dict[str, int]:
-        """Bytes held per device, from the storage of every tensor actually held (shared storage counted once)."""
+    def bytes_by_device(self, kv_only: bool = False) -> dict[str, int]:
+        """Bytes held per device, from the storage of every tensor actually held (shared storage counted once).
+        kv_only: count only the key/value payload (``LongattnLayer.kv_tensors``), not the bookkeeping."""
         out: dict[str, int] = {}
         seen: set[tuple[str, int]] = set()
         for layer in self.layers:
-            for t in layer.tensors() + self.policy.tensors(layer):
+            for t in layer.kv_tensors() if kv_only else layer.tensors() + self.policy.tensors(layer):
                 key = (str(t.device), t.untyped_storage().data_ptr())
                 if key in seen:
                     continue

@@ -100,6 +100,12 @@ class QuantizedLayer(LongattnLayer):
     def evict(self, keep: Tensor) -> None:
         raise ValueError("policy: the quantised (KIVI) cache keeps every token; it cannot be combined with eviction")
 
-    def tensors(self) -> list[Tensor]:
+    def _quant(self) -> list[Tensor]:
         quant = [self.qk, self.k_scale, self.k_min, self.qv, self.v_scale, self.v_min]
-        return super().tensors() + [t for t in quant if t is not None]
+        return [t for t in quant if t is not None]
+
+    def tensors(self) -> list[Tensor]:
+        return super().tensors() + self._quant()
+
+    def kv_tensors(self) -> list[Tensor]:
+        return super().kv_tensors() + self._quant()  # codes, scales and minima are the payload
