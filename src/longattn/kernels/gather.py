@@ -1,7 +1,8 @@
 """Block-gather attention: the CPU execution path for sparse masks, in plain vectorised PyTorch.
 
 For a few query blocks at a time it gathers only the kv blocks their lists name, so the work is proportional to
-the retained blocks (unlike the reference, which scores every pair and masks). Without LSE the gathered blocks go
+the retained blocks (unlike the reference, which scores every pair and masks); gathered columns are appended by
+index. Without LSE the gathered blocks go
 through PyTorch's fused SDPA kernel (one pass, no score tensor kept); with LSE, through the explicit softmax the
 reference uses. Differentiable through autograd.
 """
@@ -79,5 +80,31 @@ def _gathered(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, dtype: torch.dty
         bits = bits.permute(0, 1, 2, 4, 3, 5).reshape(B, Hq, n, bq, used * bkv)
         allowed = allowed.view(B, Hq, n, 1, -1) & bits
         q_lo, q_hi = lo * bq, min(Sq, hi * bq)
+        if bs.columns is not None:  # gathered columns: appended after the blocks' keys, causal, outside kept blocks
+            kc, vc, ac = _column_keys(kx, vx, bs, lo, hi, (B, Hq), b_ix, h_ix)
+            kg, vg = torch.cat([kg, kc], 3), torch.cat([vg, vc], 3)
+            allowed = torch.cat([allowed, ac], 4)
         qc = F.pad(q[:, :, q_lo:q_hi].to(dtype), (0, 0, 0, n * bq - (q_hi - q_lo))).view(B, Hq, n, bq, D)
         yield qc, kg, vg, allowed, q_hi - q_lo
+
+
+def _column_keys(kx: Tensor, vx: Tensor, bs: BlockSparse, lo: int, hi: int, bh: tuple[int, int], b_ix: Tensor,
+                 h_ix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """K, V of the gathered columns visible to query blocks [lo, hi) ([B, Hq, n, C, D]) and their allowed mask
+    [B, Hq, n, bq, C]: slot in use, column at or before the query, kv block not in the query block's list."""
+    cols, ends, kept = bs.column_lists()
+    bq, bkv = bs.block_size
+    n = hi - lo
+    used = max(1, int(ends[..., lo:hi].max()))
+    c = cols[..., :used].expand(*bh, -1).long()
+    cc = c.clamp(max=kx.shape[2] - 1)
+    kc = kx[b_ix, h_ix, cc].unsqueeze(2).expand(-1, -1, n, -1, -1)
+    vc = vx[b_ix, h_ix, cc].unsqueeze(2).expand(-1, -1, n, -1, -1)
+    kb = (cc // bkv)[:, :, None, :]
+    word = torch.gather(kept[:, :, lo:hi].expand(*bh, -1, -1), -1, (kb // 32).expand(-1, -1, n, -1))
+    outside = ((word >> (kb % 32)) & 1) == 0
+    slot = torch.arange(used, device=kx.device)
+    ok = (slot.view(1, 1, 1, -1) < ends[..., lo:hi, None].expand(*bh, -1, -1)) & outside  # [B, Hq, n, C]
+    q_pos = (torch.arange(lo * bq, hi * bq, device=kx.device) + bs.seq_kv - bs.seq_q).view(n, bq, 1)
+    allowed = ok[:, :, :, None, :] & (c[:, :, None, None, :] <= q_pos)
+    return kc, vc, allowed
