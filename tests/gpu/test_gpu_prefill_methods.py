@@ -43,7 +43,8 @@ def test_gpu_method_matches_oracle(shape, name, dtype):
     bs = m.estimate(q, k)
     assert bs.device.type == "cuda"
     check_density(bs, m.last_density)
-    check_against_oracle(_run_block_sparse(bs), q, k, v, mask=bs)
+    # gathered columns (vertical-slash heads) run forward only: prefill
+    check_against_oracle(_run_block_sparse(bs), q, k, v, mask=bs, backward=bs.columns is None)
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if not n.endswith("_tokens")])  # forced token tiles grow

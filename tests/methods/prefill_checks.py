@@ -72,17 +72,25 @@ def check_keeps_everything(bs: BlockSparse, q, k, v) -> None:
 
 
 def check_method_density(method, bs: BlockSparse) -> None:
-    """The method's last_density equals the BlockSparse's, and both equal a recount from the element mask."""
+    """The method's last_density equals the BlockSparse's, and both equal a recount from the element mask: the area
+    of every block holding a kept pair, or with gathered columns, the kept blocks' area plus the kept pairs outside
+    them (a column pair inside a kept block is not counted twice)."""
     allowed = bs.to_dense()
     bq, bkv = bs.block_size
     Sq, Skv = allowed.shape[-2:]
     nq, nk = math.ceil(Sq / bq), math.ceil(Skv / bkv)
-    padded = torch.nn.functional.pad(allowed, (0, nk * bkv - Skv, 0, nq * bq - Sq))
-    hit = padded.view(*allowed.shape[:2], nq, bq, nk, bkv).any(-1).any(-2)
     rows = torch.tensor([min(bq, Sq - i * bq) for i in range(nq)], dtype=torch.float64)
     cols = torch.tensor([min(bkv, Skv - j * bkv) for j in range(nk)], dtype=torch.float64)
     area = rows.view(-1, 1) * cols.view(1, -1)
-    recount = float((hit.cpu() * area).sum() / (area.sum() * hit.shape[0] * hit.shape[1]))
+    if bs.columns is None:
+        padded = torch.nn.functional.pad(allowed, (0, nk * bkv - Skv, 0, nq * bq - Sq))
+        hit = padded.view(*allowed.shape[:2], nq, bq, nk, bkv).any(-1).any(-2).cpu()
+        recount = float((hit * area).sum() / (area.sum() * hit.shape[0] * hit.shape[1]))
+    else:
+        kept = (bs.block_map()[0] != 0).cpu().expand(*allowed.shape[:2], -1, -1)
+        inside = kept.repeat_interleave(bq, 2)[:, :, :Sq].repeat_interleave(bkv, 3)[..., :Skv]
+        pairs = (kept * area).sum() + (allowed.cpu() & ~inside).sum()
+        recount = float(pairs / (area.sum() * allowed.shape[0] * allowed.shape[1]))
     check_density(bs, method.last_density)
     assert abs(bs.density() - recount) < 1e-12
 

@@ -15,6 +15,7 @@ from tests.methods.prefill_checks import (
     causal_dense,
     check_density,
     check_keeps_everything,
+    check_method_density,
     check_oracle,
     dense_mask_mod,
     qkv,
@@ -90,3 +91,18 @@ def test_flex_backend_runs_the_token_level_pattern():
     ref, _ = reference_attention(q.double(), k.double(), v.double(), mask=mod)
     low, _ = reference_attention(q, k, v, mask=mod, compute_dtype=q.dtype)
     assert_close_to_reference(longattn.attention(q, k, v, mask=bs, impl="flex"), ref, low, what="out (flex)")
+
+
+@pytest.mark.parametrize("token_level", [None, False])
+def test_columns_are_gathered_not_blockized(token_level):
+    """Kept columns become gathered columns (not whole blocks); the density counts the pairs computed (recount from
+    the element mask), and the Triton kernel (interpreted on CPU) matches the oracle on the estimate."""
+    q, k, v = qkv(300, Hq=4, Hkv=2)
+    m = MInferenceVerticalSlash(vertical_size=10, slash_size=5, forced_columns=0, forced_diagonals=5,
+                                token_level=token_level)
+    bs = m.estimate(q, k)
+    assert bs.columns is not None and bs.column_counts.tolist() == [[10] * 4]
+    check_method_density(m, bs)
+    check_oracle(bs, q, k, v, impls=("reference", "gather", "triton"))
+    blocks = (bs.block_map()[0] != 0).float().mean()
+    assert blocks < 0.5  # only the slash band's blocks: 10 scattered columns no longer keep every block

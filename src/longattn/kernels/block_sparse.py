@@ -5,6 +5,11 @@ Each program walks the block list of its (batch, head, block): *full* blocks wit
 blocks whose element mask is read from the BlockSparse's bit tiles. Tokens come from the blocks' start/length
 tables, so plain batches, sequence tails and packed variable-length batches share one code path. An optional
 additive bias given by low-rank factors (bias = U @ W.T, as FlashBias) is one extra small dot per tile.
+
+A BlockSparse with gathered columns (vertical lines, ``BlockSparse.with_columns``) adds a third forward phase: the
+query block's visible columns are read BLOCK_N indices at a time and K/V rows loaded by index (no K/V copies, GQA
+by head index), skipping columns whose kv block is already in the block list (kept-block bitmap) and columns past
+each query's position; the online softmax continues across all phases. Forward only (prefill).
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ def _tile_keep(TILES, tile, rows, col0, BLOCK_Q: tl.constexpr, WORDS: tl.constex
 # -------------------------------------------------------------------------------------------------- forward
 @triton.autotune(
     configs=_configs("BLOCK_N", [(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 8, 2), (64, 8, 4), (64, 4, 4), (32, 4, 3)]),
-    key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_BIAS", "DTYPE_KEY", "PACKED"],
+    key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_BIAS", "DTYPE_KEY", "PACKED", "HAS_COLS"],
     prune_configs_by={"early_config_prune": _prune_split},
 )
 @triton.jit
@@ -95,10 +100,11 @@ def _fwd_kernel(
     s_ub, s_uh, s_um, s_wb, s_wh, s_wn,
     IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch,
     QS, QL, KS, KL,
+    COLS, CEND, KEPT, s_cc_b, s_cc_h, s_ce_b, s_ce_h, s_kp_b, s_kp_h, s_kp_m,
     qk_scale, H, GROUP, SEQ_Q, SEQ_KV,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr, PREC: tl.constexpr,
-    DTYPE_KEY: tl.constexpr, PACKED: tl.constexpr,
+    DTYPE_KEY: tl.constexpr, PACKED: tl.constexpr, HAS_COLS: tl.constexpr,
 ):
     SPLIT: tl.constexpr = BLOCK_KV // BLOCK_N
     WORDS: tl.constexpr = BLOCK_KV // 32
@@ -152,6 +158,34 @@ def _fwd_kernel(
             p = tl.math.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load(v_base + (k0 + cols)[:, None] * s_vn + offs_d[None, :], n_valid[:, None], phase == 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+    if HAS_COLS:  # phase 2: gathered columns outside the kept blocks, causal per query
+        m_i = tl.where(l_i == 0.0, float("-inf"), m_i)  # a row with nothing yet restarts from -inf
+        q_pos = q0 + offs_m + (SEQ_KV - SEQ_Q)
+        col_base = COLS + b * s_cc_b + h * s_cc_h
+        kept_base = KEPT + b * s_kp_b + h * s_kp_h + pid_m * s_kp_m
+        n_cols = tl.load(CEND + b * s_ce_b + h * s_ce_h + pid_m)
+        for t in range(0, n_cols, BLOCK_N):
+            ci = t + offs_n
+            c_valid = ci < n_cols
+            c = tl.load(col_base + ci, mask=c_valid, other=0)
+            kb = c // BLOCK_KV
+            word = tl.load(kept_base + kb // 32, mask=c_valid, other=0)
+            use = c_valid & (((word >> (kb % 32)) & 1) == 0)
+            c64 = c.to(tl.int64)
+            kt = tl.load(k_base + c64[None, :] * s_kn + offs_d[:, None], mask=use[None, :], other=0.0)
+            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+            if HAS_BIAS:
+                wt = tl.load(w_base + c64[None, :] * s_wn + offs_r[:, None], mask=use[None, :], other=0.0)
+                s += tl.dot(u, wt, input_precision=PREC) * 1.4426950408889634
+            s = tl.where(use[None, :] & (c[None, :] <= q_pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            p = tl.math.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + c64[:, None] * s_vn + offs_d[None, :], mask=use[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
     empty = l_i == 0.0
@@ -339,6 +373,19 @@ def _tiles(bs: BlockSparse) -> Tensor:
                                                          device=bs.device)
 
 
+def _column_args(bs: BlockSparse) -> tuple:
+    """Gathered-column tensors and their (batch, head[, row]) strides; stride 0 on broadcast dims."""
+    if bs.columns is None:
+        z = bs.kv_counts
+        return (z, z, z) + (0,) * 7
+    cols, ends, kept = bs.column_lists()
+
+    def bh(t: Tensor) -> tuple[int, int]:
+        return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
+
+    return (cols, ends, kept, *bh(cols), *bh(ends), *bh(kept), kept.stride(2))
+
+
 def _bias_args(bias: tuple[Tensor, Tensor] | None, q: Tensor) -> tuple[Tensor, Tensor, tuple, int]:
     if bias is None:
         return q, q, (0,) * 6, 16
@@ -375,10 +422,10 @@ def block_sparse_forward(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), *bias_strides,
         *lists[:4], _tiles(bs), *lists[4:],
-        bs.q_blocks.starts, bs.q_blocks.lens, bs.kv_blocks.starts, bs.kv_blocks.lens,
+        bs.q_blocks.starts, bs.q_blocks.lens, bs.kv_blocks.starts, bs.kv_blocks.lens, *_column_args(bs),
         scale * LOG2E, H, H // k.shape[1], Sq, k.shape[2],
         BLOCK_Q=bq, BLOCK_KV=bkv, HEAD_DIM=D, HAS_BIAS=bias is not None, RANK=rank, PREC=_prec(q),
-        DTYPE_KEY=str(q.dtype), PACKED=bs.varlen,
+        DTYPE_KEY=str(q.dtype), PACKED=bs.varlen, HAS_COLS=bs.columns is not None,
     )
     return out, lse
 
@@ -429,6 +476,9 @@ class BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias_u, bias_w, bs, scale):
+        if bs.columns is not None and any(ctx.needs_input_grad[:5]):
+            raise ValueError("mask: a BlockSparse with gathered columns (with_columns) runs forward only (prefill); "
+                             "the inputs require grad: call under torch.no_grad() or pass a mask without columns")
         bias = (bias_u, bias_w) if bias_u is not None else None
         out, lse = block_sparse_forward(q, k, v, bs, scale, bias)
         ctx.save_for_backward(q, k, v, out, lse, bias_u, bias_w)

@@ -1,7 +1,8 @@
 """Block-gather attention: the CPU execution path for sparse masks, in plain vectorised PyTorch.
 
 For a few query blocks at a time it gathers only the kv blocks their lists name, so the work is proportional to
-the retained blocks (unlike the reference, which scores every pair and masks). Without LSE the gathered blocks go
+the retained blocks (unlike the reference, which scores every pair and masks); gathered columns are appended by
+index. Without LSE the gathered blocks go
 through PyTorch's fused SDPA kernel (one pass, no score tensor kept); with LSE, through the explicit softmax the
 reference uses. When the blocks cover much of each row's key prefix (token-level patterns with many partial
 blocks), per-block gathering costs more than it saves; then, without LSE, query chunks run through fused SDPA over
@@ -86,6 +87,10 @@ def _gathered(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, dtype: torch.dty
         bits = bits.permute(0, 1, 2, 4, 3, 5).reshape(B, Hq, n, bq, used * bkv)
         allowed = allowed.view(B, Hq, n, 1, -1) & bits
         q_lo, q_hi = lo * bq, min(Sq, hi * bq)
+        if bs.columns is not None:  # gathered columns: appended after the blocks' keys, causal, outside kept blocks
+            kc, vc, ac = _column_keys(kx, vx, bs, lo, hi, (B, Hq), b_ix, h_ix)
+            kg, vg = torch.cat([kg, kc], 3), torch.cat([vg, vc], 3)
+            allowed = torch.cat([allowed, ac], 4)
         qc = F.pad(q[:, :, q_lo:q_hi].to(dtype), (0, 0, 0, n * bq - (q_hi - q_lo))).view(B, Hq, n, bq, D)
         yield qc, kg, vg, allowed, q_hi - q_lo
 
@@ -109,7 +114,6 @@ def masked_prefix_attention(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, sc
     # tile 0: not kept, 1: full, 2..: the partial bit tiles
     tiles = torch.cat([torch.zeros(1, bq, bkv, dtype=torch.bool, device=q.device),
                        torch.ones(1, bq, bkv, dtype=torch.bool, device=q.device), _unpack_bits(bs.tiles, bkv)])
-    row_any = tiles.any(-1)  # [T, bq]
     shape = (B, Hq, len(bs.q_blocks))
     live = torch.arange(bs.kv_indices.shape[-1], device=q.device) < bs.kv_counts.expand(shape).long().unsqueeze(-1)
     idx = torch.where(live, bs.kv_indices.expand(*shape, -1).long(), nkb)  # padding -> a dummy block, dropped
@@ -117,21 +121,52 @@ def masked_prefix_attention(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, sc
     tile_of.scatter_(3, idx, torch.where(live, bs.tile_ids.expand(*shape, -1).long() + 2, 0))
     tile_of = tile_of[..., :nkb]  # [B, Hq, nQB, nKB]: which tile each (query block, kv block) uses
     kept = (tile_of > 0).flip(-1).cumsum(-1).flip(-1) > 0  # blocks at or before the row's last kept block
+    on_column = None
+    if bs.columns is not None:  # gathered columns as a per-(batch, head) key mask, seen by every causal query
+        on_column = torch.zeros(*bs.columns.shape[:2], Skv + 1, dtype=torch.bool, device=q.device)
+        on_column.scatter_(-1, bs.columns.long().clamp(max=Skv), True)
+        on_column = on_column[..., :Skv].expand(B, Hq, -1)
     per_chunk = max(1, _PREFIX_ROWS // bq)
     out = torch.empty_like(q)
     for lo in range(0, shape[2], per_chunk):
         hi = min(shape[2], lo + per_chunk)
         q_lo, q_hi = lo * bq, min(Sq, hi * bq)
         n_kv = int(kept[..., lo:hi, :].any(-2).any(0).any(0).sum())
-        if n_kv == 0:
-            out[:, :, q_lo:q_hi] = 0
-            continue
+        if on_column is not None:  # columns reach up to the chunk's last causal position
+            n_kv = max(n_kv, min(nkb, -(-(q_hi + Skv - Sq) // bkv)))
+        n_kv = max(n_kv, 1)  # an all-empty chunk still runs (its rows are zeroed below), keeping k, v in the graph
         kv_hi = min(Skv, n_kv * bkv)
         t = tile_of[..., lo:hi, :n_kv]  # [B, Hq, n, m]
         allowed = tiles[t].permute(0, 1, 2, 4, 3, 5).reshape(B, Hq, (hi - lo) * bq, n_kv * bkv)
         allowed = allowed[:, :, :q_hi - q_lo, :kv_hi]
+        if on_column is not None:
+            q_pos = torch.arange(q_lo, q_hi, device=q.device).view(-1, 1) + Skv - Sq
+            causal = torch.arange(kv_hi, device=q.device) <= q_pos  # [rows, kv_hi]
+            allowed = allowed | (on_column[:, :, None, :kv_hi] & causal)
         o = F.scaled_dot_product_attention(q[:, :, q_lo:q_hi], k[:, :, :kv_hi], v[:, :, :kv_hi], attn_mask=allowed,
                                            scale=scale, enable_gqa=Hq != k.shape[1])
-        empty = ~row_any[t].any(-2).flatten(-2)[..., :q_hi - q_lo]  # [B, Hq, rows]: nothing kept in the row
+        empty = ~allowed.any(-1)  # [B, Hq, rows]: nothing kept in the row
         out[:, :, q_lo:q_hi] = torch.where(empty.unsqueeze(-1), 0, o) if bool(empty.any()) else o
     return out
+
+
+def _column_keys(kx: Tensor, vx: Tensor, bs: BlockSparse, lo: int, hi: int, bh: tuple[int, int], b_ix: Tensor,
+                 h_ix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """K, V of the gathered columns visible to query blocks [lo, hi) ([B, Hq, n, C, D]) and their allowed mask
+    [B, Hq, n, bq, C]: slot in use, column at or before the query, kv block not in the query block's list."""
+    cols, ends, kept = bs.column_lists()
+    bq, bkv = bs.block_size
+    n = hi - lo
+    used = max(1, int(ends[..., lo:hi].max()))
+    c = cols[..., :used].expand(*bh, -1).long()
+    cc = c.clamp(max=kx.shape[2] - 1)
+    kc = kx[b_ix, h_ix, cc].unsqueeze(2).expand(-1, -1, n, -1, -1)
+    vc = vx[b_ix, h_ix, cc].unsqueeze(2).expand(-1, -1, n, -1, -1)
+    kb = (cc // bkv)[:, :, None, :]
+    word = torch.gather(kept[:, :, lo:hi].expand(*bh, -1, -1), -1, (kb // 32).expand(-1, -1, n, -1))
+    outside = ((word >> (kb % 32)) & 1) == 0
+    slot = torch.arange(used, device=kx.device)
+    ok = (slot.view(1, 1, 1, -1) < ends[..., lo:hi, None].expand(*bh, -1, -1)) & outside  # [B, Hq, n, C]
+    q_pos = (torch.arange(lo * bq, hi * bq, device=kx.device) + bs.seq_kv - bs.seq_q).view(n, bq, 1)
+    allowed = ok[:, :, :, None, :] & (c[:, :, None, None, :] <= q_pos)
+    return kc, vc, allowed

@@ -8,6 +8,12 @@ diagonal block, say) are stored once. Batch and head dimensions are 1 when the m
 Blocks are *virtual*: block ``i`` covers tokens ``q_starts[i] : q_starts[i] + q_lens[i]``. For a plain batch
 they tile the sequence; for packed variable-length batches (``cu_seqlens``) they restart at every sequence,
 so no block straddles two sequences and no padding work is done.
+
+Optionally a BlockSparse also holds *gathered columns* (``with_columns``): per (batch, head) a sorted list of kv
+positions attended by every query at or after them (bottom-right causal: query i sees column c iff
+c <= i + seq_kv - seq_q). The kept pairs are the blocks' pairs UNION those column pairs that lie outside the
+query block's kept blocks (a column inside a kept block is governed by that block, never counted twice). Kernels
+load columns by index, so their cost is proportional to the number of columns, not to the blocks they fall in.
 """
 
 from __future__ import annotations
@@ -79,7 +85,10 @@ class BlockSparse:
     q_blocks: Blocks1D
     kv_blocks: Blocks1D
     mask_mod: MaskMod | None = None  # the predicate it was built from, when known (for FlexAttention)
+    columns: Tensor | None = None  # int32 [Bc', Hc', maxC]: gathered kv columns, ascending, padded with seq_kv
+    column_counts: Tensor | None = None  # int32 [Bc', Hc']: columns in use
     _transposed: BlockLists | None = field(default=None, repr=False)
+    _column_cache: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -97,7 +106,10 @@ class BlockSparse:
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """(B', H', seq_q, seq_kv); B' and H' are 1 where the mask is shared."""
-        return (*self.kv_counts.shape[:2], self.seq_q, self.seq_kv)
+        bh = tuple(self.kv_counts.shape[:2])
+        if self.column_counts is not None:
+            bh = tuple(torch.broadcast_shapes(bh, tuple(self.column_counts.shape)))
+        return (*bh, self.seq_q, self.seq_kv)
 
     @property
     def device(self) -> torch.device:
@@ -230,6 +242,79 @@ class BlockSparse:
         kv_indices, kv_counts, full_counts, tile_ids = _csr(cls_map, tile_map)
         return cls(kv_indices, kv_counts, full_counts, tile_ids, tiles, qb, kb, mask)
 
+    def with_columns(self, columns: Tensor) -> BlockSparse:
+        """A copy that also attends the kept columns (bool [B', H', seq_kv], True = gathered for every causal query)
+        outside the kept blocks (see module docstring). Plain (not packed) BlockSparse only."""
+        if not isinstance(columns, Tensor) or columns.dtype != torch.bool or columns.dim() != 3:
+            what = f"{getattr(columns, 'dtype', type(columns).__name__)} {tuple(getattr(columns, 'shape', ()))}"
+            raise TypeError(f"columns: expected a 3-D bool tensor [B, H, seq_kv], got {what}")
+        if columns.shape[-1] != self.seq_kv:
+            raise ValueError(f"columns: expected {self.seq_kv} kv positions, got {columns.shape[-1]}")
+        if self.varlen:
+            raise ValueError("columns: gathered columns need a plain (not packed variable-length) BlockSparse")
+        torch.broadcast_shapes(tuple(self.kv_counts.shape[:2]), tuple(columns.shape[:2]))  # raises if incompatible
+        pos = torch.arange(self.seq_kv, device=columns.device, dtype=torch.int32)
+        counts = columns.sum(-1, dtype=torch.int32)
+        width = max(1, int(counts.max()))
+        cols = torch.sort(torch.where(columns, pos, self.seq_kv), dim=-1).values[..., :width].contiguous()
+        return BlockSparse(self.kv_indices, self.kv_counts, self.full_counts, self.tile_ids, self.tiles,
+                           self.q_blocks, self.kv_blocks, self.mask_mod, cols.to(self.device),
+                           counts.contiguous().to(self.device))
+
+    def column_lists(self) -> tuple[Tensor, Tensor, Tensor]:
+        """For the kernels: columns [Bc', Hc', maxC], per query block the number of leading columns any of its
+        queries can see [Bc', Hc', nQB], and the kept-block bitmap [B', H', nQB, ceil(nKB / 32)] (int32 words,
+        bit j of word w = kv block 32 w + j). Built once and cached."""
+        if "lists" not in self._column_cache:
+            cols, counts = self.columns, self.column_counts
+            q_hi = (self.q_blocks.starts.long() + self.q_blocks.lens.long() - 1 + self.seq_kv - self.seq_q)
+            ends = torch.searchsorted(cols.long().contiguous(), q_hi.expand(*cols.shape[:2], -1).contiguous(),
+                                      right=True)
+            ends = torch.minimum(ends, counts[..., None].long()).int().contiguous()
+            self._column_cache["lists"] = (cols, ends, self._kept_bitmap())
+        return self._column_cache["lists"]
+
+    def _kept_bitmap(self) -> Tensor:
+        """int32 [B', H', nQB, ceil(nKB / 32)]: bit set where the kv block is in the query block's list."""
+        words = math.ceil(len(self.kv_blocks) / 32)
+        pos = torch.arange(self.kv_indices.shape[-1], device=self.device)
+        used = pos < self.kv_counts[..., None]
+        idx = self.kv_indices.long()
+        bits = torch.where(used, torch.ones_like(idx) << (idx % 32), 0)
+        out = torch.zeros(*self.kv_counts.shape, words, dtype=torch.int64, device=self.device)
+        out.scatter_add_(-1, torch.where(used, idx // 32, 0), bits)  # distinct bits per row: the sum is the OR
+        return torch.where(out >= 1 << 31, out - (1 << 32), out).int().contiguous()
+
+    def _column_pairs(self) -> Tensor:
+        """Pairs the gathered columns add (outside kept blocks), float64 [B'', H''] over the broadcast shape."""
+        if "pairs" not in self._column_cache:
+            self._column_cache["pairs"] = self._count_column_pairs()
+        return self._column_cache["pairs"]
+
+    def _count_column_pairs(self) -> Tensor:
+        cols, ends, kept = self.column_lists()
+        bh = self.shape[:2]
+        cols, ends = cols.expand(*bh, -1).long(), ends.expand(*bh, -1).long()
+        kept = kept.expand(*bh, *kept.shape[2:])
+        off = self.seq_kv - self.seq_q
+        q_lo = self.q_blocks.starts.long() + off
+        q_hi = q_lo + self.q_blocks.lens.long() - 1
+        total = torch.zeros(bh, dtype=torch.float64, device=self.device)
+        nq, width = len(self.q_blocks), cols.shape[-1]
+        step = max(1, (1 << 24) // max(1, bh[0] * bh[1] * width))
+        slot = torch.arange(width, device=self.device)
+        kb = cols // self.kv_blocks.block  # padding (seq_kv) may point one past the last block: masked below
+        kbc = kb.clamp(max=len(self.kv_blocks) - 1)
+        for lo in range(0, nq, step):
+            hi = min(nq, lo + step)
+            word = torch.gather(kept[:, :, lo:hi], -1, (kbc // 32)[:, :, None, :].expand(-1, -1, hi - lo, -1))
+            inside = ((word >> (kbc % 32)[:, :, None, :]) & 1) == 1
+            rows = (q_hi[lo:hi].view(1, 1, -1, 1) - torch.maximum(cols[:, :, None, :], q_lo[lo:hi].view(1, 1, -1, 1))
+                    + 1).clamp(min=0)
+            use = (slot.view(1, 1, 1, -1) < ends[:, :, lo:hi, None]) & ~inside
+            total += (rows * use).sum((-1, -2)).double()
+        return total
+
     # ------------------------------------------------------------------ views
     def block_map(self) -> tuple[Tensor, Tensor]:
         """Dense block class map [B', H', nQB, nKB] (EMPTY/PARTIAL/FULL) and tile map (-1 where none)."""
@@ -260,7 +345,19 @@ class BlockSparse:
         el = el.permute(0, 1, 2, 4, 3, 5).reshape(*el.shape[:2], el.shape[2] * el.shape[4], -1)
         rows = _token_positions(self.q_blocks, q_block_lo, q_block_hi, self.q_blocks.block) >= 0
         cols = _token_positions(self.kv_blocks, 0, len(self.kv_blocks), self.kv_blocks.block) >= 0
-        return el[:, :, rows][..., cols]  # blocks tile the tokens in order, so valid slots are the tokens
+        el = el[:, :, rows][..., cols]  # blocks tile the tokens in order, so valid slots are the tokens
+        if self.columns is None:
+            return el
+        kept = (code[:, :, q_block_lo:q_block_hi] != 0)  # [B', H', nq, nKB]
+        bq, bkv = self.block_size
+        qpos = torch.arange(int(self.q_blocks.starts[q_block_lo]), int(self.q_blocks.starts[q_block_lo])
+                            + el.shape[2], device=self.device)
+        kv = torch.arange(self.seq_kv, device=self.device)
+        inside = kept[:, :, (qpos - qpos[0]) // bq][..., kv // bkv]  # [B', H', rows, seq_kv]
+        on_col = torch.zeros(*self.column_counts.shape, self.seq_kv + 1, dtype=torch.bool, device=self.device)
+        on_col.scatter_(-1, self.columns.long(), True)
+        causal = kv.view(1, -1) <= qpos.view(-1, 1) + self.seq_kv - self.seq_q
+        return el | (on_col[..., None, : self.seq_kv] & causal & ~inside)
 
     def to_dense(self) -> Tensor:
         """Element mask [B', H', seq_q, seq_kv] (tests and small inputs only: O(seq_q × seq_kv) memory)."""
@@ -277,7 +374,11 @@ class BlockSparse:
         """Fraction of the query × key area the kernels compute (full + partial blocks): the retained work."""
         cls_map, _ = self.block_map()
         area = self._block_area()
-        return float(((cls_map != EMPTY) * area).sum() / (area.sum() * cls_map.shape[0] * cls_map.shape[1]))
+        bh = self.shape[:2]
+        kept = ((cls_map != EMPTY) * area).sum() * (bh[0] * bh[1] / (cls_map.shape[0] * cls_map.shape[1]))
+        if self.columns is not None:
+            kept = kept + self._column_pairs().sum()
+        return float(kept / (area.sum() * bh[0] * bh[1]))
 
     def mask_density(self) -> float:
         """Fraction of query × key pairs the mask keeps (exact: full blocks plus set bits of partial tiles)."""
@@ -286,7 +387,11 @@ class BlockSparse:
         ones_per_tile = _unpack_bits(self.tiles, self.kv_blocks.block).flatten(1).sum(1).double()
         kept = ((cls_map == FULL) * area).sum()
         kept += ones_per_tile[tile_map[cls_map == PARTIAL].long()].sum()
-        return float(kept / (area.sum() * cls_map.shape[0] * cls_map.shape[1]))
+        bh = self.shape[:2]
+        kept = kept * (bh[0] * bh[1] / (cls_map.shape[0] * cls_map.shape[1]))
+        if self.columns is not None:
+            kept = kept + self._column_pairs().sum()
+        return float(kept / (area.sum() * bh[0] * bh[1]))
 
     def to(self, device: torch.device | str) -> BlockSparse:
         """Copy to another device."""
@@ -295,7 +400,9 @@ class BlockSparse:
                             x.block, x.total)
         return BlockSparse(self.kv_indices.to(device), self.kv_counts.to(device), self.full_counts.to(device),
                            self.tile_ids.to(device), self.tiles.to(device), move(self.q_blocks),
-                           move(self.kv_blocks), self.mask_mod)
+                           move(self.kv_blocks), self.mask_mod,
+                           None if self.columns is None else self.columns.to(device),
+                           None if self.column_counts is None else self.column_counts.to(device))
 
     def to_flex(self):
         """A torch FlexAttention ``BlockMask`` with the same blocks; partial blocks use the source mask_mod
@@ -305,6 +412,8 @@ class BlockSparse:
         if self.varlen:
             raise ValueError("to_flex: packed variable-length BlockSparse has no FlexAttention equivalent; "
                              "build it with masks.document(...) on the packed sequence instead")
+        if self.columns is not None:
+            return self._blocks_with_columns().to_flex()
         # FlexAttention expects index rows as wide as the kv block count, and partial/full in separate lists.
         width = len(self.kv_blocks)
         pos = torch.arange(self.kv_indices.shape[-1], device=self.device)
@@ -318,6 +427,34 @@ class BlockSparse:
         return BlockMask.from_kv_blocks(partial_counts, partial_idx, self.full_counts.contiguous(),
                                         full_idx, BLOCK_SIZE=self.block_size,
                                         mask_mod=mask_mod, seq_lengths=(self.seq_q, self.seq_kv))
+
+    def _blocks_with_columns(self) -> BlockSparse:
+        """The same pairs with the columns realised as bit tiles in the blocks they fall in (for FlexAttention and
+        other block-only consumers; costs bit tiles proportional to those blocks)."""
+        bh = self.shape[:2]
+        cols, ends, _ = self.column_lists()
+        cls_map, _ = self.block_map()
+        extra = torch.zeros(*bh, len(self.q_blocks), len(self.kv_blocks) + 1, dtype=torch.bool, device=self.device)
+        slot = torch.arange(cols.shape[-1], device=self.device)
+        use = slot.view(1, 1, 1, -1) < ends.expand(*bh, -1)[..., None]
+        kb = torch.where(use, (cols.long() // self.kv_blocks.block).expand(*bh, -1)[:, :, None, :],
+                         len(self.kv_blocks))
+        extra.scatter_(-1, kb, True)
+        cls_map = cls_map.expand(*bh, -1, -1)
+        cls_map = torch.where(extra[..., :-1] & (cls_map == EMPTY), PARTIAL, cls_map).to(torch.int8).contiguous()
+        code, table = self._element_lookup()
+        bq, bkv = self.block_size
+        on_col = torch.zeros(*self.column_counts.shape, self.seq_kv + 1, dtype=torch.bool, device=self.device)
+        on_col.scatter_(-1, self.columns.long(), True)
+        off = self.seq_kv - self.seq_q
+
+        def blocks_or_columns(b, h, q, kv):
+            c = code[b % code.shape[0], h % code.shape[1], q // bq, kv // bkv]
+            column = on_col[b % on_col.shape[0], h % on_col.shape[1], kv] & (kv <= q + off)
+            return table[c, q % bq, kv % bkv] | (column & (c == 0))
+
+        return BlockSparse._finish(cls_map, MaskMod(blocks_or_columns, name="blocks_or_columns"), self.q_blocks,
+                                   self.kv_blocks)
 
     def _element_lookup(self) -> tuple[Tensor, Tensor]:
         """Per-block code [B', H', nQB, nKB] into a tile table [T + 2, bq, bkv] (0 empty, 1 full, 2+ tiles)."""

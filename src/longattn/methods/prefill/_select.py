@@ -169,18 +169,22 @@ def token_mask_mod(columns: Tensor, diagonals: Tensor, offset: int) -> MaskMod:
 
 
 def build(selected: Tensor, Sq: int, Skv: int, block: tuple[int, int], *, columns: Tensor | None = None,
-          diagonals: Tensor | None = None, token_level: bool | None = None) -> tuple[BlockSparse, float]:
-    """The BlockSparse for a selection and the density it reports (area of the non-empty blocks).
+          diagonals: Tensor | None = None, token_level: bool | None = None,
+          gather: Tensor | None = None) -> tuple[BlockSparse, float]:
+    """The BlockSparse for a selection and the density it reports (pairs the kernels compute: area of the non-empty
+    blocks plus the gathered column pairs outside them).
 
     ``selected`` [B, H, nQB, nKB] is intersected with the causal blocks. With ``columns`` / ``diagonals`` the
     selection is token-level inside its blocks; ``token_level=None`` keeps token granularity unless the partly kept
     blocks exceed TOKEN_LEVEL_MAX_ELEMS elements (their bit tiles cost ~8 bytes per element while being built; past
-    that the same blocks run whole, logged)."""
+    that the same blocks run whole, logged). ``gather`` (bool [B, H, Skv]) columns are not turned into blocks: the
+    kernels load them by index for every causal query outside the kept blocks (``BlockSparse.with_columns``)."""
     selected = selected & causal_blocks(Sq, Skv, block, selected.device)
     within = masks.causal(offset=Skv - Sq)
     if columns is not None:
-        selected = selected & token_blocks(columns, diagonals, Sq, Skv, block)
-        partial = selected & ~token_covered_blocks(columns, diagonals, Sq, Skv, block)
+        block_cols = columns if gather is None else columns & ~gather
+        selected = selected & token_blocks(block_cols, diagonals, Sq, Skv, block)
+        partial = selected & ~token_covered_blocks(block_cols, diagonals, Sq, Skv, block)
         elems = int(partial.sum()) * block[0] * block[1]
         if token_level is None:
             token_level = elems <= TOKEN_LEVEL_MAX_ELEMS
@@ -189,7 +193,12 @@ def build(selected: Tensor, Sq: int, Skv: int, block: tuple[int, int], *, column
         if token_level:
             within = within & token_mask_mod(columns, diagonals, Skv - Sq)
     bs = BlockSparse.from_block_mask(selected, Sq, Skv, block, within=within)
-    return bs, selected_density(selected, Sq, Skv, block)
+    density = selected_density(selected, Sq, Skv, block)
+    if gather is not None:
+        bs = bs.with_columns(gather)
+        bh = bs.shape[:2]
+        density += float(bs._column_pairs().sum() / (bh[0] * bh[1] * Sq * Skv))
+    return bs, density
 
 
 def selected_density(selected: Tensor, Sq: int, Skv: int, block: tuple[int, int]) -> float:

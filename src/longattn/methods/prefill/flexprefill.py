@@ -36,8 +36,9 @@ class FlexPrefill(PrefillMethod):
     """Query-aware head when sqrt(JS(true, estimated block distribution of the last query block)) < tau, else
     vertical-slash; each keeps the fewest entries reaching a gamma share of its estimated mass. Defaults from the
     paper: gamma=0.9, tau=0.1, 128-token blocks. Query-aware selection is global over the head's pooled block map,
-    as in the paper; vertical-slash columns / diagonals are realised at block granularity (every block that holds a
-    kept column or diagonal), as the authors' block kernel does. The diagonal block of every query block is always
+    as in the paper; on vertical-slash heads the diagonals are realised at block granularity (every block a kept
+    diagonal crosses) and the kept columns are gathered by index (work proportional to the columns, not to the blocks
+    they fall in; Triton runs it forward only). The diagonal block of every query block is always
     kept so no row is empty. gamma=1 keeps every causal block."""
 
     def __init__(self, gamma: float = 0.9, tau: float = 0.1, block: int = 128):
@@ -63,9 +64,10 @@ class FlexPrefill(PrefillMethod):
         aware = _select.cumulative_mask(scores.flatten(2), self.gamma).view_as(scores)
         vertical, slash = _select.vertical_slash_scores(p)
         cols, diags = _select.cumulative_mask(vertical, self.gamma), _select.cumulative_mask(slash, self.gamma)
-        vs = _select.token_blocks(cols, diags, Sq, Skv, self.block)
+        vs = _select.token_blocks(torch.zeros_like(cols), diags, Sq, Skv, self.block)  # slash lines: their blocks
         selected = torch.where(query_aware.view(B, H, 1, 1), aware, vs)
         selected |= _select.diagonal_blocks(Sq, Skv, self.block, q.device)
-        bs, self.last_density = _select.build(selected, Sq, Skv, self.block)
+        gather = cols & ~query_aware.view(B, H, 1)  # vertical lines of vertical-slash heads: gathered by index
+        bs, self.last_density = _select.build(selected, Sq, Skv, self.block, gather=gather)
         self.last_query_aware = query_aware
         return bs

@@ -27,10 +27,12 @@ def vertical_slash_tokens(q: Tensor, k: Tensor, last_q: int, vertical_size: int,
 class MInferenceVerticalSlash(PrefillMethod):
     """Top ``vertical_size`` columns and top ``slash_size`` diagonals per head, estimated from the last 64 queries.
     Defaults from MInference's released config: last_q=64, vertical_size=1000, slash_size=6096, with the first 30
-    columns and the 100 nearest diagonals always kept. Selection is token-level inside 64-token blocks; when the
-    partly kept blocks exceed _select.TOKEN_LEVEL_MAX_ELEMS elements (long contexts) and ``token_level`` is None,
-    the same block set runs whole blocks instead (a superset of the token pattern, logged; token_level=True forces
-    bit tiles, False whole blocks). A last_q window longer than
+    columns and the 100 nearest diagonals always kept. The vertical columns are gathered by index (as MInference's
+    kernel does: work proportional to the columns, not to the blocks they are scattered over); the slash lines become
+    the 64-token blocks they cross, token-level inside; when those partly kept blocks exceed
+    _select.TOKEN_LEVEL_MAX_ELEMS elements (long contexts) and ``token_level`` is None, the same blocks run whole
+    instead (a superset of the token pattern, logged; token_level=True forces bit tiles, False whole blocks).
+    Triton runs it forward only (prefill). A last_q window longer than
     the prompt uses the whole prompt; budgets larger than the context raise."""
 
     def __init__(self, vertical_size: int = 1000, slash_size: int = 6096, last_q: int = 64, block: int = 64,
@@ -54,5 +56,5 @@ class MInferenceVerticalSlash(PrefillMethod):
                                             self.forced_columns, self.forced_diagonals)
         every = cols.new_ones(*cols.shape[:2], *_select.causal_blocks(Sq, Skv, self.block, q.device).shape)
         bs, self.last_density = _select.build(every, Sq, Skv, self.block, columns=cols, diagonals=diags,
-                                              token_level=self.token_level)
+                                              token_level=self.token_level, gather=cols)
         return bs
