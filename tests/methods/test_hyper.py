@@ -1,4 +1,5 @@
-"""HyperAttention: oracle rule on its sparsity, reported density, dense with one bucket, planted clusters, errors."""
+"""HyperAttention: oracle rule on its sparsity, reported density, dense with one bucket, planted clusters, the causal
+recursion's exact pieces, errors."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from longattn.methods.prefill.hyper import HyperAttention, _lsh_rank
+from longattn.methods.prefill.hyper import HyperAttention, _lsh_rank, exact_piece
 from longattn.methods.registry import get
 from tests.methods.prefill_checks import SHAPES, causal_dense, check_keeps_everything, check_standard, qkv
 
 
 @pytest.mark.parametrize(("Sq", "Skv", "Hq", "Hkv", "D", "dtype"), SHAPES)
 def test_oracle_and_density(Sq, Skv, Hq, Hkv, D, dtype):
-    check_standard(HyperAttention(bucket_size=32, sample_size=min(8, Skv), block=32), Sq, Skv, Hq, Hkv, D, dtype)
+    method = HyperAttention(bucket_size=32, sample_size=min(8, Skv), min_seq_len=64, block=32)
+    check_standard(method, Sq, Skv, Hq, Hkv, D, dtype)
 
 
 @pytest.mark.parametrize(("Sq", "Skv"), [(300, 300), (130, 300)])
@@ -47,15 +49,15 @@ def _clustered(S: int, n: int, seed: int = 0):
 def test_planted_clusters_meet_exactly():
     S, n = 256, 4
     q, k, q_dir, k_dir = _clustered(S, n)
-    bs = HyperAttention(lsh_bits=7, bucket_size=S // n, sample_size=0, block=32).estimate(q, k)
+    bs = HyperAttention(lsh_bits=7, bucket_size=S // n, sample_size=0, min_seq_len=1, block=32).estimate(q, k)
     same = (q_dir.view(-1, 1) == k_dir.view(1, -1)) | torch.eye(S, dtype=torch.bool)
     assert torch.equal(bs.to_dense()[0, 0], same & causal_dense(S, S))
 
 
 def test_sampled_columns_are_whole_causal_columns():
     q, k, _ = qkv(256, Hq=2, Hkv=2)
-    plain = HyperAttention(bucket_size=32, sample_size=0, block=32, seed=1).estimate(q, k).to_dense()[0]
-    sampled = HyperAttention(bucket_size=32, sample_size=5, block=32, seed=1).estimate(q, k).to_dense()[0]
+    plain, sampled = (HyperAttention(bucket_size=32, sample_size=n, min_seq_len=1, block=32, seed=1).estimate(q, k)
+                      .to_dense()[0] for n in (0, 5))
     later = causal_dense(256, 256).unsqueeze(0)
 
     def full_columns(allowed):  # [H, S]: every query at or after the key sees it
@@ -69,11 +71,32 @@ def test_sampled_columns_are_whole_causal_columns():
     assert int(counts.max()) <= 5 and int(counts.min()) >= 4  # a sampled column may already be full by its group
 
 
+@pytest.mark.parametrize(("seq", "min_len", "piece"), [(8000, 4096, 4000), (4096, 4096, 4096), (300, 64, 38),
+                                                        (300, 1, 1)])
+def test_exact_piece_halves_until_short_enough(seq, min_len, piece):
+    assert exact_piece(seq, min_len) == piece
+
+
+def test_causal_recursion_is_exact_inside_diagonal_pieces():
+    """Pairs in the same 64-token piece are all kept; other pairs only by the LSH groups; short inputs are exact."""
+    S = 256
+    q, k, _ = qkv(S, Hq=2, Hkv=2)
+    pos = torch.arange(S)
+    same = (pos.view(-1, 1) // 64 == pos.view(1, -1) // 64) & causal_dense(S, S)
+    lsh_only = HyperAttention(bucket_size=32, sample_size=0, min_seq_len=1, block=32).estimate(q, k).to_dense()[0]
+    both = HyperAttention(bucket_size=32, sample_size=0, min_seq_len=64, block=32).estimate(q, k).to_dense()[0]
+    assert torch.equal(both, lsh_only | same)
+    assert not bool((lsh_only >= same).all())  # the pieces add pairs the groups alone miss
+    q, k, v = qkv(300)
+    check_keeps_everything(HyperAttention(bucket_size=32, sample_size=0, block=32).estimate(q, k), q, k, v)
+
+
 def test_registered_and_bad_input():
     assert get("hyper").factory is HyperAttention
     for kwargs, match in [({"lsh_bits": 31}, r"lsh_bits: expected an int in \[1, 30\]"),
                           ({"bucket_size": 0}, "bucket_size: expected an int >= 1"),
                           ({"sample_size": -1}, "sample_size: expected an int >= 0"),
+                          ({"min_seq_len": 0}, "min_seq_len: expected an int >= 1"),
                           ({"block": 16}, "block: expected a power of two")]:
         with pytest.raises(ValueError, match=match):
             HyperAttention(**kwargs)

@@ -1,6 +1,7 @@
 """HyperAttention (Han et al. 2023): sort queries and keys by an angular LSH (random hyperplanes) so that similar
 ones become neighbours, attend within equal-size groups along the sorted order, and add a uniform sample of key
-columns that every query sees."""
+columns that every query sees. Causal inputs follow the paper's recursion: exact attention inside the diagonal
+pieces of at most ``min_seq_len`` tokens, the approximation on the off-diagonal rectangles only."""
 
 from __future__ import annotations
 
@@ -22,21 +23,27 @@ class HyperAttention(PrefillMethod):
     """Each token's ``lsh_bits`` hyperplane signs, read in Gray-code order (adjacent buckets differ in one bit),
     give its sort key; the i-th query in sorted order falls in group ``i * G // Sq`` and the j-th key in group
     ``j * G // Skv`` with ``G = ceil(Skv / bucket_size)``; a pair is kept when both share a group, or when the key is
-    one of the ``sample_size`` sampled columns of the head (seeded per layer), always causally.
+    one of the ``sample_size`` sampled columns of the head (seeded per layer), always causally. The paper's causal
+    algorithm halves the sequence until the pieces hold at most ``min_seq_len`` tokens and attends exactly inside
+    each diagonal piece, so pairs whose positions fall in the same piece are kept too (at ``Skv <= min_seq_len``
+    the method is exact attention).
 
     Granularity: the kept (q, k) pairs are scattered in position space, so a positional block is computed when it
     holds at least one kept pair, and inside it the pairs are masked exactly (bit tiles). Exact masking keeps the
     output faithful to the method; the retained work (the density reported) is the block union, which is what the
-    kernels pay. Defaults from the reference implementation: 7 hyperplanes, 256-token buckets, 256 sampled columns.
+    kernels pay. Defaults from the reference implementation: 7 hyperplanes, 256-token buckets, 256 sampled columns,
+    4096-token exact pieces. The sampled columns are not re-weighted by Skv / sample_size as in the paper's
+    unbiased estimator (a mask cannot scale scores); they are attended as ordinary keys.
     """
 
-    def __init__(self, lsh_bits: int = 7, bucket_size: int = 256, sample_size: int = 256, block: int = 64,
-                 seed: int = 0):
+    def __init__(self, lsh_bits: int = 7, bucket_size: int = 256, sample_size: int = 256, min_seq_len: int = 4096,
+                 block: int = 64, seed: int = 0):
         self.lsh_bits = check_int("lsh_bits", lsh_bits)
         if self.lsh_bits > 30:
             raise ValueError(f"lsh_bits: expected an int in [1, 30], got {lsh_bits!r}")
         self.bucket_size = check_int("bucket_size", bucket_size)
         self.sample_size = check_int("sample_size", sample_size, low=0)
+        self.min_seq_len = check_int("min_seq_len", min_seq_len)
         self.block, self.seed = square_block(block), check_int("seed", seed, low=0)
         self.last_density: float | None = None
 
@@ -58,13 +65,26 @@ class HyperAttention(PrefillMethod):
         sampled = sampled.to(q.device)
         n_kv = geo.kv_first.numel()
         col_blocks = torch.nn.functional.pad(sampled, (0, n_kv * geo.block[1] - Skv)).view(Hq, n_kv, -1).any(-1)
-        selected = label_blocks(q_lab, k_lab, n_groups, geo) | col_blocks.view(1, Hq, 1, n_kv)
+        piece = exact_piece(Skv, self.min_seq_len)
+        same_piece = (geo.kv_first.view(1, -1) // piece <= geo.q_last.view(-1, 1) // piece) & (
+            geo.kv_last.view(1, -1) // piece >= geo.q_first.view(-1, 1) // piece)
+        selected = label_blocks(q_lab, k_lab, n_groups, geo) | col_blocks.view(1, Hq, 1, n_kv) | same_piece
+        off = geo.offset
 
         def hyper_rule(b, h, q_idx, kv_idx):
-            return (q_lab[b, h, q_idx] == k_lab[b, h, kv_idx]) | sampled[h, kv_idx]
+            exact = (q_idx + off) // piece == kv_idx // piece
+            return (q_lab[b, h, q_idx] == k_lab[b, h, kv_idx]) | sampled[h, kv_idx] | exact
 
         bs, self.last_density = to_block_sparse(selected, geo, MaskMod(hyper_rule, name="hyper_groups"))
         return bs
+
+
+def exact_piece(seq: int, min_seq_len: int) -> int:
+    """Length of the diagonal pieces the causal recursion attends exactly: ``seq`` halved until <= min_seq_len."""
+    piece = seq
+    while piece > min_seq_len:
+        piece = -(-piece // 2)
+    return piece
 
 
 def _lsh_rank(proj: Tensor) -> Tensor:
