@@ -35,7 +35,7 @@ class DuoAttention(DecodePolicy):
         check_int("recent", recent)
         if gates_path is None or not Path(gates_path).is_file():
             raise FileNotFoundError(f"gates_path: no DuoAttention gate file at {gates_path!r}; create one once per "
-                                    f"model with longattn.methods.decode.duo.optimize_gates(model, path)")
+                                    f"model with `longattn calibrate duo --out PATH` (or optimize_gates(model, path))")
         gates = torch.tensor(json.loads(Path(gates_path).read_text())["gates"], dtype=torch.float32)
         if gates.dim() != 2:
             raise ValueError(f"gates_path: expected gates as [layers][kv_heads], got shape {tuple(gates.shape)}")
