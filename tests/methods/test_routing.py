@@ -29,9 +29,27 @@ def test_planted_clusters_are_recovered():
     q_dir, k_dir = torch.randint(0, n, (S,), generator=g), torch.randint(0, n, (S,), generator=g)
     q = (dirs[q_dir] + 0.05 * torch.randn(S, 32, generator=g)).view(1, 1, S, 32)
     k = (dirs[k_dir] + 0.05 * torch.randn(S, 32, generator=g)).view(1, 1, S, 32)
-    bs = RoutingAttention(n_clusters=n, iters=5, block=32).estimate(q, k)
     same = (q_dir.view(-1, 1) == k_dir.view(1, -1)) | torch.eye(S, dtype=torch.bool)
-    assert torch.equal(bs.to_dense()[0, 0], same & causal_dense(S, S))
+    for cluster_on in ("keys", "both"):
+        bs = RoutingAttention(n_clusters=n, iters=5, cluster_on=cluster_on, block=32).estimate(q, k)
+        assert torch.equal(bs.to_dense()[0, 0], same & causal_dense(S, S))
+
+
+def test_separate_query_and_key_regions():
+    """Queries and keys in different regions (as in models trained without routing): clustered together they never
+    meet, so only the own key is kept; key-fitted centroids route each query to the keys along its direction."""
+    S, n = 240, 3
+    g = torch.Generator().manual_seed(1)
+    dirs = torch.nn.functional.normalize(torch.randn(n, 32, generator=g), dim=-1)
+    shift = torch.zeros(32)
+    shift[0] = 4.0  # queries far from every key
+    q_dir, k_dir = torch.randint(0, n, (S,), generator=g), torch.randint(0, n, (S,), generator=g)
+    q = (dirs[q_dir] + 0.05 * torch.randn(S, 32, generator=g) + shift).view(1, 1, S, 32)
+    k = (dirs[k_dir] + 0.05 * torch.randn(S, 32, generator=g) - shift).view(1, 1, S, 32)
+    both = RoutingAttention(n_clusters=n, iters=5, cluster_on="both", block=32).estimate(q, k).to_dense()[0, 0]
+    keys = RoutingAttention(n_clusters=n, iters=5, cluster_on="keys", block=32).estimate(q, k).to_dense()[0, 0]
+    assert int(both.sum()) < 2 * S  # (nearly) only the diagonal
+    assert int(keys.sum()) > 10 * S
 
 
 def test_registered_and_bad_input():
@@ -39,6 +57,7 @@ def test_registered_and_bad_input():
     for kwargs, match in [({"n_clusters": 0}, "n_clusters: expected an int >= 1"),
                           ({"iters": -1}, "iters: expected an int >= 0"),
                           ({"local_window": 0}, "local_window: expected an int >= 1"),
+                          ({"cluster_on": "queries"}, "cluster_on: expected 'keys' or 'both'"),
                           ({"block": 20}, "block: expected a power of two")]:
         with pytest.raises(ValueError, match=match):
             RoutingAttention(**kwargs)
