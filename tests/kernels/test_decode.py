@@ -79,17 +79,32 @@ def test_dense_matches_oracle(S, G, Tq, D, dtype):
     _check(out, lse, q, k, v)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-merge", "merge-kernel"])
 @pytest.mark.parametrize("splits", [1, 3, 20])
 @pytest.mark.parametrize("Tq", [1, 4])
-def test_varlen_and_forced_splits(Tq, splits):
+def test_varlen_and_forced_splits(Tq, splits, fused):
     """Per-sequence lengths (one shorter than Tq: its early queries see nothing), split counts that leave
-    programs empty, and the single-split direct path."""
+    programs empty, the single-split direct path, and both merges (in the split kernel, or a second kernel)."""
     q, k, v = _inputs(3, 4, Tq, 600, 32, torch.float16, seed=Tq)
     lens = torch.tensor([2, 600, 301], dtype=torch.int32)
-    out, lse = decode_triton(q, k, v, lens, None, None, None, None, 1 / math.sqrt(32), splits=splits)
+    out, lse = decode_triton(q, k, v, lens, None, None, None, None, 1 / math.sqrt(32), splits=splits,
+                             fused_merge=fused)
     _check(out, lse, q, k, v, cache_seqlens=lens)
     if Tq == 4:
         assert torch.isinf(lse[0, :, :2]).all() and (out[0, :, :2] == 0).all()
+
+
+def test_fused_merge_resets_its_counters():
+    """The merging program leaves the arrival counters at zero, so the next launch (or graph replay) merges too;
+    merge rows wider than one merge step (G·Tq = 32 rows of d = 64: several splits per step, many steps)."""
+    q, k, v = _inputs(2, 8, 4, 900, 64, torch.float16, seed=7)
+    lens = torch.tensor([900, 450], dtype=torch.int32)
+    decode_mod._SEMAPHORES.clear()
+    for _ in range(2):
+        out, lse = decode_triton(q, k, v, lens, None, None, None, None, 0.125, splits=7, fused_merge=True)
+        _check(out, lse, q, k, v, cache_seqlens=lens, scale=0.125)
+        (held,) = decode_mod._SEMAPHORES.values()
+        assert len(held) == 1 and held[0].numel() >= 2 * HKV and not held[0].any()
 
 
 @pytest.mark.parametrize("page_size,G,Tq,dtype", [(16, 1, 1, torch.float32), (32, 4, 4, torch.float16),

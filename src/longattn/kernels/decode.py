@@ -26,6 +26,8 @@ LOG2E = 1.4426950408889634
 IMPLS = ("auto", "triton", "reference")
 DENSE_UNIT = 128  # tokens per split unit on an unselected contiguous cache (a "virtual page")
 MIN_SPLIT_TOKENS = 256  # fewer tokens than this per program and the merge costs more than the parallelism gains
+FUSED_MERGE = True  # the split kernel's last program per (batch, kv head) merges (no second launch)
+MERGE_ELEMENTS = 8192  # partial-output elements (splits × rows × head_dim) one merge step loads at once
 _logged: set[str] = set()
 
 
@@ -49,19 +51,56 @@ def _prune(configs, named_args, **kwargs):
     return kept or [triton.Config({"BLOCK_N": page}, num_warps=4, num_stages=2)]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "PAGE", "PAGED", "SELECTED", "DIRECT", "work_bucket"],
+@triton.jit
+def _merge_splits(PO, PL, OUT, LSE, bh, n_splits, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
+                  MERGE_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Combine the n_splits partial (out, lse) of one (batch, kv head), MERGE_S splits × all rows per load, weighted
+    by exp(lse_s - max lse); write the final out [ROWS, D] (OUT's dtype) and lse [ROWS]."""
+    r = tl.arange(0, ROWS_P2)
+    d = tl.arange(0, HEAD_DIM)
+    r_ok = r < ROWS
+    base = bh.to(tl.int64) * n_splits * ROWS
+    m = tl.full([ROWS_P2], float("-inf"), tl.float32)
+    for s0 in range(0, n_splits, MERGE_S):
+        s = s0 + tl.arange(0, MERGE_S)
+        ok = (s < n_splits)[:, None] & r_ok[None, :]
+        lse_s = tl.load(PL + base + s[:, None] * ROWS + r[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
+        m = tl.maximum(m, tl.max(lse_s, 0))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros([ROWS_P2], tl.float32)
+    acc = tl.zeros([ROWS_P2, HEAD_DIM], tl.float32)
+    for s0 in range(0, n_splits, MERGE_S):
+        s = s0 + tl.arange(0, MERGE_S)
+        ok = (s < n_splits)[:, None] & r_ok[None, :]
+        idx = base + s[:, None] * ROWS + r[None, :]  # [MERGE_S, ROWS_P2]
+        w = tl.exp(tl.load(PL + idx, mask=ok, other=float("-inf"), cache_modifier=".cg") - m_safe[None, :])
+        o = tl.load(PO + idx[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        total += tl.sum(w, 0)
+        acc += tl.sum(o * w[:, :, None], 0)
+    seen = total > 0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    tl.store(OUT + (bh.to(tl.int64) * ROWS + r[:, None]) * HEAD_DIM + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=r_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * ROWS + r, lse, mask=r_ok)
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "PAGE", "PAGED", "SELECTED", "MERGE", "work_bucket"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, LENS, BT, PIDX, PCNT, OUT, LSE,
+    Q, K, V, LENS, BT, PIDX, PCNT, PO, PL, OUT, LSE, SEM,
     qk_scale, units_per_split, n_splits,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_bt, n_sel, HKV, work_bucket,
-    TQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    PAGED: tl.constexpr, SELECTED: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    TQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_P2: tl.constexpr, MERGE_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, SELECTED: tl.constexpr, MERGE: tl.constexpr,
+    PREC: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One (batch, kv head, split): online softmax over its tiles; writes normalised out and natural-log LSE.
+    """One (batch, kv head, split): online softmax over its tiles, then by MERGE: 0 (one split) the final out and
+    natural-log LSE; 1 partials [B·Hkv, splits, ROWS, (D)] for the merge kernel; 2 partials, and the program that
+    arrives last for its (batch, kv head) (counted in SEM, which it resets to 0) merges them.
     ``work_bucket`` (tokens per program, coarsely) only keys the autotuner: short and long programs tune apart."""
     if PDL:  # let the merge kernel be scheduled now; it waits (griddepcontrol.wait) for this grid to finish
         tl.extra.cuda.gdc_launch_dependents()
@@ -120,52 +159,33 @@ def _decode_split_kernel(
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    if DIRECT:  # one split: final output in the input dtype, [B, Hkv, G·Tq, D] = [B, Hq, Tq, D]
+    if MERGE == 0:  # one split: final output in the input dtype, [B, Hkv, G·Tq, D] = [B, Hq, Tq, D]
         o_ptrs = OUT + (pid_bh.to(tl.int64) * ROWS + rows[:, None]) * HEAD_DIM + dims[None, :]
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
         tl.store(LSE + pid_bh.to(tl.int64) * ROWS + rows, lse, mask=row_ok)
     else:  # partials [B·Hkv, splits, ROWS, D] and [B·Hkv, splits, ROWS], float32
         base = (pid_bh.to(tl.int64) * n_splits + split) * ROWS
-        tl.store(OUT + (base + rows[:, None]) * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
-        tl.store(LSE + base + rows, lse, mask=row_ok)
+        tl.store(PO + (base + rows[:, None]) * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
+        tl.store(PL + base + rows, lse, mask=row_ok)
+        if MERGE == 2:
+            tl.debug_barrier()  # all of this program's partial is stored before its arrival is counted (release)
+            if tl.atomic_add(SEM + pid_bh, 1, sem="acq_rel") == n_splits - 1:  # the last split of this group
+                _merge_splits(PO, PL, OUT, LSE, pid_bh, n_splits, ROWS, ROWS_P2, MERGE_S, HEAD_DIM)
+                tl.store(SEM + pid_bh, 0)  # every split has arrived: reset for the next launch
 
 
 @triton.jit
-def _merge_kernel(PO, PL, OUT, LSE, n_splits, ROWS, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  PDL: tl.constexpr):
-    """One (batch, kv head, row): combine the splits' partial outputs weighted by exp(lse_s - lse), BLOCK_S
-    splits at a time (a first pass finds the largest LSE)."""
+def _merge_kernel(PO, PL, OUT, LSE, n_splits, ROWS: tl.constexpr, ROWS_P2: tl.constexpr, MERGE_S: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+    """One (batch, kv head): merge its splits (MERGE=1)."""
     if PDL:  # launched early (programmatic dependent launch): wait until the split kernel's writes are visible
         tl.extra.cuda.gdc_wait()
-    pid = tl.program_id(0)
-    bh = pid // ROWS
-    r = pid % ROWS
-    dims = tl.arange(0, HEAD_DIM)
-    base = bh.to(tl.int64) * n_splits * ROWS + r
-    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        m = tl.maximum(m, tl.load(PL + base + s * ROWS, mask=s < n_splits, other=float("-inf")))
-    m_max = tl.max(m, 0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    total = tl.zeros([BLOCK_S], tl.float32)
-    acc = tl.zeros([BLOCK_S, HEAD_DIM], tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        ok = s < n_splits
-        w = tl.exp(tl.load(PL + base + s * ROWS, mask=ok, other=float("-inf")) - m_safe)
-        o = tl.load(PO + (base + s * ROWS)[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
-        total += w
-        acc += o * w[:, None]
-    t = tl.sum(total, 0)
-    out = tl.sum(acc, 0) / tl.where(t > 0, t, 1.0)
-    tl.store(OUT + (bh.to(tl.int64) * ROWS + r) * HEAD_DIM + dims, out.to(OUT.dtype.element_ty))
-    lse = tl.where(t > 0, m_safe + tl.log(tl.where(t > 0, t, 1.0)), float("-inf"))
-    tl.store(LSE + bh.to(tl.int64) * ROWS + r, lse)
+    _merge_splits(PO, PL, OUT, LSE, tl.program_id(0), n_splits, ROWS, ROWS_P2, MERGE_S, HEAD_DIM)
 
 
 _SM_COUNT: dict[int, int] = {}
 _PDL_OK: dict[int, bool] = {}
+_SEMAPHORES: dict[tuple[str, int], list[Tensor]] = {}
 
 
 def _use_pdl(device: torch.device) -> bool:
@@ -207,10 +227,26 @@ def _work_bucket(tokens_per_program: int) -> int:
     return sum(tokens_per_program >= t for t in (1024, 4096, 16384))
 
 
+def _semaphores(n: int, device: torch.device) -> Tensor:
+    """Zeroed int32 arrival counters for the fused merge, at least ``n``: kept per (device, stream), since each
+    launch leaves them at zero again; earlier buffers stay alive (captured graphs may point at them). While a
+    graph is being captured and none is kept for its stream, a fresh zeroed buffer belongs to that graph."""
+    cuda = device.type == "cuda"
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream if cuda else 0)
+    held = _SEMAPHORES.setdefault(key, [])
+    if held and held[-1].numel() >= n:
+        return held[-1]
+    if cuda and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    held.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+    return held[-1]
+
+
 def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_table: Tensor | None,
                   page_size: int | None, page_indices: Tensor | None, page_counts: Tensor | None, scale: float,
-                  splits: int | None = None) -> tuple[Tensor, Tensor]:
-    """Launch the split kernel (+ merge); inputs already validated. ``splits`` overrides the heuristic (tests)."""
+                  splits: int | None = None, fused_merge: bool | None = None) -> tuple[Tensor, Tensor]:
+    """Launch the split kernel (+ merge); inputs already validated. ``splits`` and ``fused_merge`` (merge in the
+    split kernel's last program instead of a second kernel) override the heuristics (tests, sweeps)."""
     B, Hq, Tq, D = q.shape
     Hkv = k_cache.shape[1]
     rows = (Hq // Hkv) * Tq
@@ -227,33 +263,35 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, 
         splits, per = choose_splits(B * Hkv, n_units, page, _sm_count(q.device))
     else:
         per = max(1, math.ceil(n_units / splits))
-    block_m = max(16, triton.next_power_of_2(rows))
+    merge = 0 if splits == 1 else (2 if (FUSED_MERGE if fused_merge is None else fused_merge) else 1)
     out = _empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
     lse = _empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
-    direct = splits == 1
-    if direct:
-        p_out, p_lse = out, lse
-    else:
+    p_out, p_lse, sem = out, lse, lengths
+    if merge:
         p_out = _empty(B * Hkv, splits, rows, D, dtype=torch.float32, device=q.device)
         p_lse = _empty(B * Hkv, splits, rows, dtype=torch.float32, device=q.device)
+    if merge == 2:
+        sem = _semaphores(B * Hkv, q.device)
     dummy = lengths
     bt = block_table if paged else dummy
     pidx = page_indices.contiguous() if selected else dummy
     pcnt = page_counts.contiguous() if selected else dummy
+    rows_p2 = triton.next_power_of_2(rows)
+    merge_s = max(1, MERGE_ELEMENTS // (rows_p2 * D))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    pdl = not direct and _use_pdl(q.device)
+    pdl = merge == 1 and _use_pdl(q.device)
     _decode_split_kernel[(B * Hkv, splits)](
-        q, k_cache, v_cache, lengths, bt, pidx, pcnt, p_out, p_lse,
+        q, k_cache, v_cache, lengths, bt, pidx, pcnt, p_out, p_lse, out, lse, sem,
         scale * LOG2E, per, splits,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt.stride(0) if paged else 0, page_indices.shape[2] if selected else 0, Hkv, _work_bucket(per * page),
-        TQ=Tq, ROWS=rows, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page, PAGED=paged, SELECTED=selected,
-        DIRECT=direct, PREC=prec, PDL=pdl,
+        TQ=Tq, ROWS=rows, BLOCK_M=max(16, rows_p2), ROWS_P2=rows_p2, MERGE_S=merge_s, HEAD_DIM=D, PAGE=page,
+        PAGED=paged, SELECTED=selected, MERGE=merge, PREC=prec, PDL=pdl,
     )
-    if not direct:
-        _merge_kernel[(B * Hkv * rows,)](p_out, p_lse, out, lse, splits, rows,
-                                         BLOCK_S=16, HEAD_DIM=D, PDL=pdl, launch_pdl=pdl)
+    if merge == 1:
+        _merge_kernel[(B * Hkv,)](p_out, p_lse, out, lse, splits, ROWS=rows, ROWS_P2=rows_p2, MERGE_S=merge_s,
+                                  HEAD_DIM=D, PDL=pdl, launch_pdl=pdl)
     return out, lse
 
 
