@@ -54,33 +54,32 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _merge_splits(PO, PL, OUT, LSE, bh, n_splits, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
                   MERGE_S: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Combine the n_splits partial (out, lse) of one (batch, kv head), MERGE_S splits × all rows per load, weighted
-    by exp(lse_s - max lse); write the final out [ROWS, D] (OUT's dtype) and lse [ROWS]."""
+    """Combine the n_splits partial (out, lse) of one (batch, kv head) in one pass, MERGE_S splits × all rows per
+    load, weighted by exp(lse_s - running max); write the final out [ROWS, D] (OUT's dtype) and lse [ROWS]."""
     r = tl.arange(0, ROWS_P2)
     d = tl.arange(0, HEAD_DIM)
     r_ok = r < ROWS
     base = bh.to(tl.int64) * n_splits * ROWS
     m = tl.full([ROWS_P2], float("-inf"), tl.float32)
-    for s0 in range(0, n_splits, MERGE_S):
-        s = s0 + tl.arange(0, MERGE_S)
-        ok = (s < n_splits)[:, None] & r_ok[None, :]
-        lse_s = tl.load(PL + base + s[:, None] * ROWS + r[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
-        m = tl.maximum(m, tl.max(lse_s, 0))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
     total = tl.zeros([ROWS_P2], tl.float32)
     acc = tl.zeros([ROWS_P2, HEAD_DIM], tl.float32)
     for s0 in range(0, n_splits, MERGE_S):
         s = s0 + tl.arange(0, MERGE_S)
         ok = (s < n_splits)[:, None] & r_ok[None, :]
         idx = base + s[:, None] * ROWS + r[None, :]  # [MERGE_S, ROWS_P2]
-        w = tl.exp(tl.load(PL + idx, mask=ok, other=float("-inf"), cache_modifier=".cg") - m_safe[None, :])
+        lse_s = tl.load(PL + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
         o = tl.load(PO + idx[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
                     cache_modifier=".cg")
-        total += tl.sum(w, 0)
-        acc += tl.sum(o * w[:, :, None], 0)
+        m_new = tl.maximum(m, tl.max(lse_s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse_s - m_safe[None, :])
+        total = total * alpha + tl.sum(w, 0)
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
+        m = m_new
     seen = total > 0
     out = acc / tl.where(seen, total, 1.0)[:, None]
-    lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    lse = tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
     tl.store(OUT + (bh.to(tl.int64) * ROWS + r[:, None]) * HEAD_DIM + d[None, :], out.to(OUT.dtype.element_ty),
              mask=r_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * ROWS + r, lse, mask=r_ok)
@@ -93,8 +92,9 @@ def _decode_split_kernel(
     Q, K, V, LENS, BT, PIDX, PCNT, PO, PL, OUT, LSE, SEM,
     qk_scale, units_per_split, n_splits,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    stride_bt, n_sel, HKV, work_bucket,
-    TQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_P2: tl.constexpr, MERGE_S: tl.constexpr,
+    stride_bt, n_sel, HKV, capacity, work_bucket,
+    HAS_LENS: tl.constexpr, TQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_P2: tl.constexpr,
+    MERGE_S: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, SELECTED: tl.constexpr, MERGE: tl.constexpr,
     PREC: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -109,7 +109,7 @@ def _decode_split_kernel(
     b = pid_bh // HKV
     h = pid_bh % HKV
     TPP: tl.constexpr = PAGE // BLOCK_N  # tiles per page
-    length = tl.load(LENS + b)
+    length = tl.load(LENS + b) if HAS_LENS else capacity
     n_units = tl.load(PCNT + pid_bh) if SELECTED else tl.cdiv(length, PAGE)
     unit_lo = split * units_per_split
     unit_hi = tl.minimum(unit_lo + units_per_split, n_units)
@@ -242,11 +242,12 @@ def _semaphores(n: int, device: torch.device) -> Tensor:
     return held[-1]
 
 
-def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_table: Tensor | None,
+def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor | None, block_table: Tensor | None,
                   page_size: int | None, page_indices: Tensor | None, page_counts: Tensor | None, scale: float,
                   splits: int | None = None, fused_merge: bool | None = None) -> tuple[Tensor, Tensor]:
-    """Launch the split kernel (+ merge); inputs already validated. ``splits`` and ``fused_merge`` (merge in the
-    split kernel's last program instead of a second kernel) override the heuristics (tests, sweeps)."""
+    """Launch the split kernel (+ merge); inputs already validated; ``lengths`` None: every sequence is as long as
+    the cache holds. ``splits`` and ``fused_merge`` (merge in the split kernel's last program instead of a second
+    kernel) override the heuristics (tests, sweeps)."""
     B, Hq, Tq, D = q.shape
     Hkv = k_cache.shape[1]
     rows = (Hq // Hkv) * Tq
@@ -259,6 +260,7 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, 
         n_units = block_table.shape[1]
     else:
         n_units = math.ceil(k_cache.shape[2] / page)
+    capacity = block_table.shape[1] * page if paged else k_cache.shape[2]
     if splits is None:
         splits, per = choose_splits(B * Hkv, n_units, page, _sm_count(q.device))
     else:
@@ -266,13 +268,13 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, 
     merge = 0 if splits == 1 else (2 if (FUSED_MERGE if fused_merge is None else fused_merge) else 1)
     out = _empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
     lse = _empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
-    p_out, p_lse, sem = out, lse, lengths
+    dummy = q  # pointer arguments a launch does not use
+    p_out, p_lse, sem = out, lse, dummy
     if merge:
         p_out = _empty(B * Hkv, splits, rows, D, dtype=torch.float32, device=q.device)
         p_lse = _empty(B * Hkv, splits, rows, dtype=torch.float32, device=q.device)
     if merge == 2:
         sem = _semaphores(B * Hkv, q.device)
-    dummy = lengths
     bt = block_table if paged else dummy
     pidx = page_indices.contiguous() if selected else dummy
     pcnt = page_counts.contiguous() if selected else dummy
@@ -281,12 +283,13 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, 
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     pdl = merge == 1 and _use_pdl(q.device)
     _decode_split_kernel[(B * Hkv, splits)](
-        q, k_cache, v_cache, lengths, bt, pidx, pcnt, p_out, p_lse, out, lse, sem,
+        q, k_cache, v_cache, dummy if lengths is None else lengths, bt, pidx, pcnt, p_out, p_lse, out, lse, sem,
         scale * LOG2E, per, splits,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        bt.stride(0) if paged else 0, page_indices.shape[2] if selected else 0, Hkv, _work_bucket(per * page),
-        TQ=Tq, ROWS=rows, BLOCK_M=max(16, rows_p2), ROWS_P2=rows_p2, MERGE_S=merge_s, HEAD_DIM=D, PAGE=page,
+        bt.stride(0) if paged else 0, page_indices.shape[2] if selected else 0, Hkv, capacity,
+        _work_bucket(per * page), HAS_LENS=lengths is not None, TQ=Tq, ROWS=rows, BLOCK_M=max(16, rows_p2),
+        ROWS_P2=rows_p2, MERGE_S=merge_s, HEAD_DIM=D, PAGE=page,
         PAGED=paged, SELECTED=selected, MERGE=merge, PREC=prec, PDL=pdl,
     )
     if merge == 1:
