@@ -1,7 +1,6 @@
-"""Split count and merge variant of the decode kernel on one GPU call: every forced split count, with the merge
-fused into the split kernel or as a second kernel, beside the heuristic's choice, CUDA-graph and eager timing
-(longattn.bench.decode's method). Bf16, GQA 32/8, d = 128. Tuning notes go to benchmarks/NOTES-decode.md.
-Usage: python benchmarks/decode_sweep.py OUT.jsonl"""
+"""Split count of the decode kernel on one GPU call: every forced split count beside the heuristic's choice,
+CUDA-graph and eager timing (longattn.bench.decode's method), each checked against the oracle. Bf16, GQA 32/8,
+d = 128. Tuning notes go to benchmarks/NOTES-decode.md. Usage: python benchmarks/decode_sweep.py OUT.jsonl"""
 
 import json
 import math
@@ -40,31 +39,29 @@ def inputs(B: int, L: int, selected: bool) -> list[tuple]:
     return sets
 
 
-def call(s: tuple, splits: int | None, fused: bool) -> tuple:
+def call(s: tuple, splits: int | None) -> tuple:
     sel = (PAGE, s[3], s[4]) if len(s) == 5 else (None, None, None)
-    return kd.decode_triton(s[0], s[1], s[2], None, None, sel[0], sel[1], sel[2], D ** -0.5, splits=splits,
-                            fused_merge=fused)
+    return kd.decode_triton(s[0], s[1], s[2], None, None, sel[0], sel[1], sel[2], D ** -0.5, splits=splits)
 
 
 def main(out_path: str) -> None:
     for name, B, L, selected, forced in CASES:
         sets = inputs(B, L, selected)
         n_units = BUDGET // PAGE if selected else L // kd.DENSE_UNIT
-        auto, _ = kd.choose_splits(B * HKV, n_units, PAGE if selected else kd.DENSE_UNIT, kd._sm_count(dev))
+        unit, min_tokens = (PAGE, kd.MIN_SPLIT_TOKENS_SELECTED) if selected else (kd.DENSE_UNIT, kd.MIN_SPLIT_TOKENS)
+        auto, _ = kd.choose_splits(B * HKV, n_units, unit, kd._sm_count(dev), min_tokens)
         for splits in [None, *forced]:
-            for fused in (True, False):
-                s = sets[0]
-                out, lse = call(s, splits, fused)
-                sel = {"page_size": PAGE, "page_indices": s[3], "page_counts": s[4]} if selected else {}
-                ok = _check(out, lse, *s[:3], **sel)["correct"]
-                t = _time([lambda s=s, n=splits, f=fused: call(s, n, f) for s in sets], dev)
-                row = {"case": name, "batch": B, "cache_len": L, "splits": splits or auto, "auto": splits is None,
-                       "fused": fused, "correct": ok, **t, "copies": len(sets)}
-                with open(out_path, "a") as f:  # row by row: a run cut short keeps what it measured
-                    f.write(json.dumps(row) + "\n")
-                print(f"{name:8s} B={B} L={L:6d} splits={row['splits']:3d}{'*' if splits is None else ' '} "
-                      f"fused={fused!s:5s} ok={ok} graph {t['ms'] * 1e3:7.2f} us  eager "
-                      f"{t.get('ms_eager', 0) * 1e3:7.2f} us", flush=True)
+            s = sets[0]
+            out, lse = call(s, splits)
+            sel = {"page_size": PAGE, "page_indices": s[3], "page_counts": s[4]} if selected else {}
+            ok = _check(out, lse, *s[:3], **sel)["correct"]
+            t = _time([lambda s=s, n=splits: call(s, n) for s in sets], dev)
+            row = {"case": name, "batch": B, "cache_len": L, "splits": splits or auto, "auto": splits is None,
+                   "correct": ok, **t, "copies": len(sets)}
+            with open(out_path, "a") as f:  # row by row: a run cut short keeps what it measured
+                f.write(json.dumps(row) + "\n")
+            print(f"{name:8s} B={B} L={L:6d} splits={row['splits']:3d}{'*' if splits is None else ' '} ok={ok} "
+                  f"graph {t['ms'] * 1e3:7.2f} us  eager {t.get('ms_eager', 0) * 1e3:7.2f} us", flush=True)
         del sets
         torch.cuda.empty_cache()
 

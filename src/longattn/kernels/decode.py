@@ -25,8 +25,10 @@ log = logging.getLogger("longattn")
 LOG2E = 1.4426950408889634
 IMPLS = ("auto", "triton", "reference")
 DENSE_UNIT = 128  # tokens per split unit on an unselected contiguous cache (a "virtual page")
-MIN_SPLIT_TOKENS = 256  # fewer tokens than this per program and the merge costs more than the parallelism gains
-FUSED_MERGE = True  # the split kernel's last program per (batch, kv head) merges (no second launch)
+# split count: the H100 sweep (benchmarks/NOTES-decode.md) picked the fewest programs that still cover the SMs
+PROGRAMS_PER_SM = 2  # split programs per SM to aim for
+MIN_SPLIT_TOKENS = 512  # fewer tokens than this per program and the merge costs more than the parallelism gains
+MIN_SPLIT_TOKENS_SELECTED = 256  # selected pages: the sweep's best at 4k of 128k, batch 1
 MERGE_ELEMENTS = 8192  # partial-output elements (splits × rows × head_dim) one merge step loads at once
 _logged: set[str] = set()
 
@@ -51,56 +53,20 @@ def _prune(configs, named_args, **kwargs):
     return kept or [triton.Config({"BLOCK_N": page}, num_warps=4, num_stages=2)]
 
 
-@triton.jit
-def _merge_splits(PO, PL, OUT, LSE, bh, n_splits, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
-                  MERGE_S: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Combine the n_splits partial (out, lse) of one (batch, kv head) in one pass, MERGE_S splits × all rows per
-    load, weighted by exp(lse_s - running max); write the final out [ROWS, D] (OUT's dtype) and lse [ROWS]."""
-    r = tl.arange(0, ROWS_P2)
-    d = tl.arange(0, HEAD_DIM)
-    r_ok = r < ROWS
-    base = bh.to(tl.int64) * n_splits * ROWS
-    m = tl.full([ROWS_P2], float("-inf"), tl.float32)
-    total = tl.zeros([ROWS_P2], tl.float32)
-    acc = tl.zeros([ROWS_P2, HEAD_DIM], tl.float32)
-    for s0 in range(0, n_splits, MERGE_S):
-        s = s0 + tl.arange(0, MERGE_S)
-        ok = (s < n_splits)[:, None] & r_ok[None, :]
-        idx = base + s[:, None] * ROWS + r[None, :]  # [MERGE_S, ROWS_P2]
-        lse_s = tl.load(PL + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(PO + idx[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
-                    cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(lse_s, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        w = tl.exp(lse_s - m_safe[None, :])
-        total = total * alpha + tl.sum(w, 0)
-        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
-        m = m_new
-    seen = total > 0
-    out = acc / tl.where(seen, total, 1.0)[:, None]
-    lse = tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
-    tl.store(OUT + (bh.to(tl.int64) * ROWS + r[:, None]) * HEAD_DIM + d[None, :], out.to(OUT.dtype.element_ty),
-             mask=r_ok[:, None])
-    tl.store(LSE + bh.to(tl.int64) * ROWS + r, lse, mask=r_ok)
-
-
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "PAGE", "PAGED", "SELECTED", "MERGE", "work_bucket"],
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "PAGE", "PAGED", "SELECTED", "DIRECT", "work_bucket"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, LENS, BT, PIDX, PCNT, PO, PL, OUT, LSE, SEM,
+    Q, K, V, LENS, BT, PIDX, PCNT, OUT, LSE,
     qk_scale, units_per_split, n_splits,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_bt, n_sel, HKV, capacity, work_bucket,
-    HAS_LENS: tl.constexpr, TQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_P2: tl.constexpr,
-    MERGE_S: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, SELECTED: tl.constexpr, MERGE: tl.constexpr,
-    PREC: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LENS: tl.constexpr, TQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, PAGED: tl.constexpr, SELECTED: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One (batch, kv head, split): online softmax over its tiles, then by MERGE: 0 (one split) the final out and
-    natural-log LSE; 1 partials [B·Hkv, splits, ROWS, (D)] for the merge kernel; 2 partials, and the program that
-    arrives last for its (batch, kv head) (counted in SEM, which it resets to 0) merges them.
+    """One (batch, kv head, split): online softmax over its tiles; writes normalised out and natural-log LSE
+    (no LENS: every sequence fills the cache's ``capacity``).
     ``work_bucket`` (tokens per program, coarsely) only keys the autotuner: short and long programs tune apart."""
     if PDL:  # let the merge kernel be scheduled now; it waits (griddepcontrol.wait) for this grid to finish
         tl.extra.cuda.gdc_launch_dependents()
@@ -159,33 +125,55 @@ def _decode_split_kernel(
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    if MERGE == 0:  # one split: final output in the input dtype, [B, Hkv, G·Tq, D] = [B, Hq, Tq, D]
+    if DIRECT:  # one split: final output in the input dtype, [B, Hkv, G·Tq, D] = [B, Hq, Tq, D]
         o_ptrs = OUT + (pid_bh.to(tl.int64) * ROWS + rows[:, None]) * HEAD_DIM + dims[None, :]
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
         tl.store(LSE + pid_bh.to(tl.int64) * ROWS + rows, lse, mask=row_ok)
     else:  # partials [B·Hkv, splits, ROWS, D] and [B·Hkv, splits, ROWS], float32
         base = (pid_bh.to(tl.int64) * n_splits + split) * ROWS
-        tl.store(PO + (base + rows[:, None]) * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
-        tl.store(PL + base + rows, lse, mask=row_ok)
-        if MERGE == 2:
-            tl.debug_barrier()  # all of this program's partial is stored before its arrival is counted (release)
-            if tl.atomic_add(SEM + pid_bh, 1, sem="acq_rel") == n_splits - 1:  # the last split of this group
-                _merge_splits(PO, PL, OUT, LSE, pid_bh, n_splits, ROWS, ROWS_P2, MERGE_S, HEAD_DIM)
-                tl.store(SEM + pid_bh, 0)  # every split has arrived: reset for the next launch
+        tl.store(OUT + (base + rows[:, None]) * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
+        tl.store(LSE + base + rows, lse, mask=row_ok)
 
 
 @triton.jit
 def _merge_kernel(PO, PL, OUT, LSE, n_splits, ROWS: tl.constexpr, ROWS_P2: tl.constexpr, MERGE_S: tl.constexpr,
                   HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
-    """One (batch, kv head): merge its splits (MERGE=1)."""
+    """One (batch, kv head): combine its n_splits partial (out, lse) in one pass, MERGE_S splits × all rows per
+    load, weighted by exp(lse_s - running max); write the final out [ROWS, D] (OUT's dtype) and lse [ROWS]."""
     if PDL:  # launched early (programmatic dependent launch): wait until the split kernel's writes are visible
         tl.extra.cuda.gdc_wait()
-    _merge_splits(PO, PL, OUT, LSE, tl.program_id(0), n_splits, ROWS, ROWS_P2, MERGE_S, HEAD_DIM)
+    bh = tl.program_id(0)
+    r = tl.arange(0, ROWS_P2)
+    d = tl.arange(0, HEAD_DIM)
+    r_ok = r < ROWS
+    base = bh.to(tl.int64) * n_splits * ROWS
+    m = tl.full([ROWS_P2], float("-inf"), tl.float32)
+    total = tl.zeros([ROWS_P2], tl.float32)
+    acc = tl.zeros([ROWS_P2, HEAD_DIM], tl.float32)
+    for s0 in range(0, n_splits, MERGE_S):
+        s = s0 + tl.arange(0, MERGE_S)
+        ok = (s < n_splits)[:, None] & r_ok[None, :]
+        idx = base + s[:, None] * ROWS + r[None, :]  # [MERGE_S, ROWS_P2]
+        lse_s = tl.load(PL + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")  # read once: skip L1
+        o = tl.load(PO + idx[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse_s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse_s - m_safe[None, :])
+        total = total * alpha + tl.sum(w, 0)
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
+        m = m_new
+    seen = total > 0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    lse = tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    tl.store(OUT + (bh.to(tl.int64) * ROWS + r[:, None]) * HEAD_DIM + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=r_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * ROWS + r, lse, mask=r_ok)
 
 
 _SM_COUNT: dict[int, int] = {}
 _PDL_OK: dict[int, bool] = {}
-_SEMAPHORES: dict[tuple[str, int], list[Tensor]] = {}
 
 
 def _use_pdl(device: torch.device) -> bool:
@@ -213,10 +201,12 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def choose_splits(batch_heads: int, n_units: int, unit_tokens: int, sm_count: int) -> tuple[int, int]:
-    """(splits, units per split): about four programs per SM, but never fewer than MIN_SPLIT_TOKENS each."""
-    by_sm = max(1, math.ceil(4 * sm_count / batch_heads))
-    by_work = max(1, n_units * unit_tokens // MIN_SPLIT_TOKENS)
+def choose_splits(batch_heads: int, n_units: int, unit_tokens: int, sm_count: int,
+                  min_tokens: int = MIN_SPLIT_TOKENS) -> tuple[int, int]:
+    """(splits, units per split): about PROGRAMS_PER_SM programs per SM, but never fewer than ``min_tokens`` each
+    (the merge pass grows with the split count: benchmarks/NOTES-decode.md)."""
+    by_sm = max(1, PROGRAMS_PER_SM * sm_count // batch_heads)
+    by_work = max(1, n_units * unit_tokens // min_tokens)
     splits = max(1, min(by_sm, by_work, n_units))
     per = max(1, math.ceil(n_units / splits))
     return math.ceil(max(n_units, 1) / per), per
@@ -227,27 +217,11 @@ def _work_bucket(tokens_per_program: int) -> int:
     return sum(tokens_per_program >= t for t in (1024, 4096, 16384))
 
 
-def _semaphores(n: int, device: torch.device) -> Tensor:
-    """Zeroed int32 arrival counters for the fused merge, at least ``n``: kept per (device, stream), since each
-    launch leaves them at zero again; earlier buffers stay alive (captured graphs may point at them). While a
-    graph is being captured and none is kept for its stream, a fresh zeroed buffer belongs to that graph."""
-    cuda = device.type == "cuda"
-    key = (str(device), torch.cuda.current_stream(device).cuda_stream if cuda else 0)
-    held = _SEMAPHORES.setdefault(key, [])
-    if held and held[-1].numel() >= n:
-        return held[-1]
-    if cuda and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    held.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
-    return held[-1]
-
-
 def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor | None, block_table: Tensor | None,
                   page_size: int | None, page_indices: Tensor | None, page_counts: Tensor | None, scale: float,
-                  splits: int | None = None, fused_merge: bool | None = None) -> tuple[Tensor, Tensor]:
+                  splits: int | None = None) -> tuple[Tensor, Tensor]:
     """Launch the split kernel (+ merge); inputs already validated; ``lengths`` None: every sequence is as long as
-    the cache holds. ``splits`` and ``fused_merge`` (merge in the split kernel's last program instead of a second
-    kernel) override the heuristics (tests, sweeps)."""
+    the cache holds. ``splits`` overrides the heuristic (tests, sweeps)."""
     B, Hq, Tq, D = q.shape
     Hkv = k_cache.shape[1]
     rows = (Hq // Hkv) * Tq
@@ -262,39 +236,39 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor |
         n_units = math.ceil(k_cache.shape[2] / page)
     capacity = block_table.shape[1] * page if paged else k_cache.shape[2]
     if splits is None:
-        splits, per = choose_splits(B * Hkv, n_units, page, _sm_count(q.device))
+        min_tokens = MIN_SPLIT_TOKENS_SELECTED if selected else MIN_SPLIT_TOKENS
+        splits, per = choose_splits(B * Hkv, n_units, page, _sm_count(q.device), min_tokens)
     else:
         per = max(1, math.ceil(n_units / splits))
-    merge = 0 if splits == 1 else (2 if (FUSED_MERGE if fused_merge is None else fused_merge) else 1)
     out = _empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
     lse = _empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
-    dummy = q  # pointer arguments a launch does not use
-    p_out, p_lse, sem = out, lse, dummy
-    if merge:
+    direct = splits == 1
+    if direct:
+        p_out, p_lse = out, lse
+    else:
         p_out = _empty(B * Hkv, splits, rows, D, dtype=torch.float32, device=q.device)
         p_lse = _empty(B * Hkv, splits, rows, dtype=torch.float32, device=q.device)
-    if merge == 2:
-        sem = _semaphores(B * Hkv, q.device)
+    dummy = q  # pointer arguments a launch does not use
     bt = block_table if paged else dummy
     pidx = page_indices.contiguous() if selected else dummy
     pcnt = page_counts.contiguous() if selected else dummy
-    rows_p2 = triton.next_power_of_2(rows)
-    merge_s = max(1, MERGE_ELEMENTS // (rows_p2 * D))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    pdl = merge == 1 and _use_pdl(q.device)
+    pdl = not direct and _use_pdl(q.device)
     _decode_split_kernel[(B * Hkv, splits)](
-        q, k_cache, v_cache, dummy if lengths is None else lengths, bt, pidx, pcnt, p_out, p_lse, out, lse, sem,
+        q, k_cache, v_cache, dummy if lengths is None else lengths, bt, pidx, pcnt, p_out, p_lse,
         scale * LOG2E, per, splits,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt.stride(0) if paged else 0, page_indices.shape[2] if selected else 0, Hkv, capacity,
-        _work_bucket(per * page), HAS_LENS=lengths is not None, TQ=Tq, ROWS=rows, BLOCK_M=max(16, rows_p2),
-        ROWS_P2=rows_p2, MERGE_S=merge_s, HEAD_DIM=D, PAGE=page,
-        PAGED=paged, SELECTED=selected, MERGE=merge, PREC=prec, PDL=pdl,
+        _work_bucket(per * page), HAS_LENS=lengths is not None, TQ=Tq, ROWS=rows,
+        BLOCK_M=max(16, triton.next_power_of_2(rows)), HEAD_DIM=D, PAGE=page, PAGED=paged, SELECTED=selected,
+        DIRECT=direct, PREC=prec, PDL=pdl,
     )
-    if merge == 1:
-        _merge_kernel[(B * Hkv,)](p_out, p_lse, out, lse, splits, ROWS=rows, ROWS_P2=rows_p2, MERGE_S=merge_s,
-                                  HEAD_DIM=D, PDL=pdl, launch_pdl=pdl)
+    if not direct:
+        rows_p2 = triton.next_power_of_2(rows)
+        _merge_kernel[(B * Hkv,)](p_out, p_lse, out, lse, splits, ROWS=rows, ROWS_P2=rows_p2,
+                                  MERGE_S=max(1, MERGE_ELEMENTS // (rows_p2 * D)), HEAD_DIM=D, PDL=pdl,
+                                  launch_pdl=pdl)
     return out, lse
 
 
