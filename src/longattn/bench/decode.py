@@ -211,15 +211,18 @@ def _rows_for(B: int, L: int, env: dict, *, heads: int, heads_kv: int, head_dim:
         r["hbm_peak_tb_s"] = peak
         for suffix in ("", "_eager"):
             r[f"frac_hbm_peak{suffix}"] = r[f"tb_s{suffix}"] / peak if r.get(f"tb_s{suffix}") and peak else None
-    for suffix in ("", "_eager"):  # speed-ups within one timing mode
-        key = f"ms{suffix}"
-        dense = by.get("ours_dense", {})
-        if by.get("ours_selected", {}).get(key) and dense.get(key):
-            by["ours_selected"][f"speedup_vs_ours_dense{suffix}"] = dense[key] / by["ours_selected"][key]
-        for variant in ("ours_dense", "ours_paged"):
-            for anchor in ("sdpa_flash", "flex"):
-                if by.get(variant, {}).get(key) and by.get(anchor, {}).get(key):
-                    by[variant][f"speedup_vs_{anchor}{suffix}"] = by[anchor][key] / by[variant][key]
+    def ratio(num: str, den: str, suffix: str) -> float | None:
+        """ms(num) / ms(den) in one timing mode (``ms`` counts only where both rows were timed the same way)."""
+        a, b = by.get(num, {}), by.get(den, {})
+        same = suffix or a.get("timing") == b.get("timing")
+        return a[f"ms{suffix}"] / b[f"ms{suffix}"] if same and a.get(f"ms{suffix}") and b.get(f"ms{suffix}") else None
+
+    for suffix in ("", "_eager"):
+        pairs = [("ours_selected", "ours_dense")] + [(v, a) for v in ("ours_dense", "ours_paged")
+                                                     for a in ("sdpa_flash", "flex")]
+        for ours, other in pairs:
+            if (x := ratio(other, ours, suffix)) is not None:
+                by[ours][f"speedup_vs_{other}{suffix}"] = x
     return rows
 
 

@@ -300,6 +300,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, cache_seqle
     the query heads of a group share them.
     Query i (of Tq) sees tokens < len - Tq + i + 1. Returns out [B, Hq, Tq, D] (q's dtype), and with
     ``return_lse`` also lse [B, Hq, Tq] float32 (natural log; -inf and zero output where nothing is seen).
+    CUDA graphs: capture after one eager call with the same shapes (it compiles and autotunes); while capturing,
+    the value checks (which read a verdict back) are skipped and the captured step reads cache_seqlens,
+    block_table and the selection afresh at each replay. Eagerly, those checks cost one synchronisation per call.
     """
     lengths, page_size = check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_size,
                                              page_indices, page_counts)
