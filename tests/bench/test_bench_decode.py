@@ -39,3 +39,14 @@ def test_hbm_table():
     assert bench.hbm_peak_tb_s("NVIDIA H100 PCIe") == 2.0
     assert bench.hbm_peak_tb_s("NVIDIA H200") == 4.8
     assert bench.hbm_peak_tb_s("cpu (x86_64)") is None
+
+
+def test_speedups_compare_one_timing_mode(tmp_path, monkeypatch):
+    """A row whose graph capture failed (timed eagerly) gets no graph-mode speed-up against a graph-timed row;
+    the eager columns still compare."""
+    modes = iter(["eager"] + ["cudagraph"] * 10)  # ours_dense falls back to eager, the rest replay graphs
+    monkeypatch.setattr(bench, "_time", lambda calls, dev: {"ms": 1.0, "ms_eager": 2.0, "timing": next(modes)})
+    rows = bench.run([64], batches=(1,), heads=2, heads_kv=1, head_dim=16, dtype=torch.float32, page_size=16,
+                     budget=32, out=tmp_path / "x.jsonl", anchors=False, device="cpu")
+    selected = next(r for r in rows if r["variant"] == "ours_selected")
+    assert "speedup_vs_ours_dense" not in selected and selected["speedup_vs_ours_dense_eager"] == 1.0

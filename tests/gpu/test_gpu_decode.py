@@ -103,16 +103,18 @@ def test_selected_4k_of_128k(Tq, paged, dtype):
 
 
 def test_graph_capture_replays_the_same_result():
-    """A decode step captured in a CUDA graph (value checks are skipped while capturing) replays correctly."""
+    """A decode step captured in a CUDA graph (value checks are skipped while capturing) replays correctly, replay
+    after replay, reading the lengths at each replay."""
     q, k, v = _inputs(1, 32, 8, 1, 8192, 128, torch.bfloat16)
     lens = torch.tensor([5000], dtype=torch.int32, device="cuda")
     want = decode_attention(q, k, v, cache_seqlens=lens, impl="triton")  # warm-up: autotune + compile
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         got = decode_attention(q, k, v, cache_seqlens=lens, impl="triton")
-    lens.fill_(8000)  # the graph reads the new length at replay
-    graph.replay()
-    torch.testing.assert_close(got, decode_attention(q, k, v, cache_seqlens=lens, impl="triton"), rtol=0, atol=0)
+    for n in (8000, 3000, 8000):  # the graph reads the new length at replay
+        lens.fill_(n)
+        graph.replay()
+        torch.testing.assert_close(got, decode_attention(q, k, v, cache_seqlens=lens, impl="triton"), rtol=0, atol=0)
     assert not torch.equal(got, want)
 
 

@@ -92,6 +92,35 @@ def test_varlen_and_forced_splits(Tq, splits):
         assert torch.isinf(lse[0, :, :2]).all() and (out[0, :, :2] == 0).all()
 
 
+def test_merge_of_many_splits_and_wide_groups():
+    """The merge's running max across merge steps: G·Tq = 32 rows of d = 64 take 4 splits per step; 8 splits of
+    128 tokens, the later ones scoring far higher (so the max moves in the second step), and a sequence of 450
+    tokens whose last splits see nothing."""
+    q, k, v = _inputs(2, 8, 4, 1000, 64, torch.float16, seed=7)
+    k[:, :, 512:] *= 3
+    lens = torch.tensor([1000, 450], dtype=torch.int32)
+    assert decode_mod.MERGE_ELEMENTS // (32 * 64) == 4
+    out, lse = decode_triton(q, k, v, lens, None, None, None, None, 0.125, splits=8)
+    _check(out, lse, q, k, v, cache_seqlens=lens, scale=0.125)
+
+
+@pytest.mark.parametrize("batch_heads,n_units,unit,min_tokens,want", [
+    (8, 64, 128, 512, 16),     # 8k dense, batch 1: the sweep's best of 16 / 32 / 64
+    (8, 256, 128, 512, 32),    # 32k dense, batch 1: best of 32 / 64 / 128 / 256
+    (64, 64, 128, 512, 4),     # 8k dense, batch 8: best of 4 / 8 / 16
+    (8, 64, 64, 256, 16),      # 4k selected of 128k, batch 1: best of 4 / 8 / 16 / 32 / 64
+    (8, 3, 128, 512, 1),       # a short cache: one program per (batch, kv head), no merge
+    (512, 4096, 128, 512, 1),  # more (batch, kv head) pairs than the SMs take twice: no split
+])
+def test_choose_splits(batch_heads, n_units, unit, min_tokens, want):
+    """The split counts the H100 sweep measured best (132 SMs), and the split arithmetic: units cover the cache,
+    no program is empty, none holds fewer than min_tokens unless the cache is shorter."""
+    splits, per = decode_mod.choose_splits(batch_heads, n_units, unit, 132, min_tokens)
+    assert splits == want
+    assert (splits - 1) * per < n_units <= splits * per
+    assert splits == 1 or per * unit >= min_tokens
+
+
 @pytest.mark.parametrize("page_size,G,Tq,dtype", [(16, 1, 1, torch.float32), (32, 4, 4, torch.float16),
                                                   (64, 8, 1, torch.float16)])
 def test_paged_matches_oracle(page_size, G, Tq, dtype):

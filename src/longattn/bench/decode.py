@@ -4,9 +4,10 @@ flash backend and compiled FlexAttention decoding, per batch × cache length, in
 Every row carries the bytes the step must read (K and V tokens it attends, q, out), the achieved bandwidth and
 its fraction of the device's HBM peak. Our rows are checked against the fp64 decode oracle in the same run (on
 the first sequence and two kv heads, under the tests' tolerance rule); a row that fails reports no time.
-Timing: CUDA graph replays of the step (a decode step is graph-captured in serving), falling back to CUDA
-events if capture fails (the row says which). Inputs rotate over enough copies that the bytes read per timed
-call exceed the L2 cache several times, so the numbers are HBM numbers.
+Timing, the same for every contender: ``ms`` from CUDA-graph replays of the step (a decode step is graph-captured
+in serving), ``ms_eager`` from the step launched from Python, both between CUDA events; ``timing`` names the mode
+of ``ms`` (eager where capture fails, with the error). Inputs rotate over enough copies that the bytes read per
+timed call exceed the L2 cache several times, so the numbers are HBM numbers.
 SDPA runs with ``enable_gqa=True`` (no repeated K/V); if the flash backend rejects that, with K/V repeated to
 the query heads beforehand, and the row says ``sdpa_gqa: "repeat"``.
 """
@@ -14,6 +15,7 @@ the query heads beforehand, and the row says ``sdpa_gqa: "repeat"``.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +31,9 @@ HBM_TB_S = {  # peak HBM bandwidth by device-name fragment (first match wins)
     "L40S": 0.864, "GH200": 4.0,
 }
 L2_ROTATE_BYTES = 256e6  # rotate inputs until one timed call reads at least this much (H100 L2: 50 MB)
+EAGER_STEPS = 10  # steps launched back to back between two CUDA events (eager timing)
+GRAPH_MS = 5.0  # graph replays between two CUDA events: about this many milliseconds of work
+REPS = 15  # medians over this many event pairs
 CHECK_KV_HEADS = 2
 FLOOR = 1e-5  # the tests' tolerance rule: error <= 2x plain low-precision error + FLOOR
 
@@ -41,23 +46,50 @@ def hbm_peak_tb_s(device_name: str) -> float | None:
     return None
 
 
-def _time(calls: list[Callable[[], object]], device: torch.device) -> tuple[float, str]:
-    """Median ms of one call (rotating over ``calls``) and the timing mode used."""
+def _events_ms(fn: Callable[[], object], n: int, reps: int) -> float:
+    """Median over ``reps`` of the CUDA-event time of ``n`` back-to-back calls of ``fn``, per call."""
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    return statistics.median(times)
+
+
+def _time(calls: list[Callable[[], object]], device: torch.device) -> dict:
+    """Time of one call (rotating over ``calls``), the same way for every contender: ``ms`` from CUDA-graph replays
+    (one step = every call, captured once, replayed back to back between CUDA events: how serving engines run a
+    decode step) and ``ms_eager`` from the same step launched from Python between CUDA events. If capture fails,
+    ``ms`` is the eager time and the row says so."""
     def step():
         for c in calls:
             c()
 
     step()  # compile / autotune outside any capture
     if device.type != "cuda":
-        return median_ms(step, device) / len(calls), "wall"
+        return {"ms": median_ms(step, device) / len(calls), "timing": "wall"}
     torch.cuda.synchronize()
+    eager = _events_ms(step, EAGER_STEPS, REPS) / len(calls)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
     try:
-        from triton.testing import do_bench_cudagraph
-
-        return float(do_bench_cudagraph(step, rep=200, return_mode="median")) / len(calls), "cudagraph"
-    except RuntimeError:
+        with torch.cuda.stream(side):  # warm-up on the capture stream (allocator pools, per-stream state)
+            step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            step()
+        replays = max(1, math.ceil(GRAPH_MS / (eager * len(calls))))
+        ms = _events_ms(graph.replay, replays, REPS) / len(calls)
+    except RuntimeError as e:
         torch.cuda.synchronize()
-        return median_ms(step, device) / len(calls), "events"
+        return {"ms": eager, "ms_eager": eager, "timing": "eager",
+                "graph_error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"}
+    return {"ms": ms, "ms_eager": eager, "timing": "cudagraph"}
 
 
 def _max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -113,7 +145,7 @@ def _rows_for(B: int, L: int, env: dict, *, heads: int, heads_kv: int, head_dim:
     def add(variant: str, calls, bytes_read: float, check: dict | None = None, **extra) -> None:
         row = {**base, "variant": variant, "bytes_read": bytes_read, **extra, **(check or {})}
         try:
-            ms, mode = _time(calls, dev)
+            timed = _time(calls, dev)
         except Exception as e:  # OOM, a backend that cannot run: recorded in the row, never dropped
             row.update(ms=None, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
             if dev.type == "cuda":
@@ -121,9 +153,11 @@ def _rows_for(B: int, L: int, env: dict, *, heads: int, heads_kv: int, head_dim:
             rows.append(row)
             return
         if check is not None and not check["correct"]:
-            row.update(ms=None, refused="correctness check failed in this run", ms_unverified=ms)
+            row.update(ms=None, refused="correctness check failed in this run", ms_unverified=timed["ms"])
         else:
-            row.update(ms=ms, timing=mode, tb_s=bytes_read / ms / 1e9)
+            row.update(timed, tb_s=bytes_read / timed["ms"] / 1e9)
+            if timed.get("ms_eager"):
+                row["tb_s_eager"] = bytes_read / timed["ms_eager"] / 1e9
         rows.append(row)
 
     # ours, dense contiguous cache
@@ -158,29 +192,37 @@ def _rows_for(B: int, L: int, env: dict, *, heads: int, heads_kv: int, head_dim:
             selections.append((qs, ks, vs, idx, cnt))
         qs, ks, vs, idx, cnt = selections[0]
         mn, mx = bounds[0]
-        score_ms, _ = _time([lambda: select_pages(page_scores(qs, mn, mx), budget, page_size)], dev)
+        score = _time([lambda: select_pages(page_scores(qs, mn, mx), budget, page_size)], dev)
         kw = {"page_size": page_size, "page_indices": idx, "page_counts": cnt}
         out, lse = decode_attention(qs, ks, vs, impl=impl, return_lse=True, **kw)
         calls = [lambda s=s: decode_attention(s[0], s[1], s[2], page_size=page_size, page_indices=s[3],
                                               page_counts=s[4], impl=impl) for s in selections]
         add("ours_selected", calls, sel_bytes, _check(out, lse, qs, ks, vs, **kw), page_size=page_size,
-            budget_tokens=budget, select_ms=score_ms, copies=n_calls)
+            budget_tokens=budget, select_ms=score["ms"], select_ms_eager=score.get("ms_eager"),
+            select_timing=score["timing"], copies=n_calls)
         del bounds, selections
 
     if anchors and dev.type == "cuda":
         rows.extend(_anchor_rows(sets, base, kv_bytes_dense + qo_bytes, add))
-    dense_ms = next((r["ms"] for r in rows if r["variant"] == "ours_dense"), None)
+    by = {r["variant"]: r for r in rows}
     for r in rows:
         r.update(env)
         peak = hbm_peak_tb_s(r["device"])
         r["hbm_peak_tb_s"] = peak
-        r["frac_hbm_peak"] = r["tb_s"] / peak if r.get("tb_s") and peak else None
-        if r["variant"] == "ours_selected" and r.get("ms") and dense_ms:
-            r["speedup_vs_ours_dense"] = dense_ms / r["ms"]
-    by = {r["variant"]: r for r in rows}
-    for anchor in ("sdpa_flash", "flex"):
-        if by.get("ours_dense", {}).get("ms") and by.get(anchor, {}).get("ms"):
-            by["ours_dense"][f"speedup_vs_{anchor}"] = by[anchor]["ms"] / by["ours_dense"]["ms"]
+        for suffix in ("", "_eager"):
+            r[f"frac_hbm_peak{suffix}"] = r[f"tb_s{suffix}"] / peak if r.get(f"tb_s{suffix}") and peak else None
+    def ratio(num: str, den: str, suffix: str) -> float | None:
+        """ms(num) / ms(den) in one timing mode (``ms`` counts only where both rows were timed the same way)."""
+        a, b = by.get(num, {}), by.get(den, {})
+        same = suffix or a.get("timing") == b.get("timing")
+        return a[f"ms{suffix}"] / b[f"ms{suffix}"] if same and a.get(f"ms{suffix}") and b.get(f"ms{suffix}") else None
+
+    for suffix in ("", "_eager"):
+        pairs = [("ours_selected", "ours_dense")] + [(v, a) for v in ("ours_dense", "ours_paged")
+                                                     for a in ("sdpa_flash", "flex")]
+        for ours, other in pairs:
+            if (x := ratio(other, ours, suffix)) is not None:
+                by[ours][f"speedup_vs_{other}{suffix}"] = x
     return rows
 
 
@@ -244,18 +286,22 @@ def run(lengths: list[int], *, batches: tuple[int, ...] = (1, 8), heads: int = 3
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One line per row: variant, shape, time, bandwidth and its fraction of peak, correctness."""
-    lines = ["| variant | B | cache | ms | TB/s | % HBM peak | correct | note |", "|---|---|---|---|---|---|---|---|"]
+    """One line per row: variant, shape, graph and eager time, bandwidth fraction of peak, correctness, speed-ups."""
+    def num(r: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+        return format(r[key] * scale, fmt) if r.get(key) else "-"
+
+    lines = ["| variant | B | cache | µs graph | % HBM | µs eager | % HBM eager | correct | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ms = f"{r['ms']:.4f}" if r.get("ms") else "-"
-        tb = f"{r['tb_s']:.2f}" if r.get("tb_s") else "-"
-        frac = f"{100 * r['frac_hbm_peak']:.0f}" if r.get("frac_hbm_peak") else "-"
-        note = r.get("error") or r.get("refused") or ""
+        note = r.get("error") or r.get("refused") or r.get("graph_error") or ""
         for key in ("speedup_vs_sdpa_flash", "speedup_vs_flex", "speedup_vs_ours_dense"):
             if r.get(key):
                 note += f" {key.removeprefix('speedup_')}={r[key]:.2f}x"
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['cache_len']} | {ms} | {tb} | {frac} | "
-                     f"{r.get('correct', '')} | {note.strip()} |")
+                if r.get(f"{key}_eager"):
+                    note += f" (eager {r[f'{key}_eager']:.2f}x)"
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['cache_len']} | {num(r, 'ms', '.1f', 1e3)} | "
+                     f"{num(r, 'frac_hbm_peak', '.0f', 100)} | {num(r, 'ms_eager', '.1f', 1e3)} | "
+                     f"{num(r, 'frac_hbm_peak_eager', '.0f', 100)} | {r.get('correct', '')} | {note.strip()} |")
     return "\n".join(lines)
 
 

@@ -25,7 +25,11 @@ log = logging.getLogger("longattn")
 LOG2E = 1.4426950408889634
 IMPLS = ("auto", "triton", "reference")
 DENSE_UNIT = 128  # tokens per split unit on an unselected contiguous cache (a "virtual page")
-MIN_SPLIT_TOKENS = 256  # fewer tokens than this per program and the merge costs more than the parallelism gains
+# split count: the H100 sweep (benchmarks/NOTES-decode.md) picked the fewest programs that still cover the SMs
+PROGRAMS_PER_SM = 2  # split programs per SM to aim for
+MIN_SPLIT_TOKENS = 512  # fewer tokens than this per program and the merge costs more than the parallelism gains
+MIN_SPLIT_TOKENS_SELECTED = 256  # selected pages: the sweep's best at 4k of 128k, batch 1
+MERGE_ELEMENTS = 8192  # partial-output elements (splits × rows × head_dim) one merge step loads at once
 _logged: set[str] = set()
 
 
@@ -56,12 +60,13 @@ def _decode_split_kernel(
     Q, K, V, LENS, BT, PIDX, PCNT, OUT, LSE,
     qk_scale, units_per_split, n_splits,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    stride_bt, n_sel, HKV, work_bucket,
-    TQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    PAGED: tl.constexpr, SELECTED: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    stride_bt, n_sel, HKV, capacity, work_bucket,
+    HAS_LENS: tl.constexpr, TQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, PAGED: tl.constexpr, SELECTED: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One (batch, kv head, split): online softmax over its tiles; writes normalised out and natural-log LSE.
+    """One (batch, kv head, split): online softmax over its tiles; writes normalised out and natural-log LSE
+    (no LENS: every sequence fills the cache's ``capacity``).
     ``work_bucket`` (tokens per program, coarsely) only keys the autotuner: short and long programs tune apart."""
     if PDL:  # let the merge kernel be scheduled now; it waits (griddepcontrol.wait) for this grid to finish
         tl.extra.cuda.gdc_launch_dependents()
@@ -70,7 +75,7 @@ def _decode_split_kernel(
     b = pid_bh // HKV
     h = pid_bh % HKV
     TPP: tl.constexpr = PAGE // BLOCK_N  # tiles per page
-    length = tl.load(LENS + b)
+    length = tl.load(LENS + b) if HAS_LENS else capacity
     n_units = tl.load(PCNT + pid_bh) if SELECTED else tl.cdiv(length, PAGE)
     unit_lo = split * units_per_split
     unit_hi = tl.minimum(unit_lo + units_per_split, n_units)
@@ -131,37 +136,40 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _merge_kernel(PO, PL, OUT, LSE, n_splits, ROWS, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  PDL: tl.constexpr):
-    """One (batch, kv head, row): combine the splits' partial outputs weighted by exp(lse_s - lse), BLOCK_S
-    splits at a time (a first pass finds the largest LSE)."""
+def _merge_kernel(PO, PL, OUT, LSE, n_splits, ROWS: tl.constexpr, ROWS_P2: tl.constexpr, MERGE_S: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+    """One (batch, kv head): combine its n_splits partial (out, lse) in one pass, MERGE_S splits × all rows per
+    load, weighted by exp(lse_s - running max); write the final out [ROWS, D] (OUT's dtype) and lse [ROWS]."""
     if PDL:  # launched early (programmatic dependent launch): wait until the split kernel's writes are visible
         tl.extra.cuda.gdc_wait()
-    pid = tl.program_id(0)
-    bh = pid // ROWS
-    r = pid % ROWS
-    dims = tl.arange(0, HEAD_DIM)
-    base = bh.to(tl.int64) * n_splits * ROWS + r
-    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        m = tl.maximum(m, tl.load(PL + base + s * ROWS, mask=s < n_splits, other=float("-inf")))
-    m_max = tl.max(m, 0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    total = tl.zeros([BLOCK_S], tl.float32)
-    acc = tl.zeros([BLOCK_S, HEAD_DIM], tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        ok = s < n_splits
-        w = tl.exp(tl.load(PL + base + s * ROWS, mask=ok, other=float("-inf")) - m_safe)
-        o = tl.load(PO + (base + s * ROWS)[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
-        total += w
-        acc += o * w[:, None]
-    t = tl.sum(total, 0)
-    out = tl.sum(acc, 0) / tl.where(t > 0, t, 1.0)
-    tl.store(OUT + (bh.to(tl.int64) * ROWS + r) * HEAD_DIM + dims, out.to(OUT.dtype.element_ty))
-    lse = tl.where(t > 0, m_safe + tl.log(tl.where(t > 0, t, 1.0)), float("-inf"))
-    tl.store(LSE + bh.to(tl.int64) * ROWS + r, lse)
+    bh = tl.program_id(0)
+    r = tl.arange(0, ROWS_P2)
+    d = tl.arange(0, HEAD_DIM)
+    r_ok = r < ROWS
+    base = bh.to(tl.int64) * n_splits * ROWS
+    m = tl.full([ROWS_P2], float("-inf"), tl.float32)
+    total = tl.zeros([ROWS_P2], tl.float32)
+    acc = tl.zeros([ROWS_P2, HEAD_DIM], tl.float32)
+    for s0 in range(0, n_splits, MERGE_S):
+        s = s0 + tl.arange(0, MERGE_S)
+        ok = (s < n_splits)[:, None] & r_ok[None, :]
+        idx = base + s[:, None] * ROWS + r[None, :]  # [MERGE_S, ROWS_P2]
+        lse_s = tl.load(PL + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")  # read once: skip L1
+        o = tl.load(PO + idx[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse_s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse_s - m_safe[None, :])
+        total = total * alpha + tl.sum(w, 0)
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
+        m = m_new
+    seen = total > 0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    lse = tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    tl.store(OUT + (bh.to(tl.int64) * ROWS + r[:, None]) * HEAD_DIM + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=r_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * ROWS + r, lse, mask=r_ok)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -193,10 +201,12 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def choose_splits(batch_heads: int, n_units: int, unit_tokens: int, sm_count: int) -> tuple[int, int]:
-    """(splits, units per split): about four programs per SM, but never fewer than MIN_SPLIT_TOKENS each."""
-    by_sm = max(1, math.ceil(4 * sm_count / batch_heads))
-    by_work = max(1, n_units * unit_tokens // MIN_SPLIT_TOKENS)
+def choose_splits(batch_heads: int, n_units: int, unit_tokens: int, sm_count: int,
+                  min_tokens: int = MIN_SPLIT_TOKENS) -> tuple[int, int]:
+    """(splits, units per split): about PROGRAMS_PER_SM programs per SM, but never fewer than ``min_tokens`` each
+    (the merge pass grows with the split count: benchmarks/NOTES-decode.md)."""
+    by_sm = max(1, PROGRAMS_PER_SM * sm_count // batch_heads)
+    by_work = max(1, n_units * unit_tokens // min_tokens)
     splits = max(1, min(by_sm, by_work, n_units))
     per = max(1, math.ceil(n_units / splits))
     return math.ceil(max(n_units, 1) / per), per
@@ -207,10 +217,11 @@ def _work_bucket(tokens_per_program: int) -> int:
     return sum(tokens_per_program >= t for t in (1024, 4096, 16384))
 
 
-def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, block_table: Tensor | None,
+def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor | None, block_table: Tensor | None,
                   page_size: int | None, page_indices: Tensor | None, page_counts: Tensor | None, scale: float,
                   splits: int | None = None) -> tuple[Tensor, Tensor]:
-    """Launch the split kernel (+ merge); inputs already validated. ``splits`` overrides the heuristic (tests)."""
+    """Launch the split kernel (+ merge); inputs already validated; ``lengths`` None: every sequence is as long as
+    the cache holds. ``splits`` overrides the heuristic (tests, sweeps)."""
     B, Hq, Tq, D = q.shape
     Hkv = k_cache.shape[1]
     rows = (Hq // Hkv) * Tq
@@ -223,11 +234,12 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, 
         n_units = block_table.shape[1]
     else:
         n_units = math.ceil(k_cache.shape[2] / page)
+    capacity = block_table.shape[1] * page if paged else k_cache.shape[2]
     if splits is None:
-        splits, per = choose_splits(B * Hkv, n_units, page, _sm_count(q.device))
+        min_tokens = MIN_SPLIT_TOKENS_SELECTED if selected else MIN_SPLIT_TOKENS
+        splits, per = choose_splits(B * Hkv, n_units, page, _sm_count(q.device), min_tokens)
     else:
         per = max(1, math.ceil(n_units / splits))
-    block_m = max(16, triton.next_power_of_2(rows))
     out = _empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
     lse = _empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     direct = splits == 1
@@ -236,24 +248,27 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, 
     else:
         p_out = _empty(B * Hkv, splits, rows, D, dtype=torch.float32, device=q.device)
         p_lse = _empty(B * Hkv, splits, rows, dtype=torch.float32, device=q.device)
-    dummy = lengths
+    dummy = q  # pointer arguments a launch does not use
     bt = block_table if paged else dummy
     pidx = page_indices.contiguous() if selected else dummy
     pcnt = page_counts.contiguous() if selected else dummy
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     pdl = not direct and _use_pdl(q.device)
     _decode_split_kernel[(B * Hkv, splits)](
-        q, k_cache, v_cache, lengths, bt, pidx, pcnt, p_out, p_lse,
+        q, k_cache, v_cache, dummy if lengths is None else lengths, bt, pidx, pcnt, p_out, p_lse,
         scale * LOG2E, per, splits,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        bt.stride(0) if paged else 0, page_indices.shape[2] if selected else 0, Hkv, _work_bucket(per * page),
-        TQ=Tq, ROWS=rows, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page, PAGED=paged, SELECTED=selected,
+        bt.stride(0) if paged else 0, page_indices.shape[2] if selected else 0, Hkv, capacity,
+        _work_bucket(per * page), HAS_LENS=lengths is not None, TQ=Tq, ROWS=rows,
+        BLOCK_M=max(16, triton.next_power_of_2(rows)), HEAD_DIM=D, PAGE=page, PAGED=paged, SELECTED=selected,
         DIRECT=direct, PREC=prec, PDL=pdl,
     )
     if not direct:
-        _merge_kernel[(B * Hkv * rows,)](p_out, p_lse, out, lse, splits, rows,
-                                         BLOCK_S=16, HEAD_DIM=D, PDL=pdl, launch_pdl=pdl)
+        rows_p2 = triton.next_power_of_2(rows)
+        _merge_kernel[(B * Hkv,)](p_out, p_lse, out, lse, splits, ROWS=rows, ROWS_P2=rows_p2,
+                                  MERGE_S=max(1, MERGE_ELEMENTS // (rows_p2 * D)), HEAD_DIM=D, PDL=pdl,
+                                  launch_pdl=pdl)
     return out, lse
 
 
@@ -285,6 +300,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, cache_seqle
     the query heads of a group share them.
     Query i (of Tq) sees tokens < len - Tq + i + 1. Returns out [B, Hq, Tq, D] (q's dtype), and with
     ``return_lse`` also lse [B, Hq, Tq] float32 (natural log; -inf and zero output where nothing is seen).
+    CUDA graphs: capture after one eager call with the same shapes (it compiles and autotunes); while capturing,
+    the value checks (which read a verdict back) are skipped and the captured step reads cache_seqlens,
+    block_table and the selection afresh at each replay. Eagerly, those checks cost one synchronisation per call.
     """
     lengths, page_size = check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_size,
                                              page_indices, page_counts)

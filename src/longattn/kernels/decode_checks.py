@@ -75,8 +75,8 @@ def check_page_size(page_size: object) -> int:
 
 
 def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_size, page_indices,
-                        page_counts) -> tuple[Tensor, int | None]:
-    """Raise on bad input; return (lengths int32 [B], page size or None)."""
+                        page_counts) -> tuple[Tensor | None, int | None]:
+    """Raise on bad input; return (lengths int32 [B], None where the caches are full; page size or None)."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: got {type(t).__name__}, expected a torch.Tensor")
@@ -121,9 +121,8 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_si
             page_size = check_page_size(page_size)
         capacity = k_cache.shape[2]
 
-    if cache_seqlens is None:
-        lengths = torch.full((B,), capacity, dtype=torch.int32, device=q.device)
-    else:
+    lengths = None  # every sequence fills the cache's capacity
+    if cache_seqlens is not None:
         _int_tensor("cache_seqlens", cache_seqlens, (B,), q.device)
         checks.in_range("cache_seqlens", cache_seqlens, 0, capacity, "tokens the cache can hold")
         lengths = cache_seqlens.to(torch.int32)
