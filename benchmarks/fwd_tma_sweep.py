@@ -1,23 +1,25 @@
 """Forward paths on one GPU call: the generic kernel (autotuned) against the TMA kernel at every forced config
-(warps, stages, warp-specialised loop), beside compiled FlexAttention and cuDNN dense causal, at one length.
-Each TMA config is checked against the generic output in the same run. Usage: fwd_tma_sweep.py [SEQ] [PATTERNS]
-Notes go to benchmarks/NOTES-kernels.md."""
+(warps, stages, warp-specialised loop), beside cuDNN dense causal and (unless "noflex") compiled FlexAttention,
+at one length. Each TMA config is checked against the generic output in the same run.
+Usage: fwd_tma_sweep.py [SEQ] [PATTERNS] [noflex]. Notes go to benchmarks/NOTES-kernels.md."""
 
 import sys
 
 import torch
 import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
 from triton.testing import do_bench
 
 from longattn.bench.kernels import PATTERNS
 from longattn.kernels import block_sparse as kbs
-from longattn.kernels.reference import reference_attention
 from longattn.masks.block_sparse import BlockSparse
 
 S = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
 names = sys.argv[2].split(",") if len(sys.argv) > 2 else ["causal", "sliding_window", "random_90"]
 H, D, dev, dt = 32, 128, "cuda", torch.bfloat16
-CONFIGS = [(8, 2, False), (8, 3, False), (8, 2, True), (8, 3, True)]
+CONFIGS = [(8, 2, False, True), (8, 3, False, True), (8, 2, False, False), (8, 2, True, True)]  # w, st, ws, flat
+FLEX = "noflex" not in sys.argv
 print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())
 
 
@@ -26,40 +28,14 @@ def bench(fn) -> float:
 
 
 def forced_tma(q, k, v, bs, cfg):
-    """One launch of the TMA kernel at a forced (warps, stages, warp_specialize)."""
+    """One launch of the TMA kernel at a forced (warps, stages, warp_specialize, flat descriptors)."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=dev)
-    grid, args, consts = kbs._fwd_tma_args(q, k, v, out, lse, bs, q.shape[-1] ** -0.5)
-    w, st, ws = cfg
+    w, st, ws, flat = cfg
+    grid, args, consts = kbs._fwd_tma_args(q, k, v, out, lse, bs, q.shape[-1] ** -0.5, flat=flat)
     kbs._fwd_tma_kernel.fn[grid](*args, **consts, WARP_SPEC=ws, num_warps=w, num_stages=st)
     return out, lse
 
-
-# Correctness of the TMA path on odd shapes first (fp32 reference): GQA, tails, d=64, empty rows.
-from longattn import masks  # noqa: E402
-
-for Sq, Hq, Hkv, d, mask in [(4097, 8, 2, 128, masks.sliding_window(1000)), (3000, 8, 8, 64, masks.causal()),
-                             (1000, 4, 1, 128, masks.sinks(64, 300) & masks.MaskMod(
-                                 lambda b, h, qi, kv: (qi % 5 != 2) | (h != 1)))]:
-    g = torch.Generator(device=dev).manual_seed(Sq)
-    q, k, v = (torch.randn(1, hh, Sq, d, device=dev, dtype=dt, generator=g) for hh in (Hq, Hkv, Hkv))
-    bs = BlockSparse.from_mask_mod(mask, 1, Hq, Sq, Sq, 128, device=dev)
-    ref, rl = reference_attention(q, k, v, mask=mask, compute_dtype=torch.float32)
-    low, _ = reference_attention(q, k, v, mask=mask, compute_dtype=dt)
-    base = (low.float() - ref.float()).abs().max().item()
-    for cfg in CONFIGS:
-        try:
-            o, lse = forced_tma(q, k, v, bs, cfg)
-            err = (o.float() - ref.float()).abs().max().item()
-            lerr = (lse - rl).abs().nan_to_num(0.0).max().item()
-            print(f"check S={Sq} {Hq}/{Hkv} d={d} {mask.name[:30]} cfg={cfg}: err {err:.2e} (sdpa-like {base:.2e}) "
-                  f"lse {lerr:.2e} inf-match {bool((torch.isinf(lse) == torch.isinf(rl)).all())} "
-                  f"nan {bool(torch.isnan(o).any())}")
-        except Exception as e:  # noqa: BLE001 - a config the compiler rejects is reported, not fatal
-            print(f"check cfg={cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
-
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
 
 q, k, v = (torch.randn(1, H, S, D, device=dev, dtype=dt) for _ in range(3))
 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -78,8 +54,9 @@ for name in names:
         try:
             o, _ = forced_tma(q, k, v, bs, cfg)
             err = (o.float() - ref.float()).abs().max().item()
-            if err > 2e-2 or torch.isnan(o).any():
-                print(f"tma {cfg}: WRONG err {err:.2e}")
+            print(f"tma {cfg}: max abs diff vs generic {err:.2e}")
+            if err > 3e-2 or torch.isnan(o).any():
+                print(f"tma {cfg}: WRONG")
                 continue
             res[f"tma{cfg}"] = bench(lambda b=bs, c=cfg: forced_tma(q, k, v, b, c))
         except Exception as e:  # noqa: BLE001
@@ -87,13 +64,14 @@ for name in names:
     o, _ = kbs.block_sparse_forward(q, k, v, bs, D ** -0.5)
     res["tma-autotuned"] = bench(lambda b=bs: kbs.block_sparse_forward(q, k, v, b, D ** -0.5))
     print("tma autotune picked", kbs._fwd_tma_kernel.best_config)
-    torch._dynamo.reset()
-    flex = torch.compile(flex_attention, dynamic=False)
-    bm = bs.to_flex()
-    res["flex"] = bench(lambda f=flex, m=bm: f(q, k, v, block_mask=m))
+    if FLEX:
+        torch._dynamo.reset()
+        flex = torch.compile(flex_attention, dynamic=False)
+        bm = bs.to_flex()
+        res["flex"] = bench(lambda f=flex, m=bm: f(q, k, v, block_mask=m))
     for key, ms in res.items():
         line = (f"{name:15s} {key:24s} {ms:8.3f} ms {fl / ms / 1e9:5.0f} TF  frac_ideal {ideal / ms:.3f}  "
-                f"x_flex {res['flex'] / ms:.3f}")
+                f"x_flex {res['flex'] / ms if FLEX else float('nan'):.3f}")
         print(line)
         table.append(line)
     kbs._fwd_kernel.cache.clear()

@@ -76,7 +76,7 @@ TMA_MASKS = {
 @pytest.mark.parametrize("path", ["tma", "generic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mask_name", list(TMA_MASKS))
-@pytest.mark.parametrize("shape", [(4097, 128, 8, 2), (3000, 64, 4, 4), (1000, 128, 4, 1)],
+@pytest.mark.parametrize("shape", [(4097, 128, 8, 2), (3000, 64, 4, 4), (1000, 128, 4, 1), (2048, 128, 8, 2)],
                          ids=lambda s: f"s{s[0]}-d{s[1]}-h{s[2]}/{s[3]}")
 def test_gpu_forward_paths_match_oracle(shape, mask_name, dtype, path):
     """Both forward paths (TMA on sm90+, generic) against the oracle: odd lengths, GQA, partial tiles, empty rows."""
