@@ -97,3 +97,23 @@ def test_gpu_auto_forward_takes_tma_on_hopper():
     assert kbs._tma_applies(q, k, v, torch.empty_like(q), bs, None) == hopper
     torch.testing.assert_close(kbs.block_sparse_forward(q, k, v, bs, 0.1)[0],
                                kbs.block_sparse_forward(q, k, v, bs, 0.1, path="generic")[0], atol=2e-2, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9, reason="needs sm90+")
+@pytest.mark.parametrize("cfg", kbs._fwd_tma_kernel.configs,
+                         ids=lambda c: f"w{c.num_warps}-s{c.num_stages}-ws{c.kwargs['WARP_SPEC']}")
+def test_gpu_every_tma_config_matches_oracle(cfg):
+    """Each autotune candidate of the TMA forward (warp-specialised loops too), forced, against the oracle."""
+    S, Hq, Hkv, D = 4097, 8, 2, 128
+    q, k, v = _inputs(1, Hq, Hkv, S, S, D, torch.bfloat16)
+    mask = TMA_MASKS["holes"](S)
+    bs = BlockSparse.from_mask_mod(mask, 1, Hq, S, S, (128, 128), device="cuda")
+
+    def run(q, k, v, bias):
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device="cuda")
+        grid, args, consts = kbs._fwd_tma_args(q, k, v, out, lse, bs, D ** -0.5)
+        kbs._fwd_tma_kernel.fn[grid](*args, **consts, **cfg.all_kwargs())
+        return out, lse
+
+    check_against_oracle(run, q, k, v, mask=mask, backward=False)

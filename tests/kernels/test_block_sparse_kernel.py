@@ -211,7 +211,7 @@ TMA_GRID = [  # (Sq, Skv, D, Hq, Hkv, block, mask): odd lengths, GQA, partial ti
     (100, 300, 16, 2, 2, (64, 32), "causal"),
     (1, 70, 32, 2, 1, (16, 32), "sinks"),
     (150, 150, 32, 4, 2, (32, 32), "holes"),
-    (128, 256, 32, 4, 2, (32, 64), "holes"),  # whole blocks, contiguous: 2-d (flattened) descriptors
+    (128, 256, 32, 4, 2, (32, 64), "holes"),
 ]
 
 

@@ -198,22 +198,18 @@ def _fwd_kernel(
 
 # ------------------------------------------------------------------------------------------ forward, TMA path
 def _tma_configs() -> list[triton.Config]:
-    """Candidates for the TMA forward (warps, stages, warp-specialised kv loop); the interpreter gets one.
-    Warp specialisation stays a forced-config knob (benchmarks/fwd_tma_sweep.py): Triton enables it on sm100."""
-    sizes = [(8, 2, False), (8, 3, False)]
+    """Candidates for the TMA forward (warps, stages, warp-specialised kv loop); the interpreter gets one."""
+    sizes = [(8, 2, False), (8, 3, False), (8, 2, True), (8, 3, True)]
     if INTERPRET:
         sizes = sizes[:1]
     return [triton.Config({"WARP_SPEC": ws}, num_warps=w, num_stages=st) for w, st, ws in sizes]
 
 
 @triton.jit
-def _tile(desc, b, h, heads, seq, row0, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, FLAT: tl.constexpr):
-    """[BLOCK, HEAD_DIM] rows row0.. of head (b, h): through a 2-d descriptor over the flattened (batch, head,
-    seq) rows when FLAT (blocks never cross a head), else a 4-d one whose rows past the sequence read as zeros."""
-    if FLAT:
-        return desc.load([(b * heads + h) * seq + row0, 0])
-    else:
-        return desc.load([b, h, row0, 0]).reshape(BLOCK, HEAD_DIM)
+def _tile(desc, b, h, row0, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """[BLOCK, HEAD_DIM] rows row0.. of head (b, h) through a 4-d (batch, head, seq, dim) tensor descriptor;
+    rows past the sequence read as zeros."""
+    return desc.load([b, h, row0, 0]).reshape(BLOCK, HEAD_DIM)
 
 
 @triton.autotune(configs=_tma_configs(), key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "DTYPE_KEY"])
@@ -221,9 +217,9 @@ def _tile(desc, b, h, heads, seq, row0, BLOCK: tl.constexpr, HEAD_DIM: tl.conste
 def _fwd_tma_kernel(
     desc_q, desc_k, desc_v, desc_o, LSE, s_lb, s_lh,
     IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch,
-    qk_scale, H, GROUP, SEQ_Q, SEQ_KV, N_QB,
+    qk_scale, H, GROUP, SEQ_Q, N_QB,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, HEAD_DIM: tl.constexpr, DTYPE_KEY: tl.constexpr,
-    FLAT: tl.constexpr, WARP_SPEC: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     """Forward for plain batches without bias or gathered columns: K/V (and Q/O) move by tensor descriptors
     (TMA on Hopper), one kv block per step, the full-block loop has no mask work. Same results as _fwd_kernel."""
@@ -235,8 +231,7 @@ def _fwd_tma_kernel(
     hk = h // GROUP
     q0 = pid_m * BLOCK_Q
     offs_m = tl.arange(0, BLOCK_Q)
-    HK = H // GROUP
-    q = _tile(desc_q, b, h, H, SEQ_Q, q0, BLOCK_Q, HEAD_DIM, FLAT)
+    q = _tile(desc_q, b, h, q0, BLOCK_Q, HEAD_DIM)
     row = b.to(tl.int64) * s_ib + h * s_ih + pid_m * s_im
     crow = b.to(tl.int64) * s_cb + h * s_ch + pid_m
     n_full = tl.load(FULL + crow)
@@ -246,17 +241,17 @@ def _fwd_tma_kernel(
     acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
     for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):  # full blocks: every score is finite
         k0 = tl.load(IDX + row + j) * BLOCK_KV
-        s = tl.dot(q, tl.trans(_tile(desc_k, b, hk, HK, SEQ_KV, k0, BLOCK_KV, HEAD_DIM, FLAT)))
+        s = tl.dot(q, tl.trans(_tile(desc_k, b, hk, k0, BLOCK_KV, HEAD_DIM)))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _tile(desc_v, b, hk, HK, SEQ_KV, k0, BLOCK_KV, HEAD_DIM, FLAT)
+        v = _tile(desc_v, b, hk, k0, BLOCK_KV, HEAD_DIM)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     for j in tl.range(n_full, n_all):  # partial blocks: bit tile applied; a row may stay at -inf
         k0 = tl.load(IDX + row + j) * BLOCK_KV
-        s = tl.dot(q, tl.trans(_tile(desc_k, b, hk, HK, SEQ_KV, k0, BLOCK_KV, HEAD_DIM, FLAT))) * qk_scale
+        s = tl.dot(q, tl.trans(_tile(desc_k, b, hk, k0, BLOCK_KV, HEAD_DIM))) * qk_scale
         tile = tl.load(TID + row + j).to(tl.int64)
         s = tl.where(_tile_keep(TILES, tile, offs_m, 0, BLOCK_Q, WORDS, BLOCK_Q, BLOCK_KV), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -264,16 +259,13 @@ def _fwd_tma_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _tile(desc_v, b, hk, HK, SEQ_KV, k0, BLOCK_KV, HEAD_DIM, FLAT)
+        v = _tile(desc_v, b, hk, k0, BLOCK_KV, HEAD_DIM)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    if FLAT:
-        desc_o.store([(b * H + h) * SEQ_Q + q0, 0], out.to(q.dtype))
-    else:
-        desc_o.store([b, h, q0, 0], out.to(q.dtype).reshape(1, 1, BLOCK_Q, HEAD_DIM))
+    desc_o.store([b, h, q0, 0], out.to(q.dtype).reshape(1, 1, BLOCK_Q, HEAD_DIM))
     tl.store(LSE + b.to(tl.int64) * s_lb + h * s_lh + q0 + offs_m, lse, mask=offs_m < SEQ_Q - q0)
 
 
@@ -498,28 +490,22 @@ def _tma_applies(q: Tensor, k: Tensor, v: Tensor, out: Tensor, bs: BlockSparse, 
                for s in t.stride()[:-1]) for t in (q, k, v, out))
 
 
-def _fwd_tma_args(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bs: BlockSparse, scale: float,
-                  flat: bool | None = None) -> tuple[tuple[int, int], tuple, dict]:
-    """Grid, arguments and constexprs of the TMA forward: 2-d descriptors over the flattened rows when the tensors
-    are contiguous and the lengths whole blocks, else (or when ``flat`` is False) 4-d (batch, head, seq, dim)."""
+def _fwd_tma_args(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bs: BlockSparse,
+                  scale: float) -> tuple[tuple[int, int], tuple, dict]:
+    """Grid, arguments and constexprs of the TMA forward (4-d tensor descriptors over q, k, v, out)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     B, H, Sq, D = q.shape
-    Skv = k.shape[2]
     bq, bkv = bs.block_size
-    whole = Sq % bq == 0 and Skv % bkv == 0 and all(t.is_contiguous() for t in (q, k, v, out))
-    flat = whole if flat is None else flat and whole
 
     def desc(t: Tensor, rows: int) -> TensorDescriptor:
-        if flat:
-            return TensorDescriptor(t, [t.numel() // D, D], [D, 1], [rows, D])
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, D])
 
     lists = _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
     nqb = len(bs.q_blocks)
     args = (desc(q, bq), desc(k, bkv), desc(v, bkv), desc(out, bq), lse, lse.stride(0), lse.stride(1),
-            *lists[:4], _tiles(bs), *lists[4:], scale * LOG2E, H, H // k.shape[1], Sq, Skv, nqb)
-    return (nqb, B * H), args, dict(BLOCK_Q=bq, BLOCK_KV=bkv, HEAD_DIM=D, DTYPE_KEY=str(q.dtype), FLAT=flat)
+            *lists[:4], _tiles(bs), *lists[4:], scale * LOG2E, H, H // k.shape[1], Sq, nqb)
+    return (nqb, B * H), args, dict(BLOCK_Q=bq, BLOCK_KV=bkv, HEAD_DIM=D, DTYPE_KEY=str(q.dtype))
 
 
 def block_sparse_forward(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale: float,
