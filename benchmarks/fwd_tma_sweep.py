@@ -1,5 +1,5 @@
 """Forward paths on one GPU call: the generic kernel (autotuned) against the TMA kernel at every forced config
-(warps, stages, warp-specialised loop), beside cuDNN dense causal and (unless "noflex") compiled FlexAttention,
+(warps, stages), beside cuDNN dense causal and (unless "noflex") compiled FlexAttention,
 at one length. Each TMA config is checked against the generic output in the same run.
 Usage: fwd_tma_sweep.py [SEQ] [PATTERNS] [noflex]. Notes go to benchmarks/NOTES-kernels.md."""
 
@@ -18,7 +18,7 @@ from longattn.masks.block_sparse import BlockSparse
 S = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
 names = sys.argv[2].split(",") if len(sys.argv) > 2 else ["causal", "sliding_window", "random_90"]
 H, D, dev, dt = 32, 128, "cuda", torch.bfloat16
-CONFIGS = [(8, 2, False), (8, 3, False), (8, 2, True), (8, 3, True)]  # warps, stages, warp_specialize
+CONFIGS = [(8, 2), (8, 3)]  # warps, stages
 FLEX = "noflex" not in sys.argv
 print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())
 
@@ -28,12 +28,12 @@ def bench(fn) -> float:
 
 
 def forced_tma(q, k, v, bs, cfg):
-    """One launch of the TMA kernel at a forced (warps, stages, warp_specialize)."""
+    """One launch of the TMA kernel at a forced (warps, stages)."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=dev)
-    w, st, ws = cfg
+    w, st = cfg
     grid, args, consts = kbs._fwd_tma_args(q, k, v, out, lse, bs, q.shape[-1] ** -0.5)
-    kbs._fwd_tma_kernel.fn[grid](*args, **consts, WARP_SPEC=ws, num_warps=w, num_stages=st)
+    kbs._fwd_tma_kernel.fn[grid](*args, **consts, num_warps=w, num_stages=st)
     return out, lse
 
 
