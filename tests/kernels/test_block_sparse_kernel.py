@@ -239,3 +239,5 @@ def test_tma_path_refuses_what_it_cannot_take():
         kbs.block_sparse_forward(q, k, v, bs, 0.2, bias=(u, u), path="tma")
     with pytest.raises(ValueError, match="path"):
         kbs.block_sparse_forward(q.float(), k.float(), v.float(), bs, 0.2, path="tma")
+    with pytest.raises(ValueError, match="path"):
+        kbs.block_sparse_forward(q, k, v, bs, 0.2, path="fast")

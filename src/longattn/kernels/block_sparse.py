@@ -517,13 +517,16 @@ def block_sparse_forward(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale
                          bias: tuple[Tensor, Tensor] | None = None, path: str = "auto") -> tuple[Tensor, Tensor]:
     """Launch the forward kernel. Inputs validated by the caller; last dims contiguous, bias rank padded to 16k.
     ``path``: "tma" (tensor-descriptor kernel), "generic", or "auto" (tma where it applies on a GPU)."""
+    if path not in ("auto", "tma", "generic"):
+        raise ValueError(f"path: expected 'auto', 'tma' or 'generic', got {path!r}")
     B, H, Sq, D = q.shape
     out = _empty_like(q)
     lse = _empty((B, H, Sq), torch.float32, q.device)
-    if path == "tma" or (path == "auto" and not INTERPRET and _tma_applies(q, k, v, out, bs, bias)):
-        if not _tma_applies(q, k, v, out, bs, bias):
-            raise ValueError("path: 'tma' needs fp16/bf16 plain batches without bias or gathered columns, "
-                             "16-byte aligned, on a CUDA sm90+ device or the interpreter")
+    applies = path != "generic" and _tma_applies(q, k, v, out, bs, bias)
+    if path == "tma" and not applies:
+        raise ValueError("path: 'tma' needs fp16/bf16 plain batches without bias or gathered columns, "
+                         "16-byte aligned, on a CUDA sm90+ device or the interpreter")
+    if applies and (path == "tma" or not INTERPRET):
         grid, args, consts = _fwd_tma_args(q, k, v, out, lse, bs, scale)
         _fwd_tma_kernel[grid](*args, **consts)
         return out, lse
