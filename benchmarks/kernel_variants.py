@@ -44,7 +44,7 @@ for name, mask in (("sliding", masks.sliding_window(4096)), ("causal", masks.cau
             print(f"fwd cfg {cfg}: {ms:.3f} ms {fl / ms / 1e9:.0f} TF")
         except Exception as e:  # out of resources for that config
             print(f"fwd cfg {cfg}: failed {str(e)[:80]}")
-    o, lse = kbs.block_sparse_forward(q, k, v, bs, D ** -0.5)
+    o, lse = kbs.block_sparse_forward(q, k, v, bs, D ** -0.5, path="generic")
     print("autotuned fwd:", kbs._fwd_kernel.best_config)
     ms = do_bench(lambda: kbs.block_sparse_backward(do, q, k, v, o, lse, None, bs, D ** -0.5), warmup=25, rep=100,
                   return_mode="median")

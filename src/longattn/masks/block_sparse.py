@@ -18,6 +18,7 @@ load columns by index, so their cost is proportional to the number of columns, n
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -115,8 +116,9 @@ class BlockSparse:
     def device(self) -> torch.device:
         return self.kv_indices.device
 
-    @property
+    @functools.cached_property
     def varlen(self) -> bool:
+        """Packed variable-length batch; read once per instance (a device sync), not on every kernel launch."""
         return bool((self.q_blocks.seq.numel() and int(self.q_blocks.seq.max()) > 0)
                     or (self.kv_blocks.seq.numel() and int(self.kv_blocks.seq.max()) > 0))
 
