@@ -312,17 +312,19 @@ def plot_rows(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     lengths = sorted({r["seq_len"] for r in rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    mixers = sorted({r["mixer"] for r in rows})
+    style = {m: dict(color=plt.get_cmap("tab20")(i % 20), marker="osD^v<>"[i % 7]) for i, m in enumerate(mixers)}
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths) + 1.5, 4), squeeze=False,
+                             layout="constrained")
     for ax, S in zip(axes[0], lengths, strict=True):
-        for m in sorted({r["mixer"] for r in rows}):
+        for m in mixers:
             pts = sorted((r["state_bytes"], r["accuracy"]) for r in rows if r["seq_len"] == S and r["mixer"] == m)
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+                ax.plot(*zip(*pts, strict=True), **style[m])
         ax.set(xscale="log", xlabel="mixer state per sequence (bytes, fp32)", ylabel="MQAR accuracy",
                title=f"MQAR, seq_len={S}", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend([plt.Line2D([], [], **style[m]) for m in mixers], mixers, loc="outside right", fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
