@@ -5,7 +5,7 @@
 #   decode LENGTHS BATCHES     `bench decode`: one decode step, ours dense/paged/selected vs SDPA flash and Flex
 #   linear LENGTHS             `bench linear`: chunked linear attention tokens/s at constant tokens vs cuDNN softmax
 #                              (and fla-core's chunk kernels when its wheel is carried in .whl/)
-#   recall LENGTHS             `eval recall` (MQAR) on the GPU, the mixers split over 4 processes, one JSONL each
+#   recall LENGTHS             `eval recall` (MQAR) on the GPU, one process per mixer, merged into recall.jsonl/.png
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (e.g. fla-core), installed beside the image's packages
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
@@ -32,13 +32,16 @@ case "$phase" in
   linear)
     python3 -m longattn.cli bench linear --lengths ${1:-4096 65536 1048576} --tokens 1048576 --heads 16 \
       --head-dim 128 --modes decay none --out "$OUT/linear.jsonl" 2>&1 | grep -v "it/s\]" | tail -60 ;;
-  recall)
-    groups=("softmax,sliding_window,linear_elu,kernel_rpe,long_conv" "lightning,transnormer,retnet,probsparse,softplus"
-            "hedgehog,based,aaren" "titans,lightnet,flowformer")
-    for i in "${!groups[@]}"; do
-      timeout "${RECALL_TIMEOUT:-480}" python3 -m longattn.cli eval recall --device auto --lengths "${1:-256,512,1024}" \
-        --mixers "${groups[$i]}" --out "$OUT/recall-g$i.jsonl" --plot "$OUT/recall-g$i.png" >"$OUT/recall-g$i.log" 2>&1 &
+  recall)  # one process per mixer (tiny models are launch-bound), then one merged JSONL, log and plot
+    tmp=$(mktemp -d)
+    for m in $(python3 -c 'from longattn.eval.recall import SWEEP; print(" ".join(SWEEP))'); do
+      timeout "${RECALL_TIMEOUT:-480}" python3 -m longattn.cli eval recall --device auto --threads 1 \
+        --lengths "${1:-256,512,1024}" --mixers "$m" --out "$tmp/$m.jsonl" >"$tmp/$m.log" 2>&1 &
     done
-    wait; tail -n 4 "$OUT"/recall-g*.log ;;
+    wait
+    cat "$tmp"/*.jsonl >"$OUT/recall.jsonl"; tail -n +1 "$tmp"/*.log >"$OUT/recall.log"
+    python3 -c 'import json, sys; from pathlib import Path; from longattn.eval.recall import markdown_table, plot_rows
+rows = [json.loads(line) for line in open(sys.argv[1])]; plot_rows(rows, Path(sys.argv[2])); print(markdown_table(rows))
+' "$OUT/recall.jsonl" "$OUT/recall.png" ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -47,6 +48,39 @@ def test_softmax_training_reduces_the_loss():
                              batch=16, lr=3e-3, eval_size=32))
     assert row["final_loss"] < row["first_loss"] - 0.3, row
     assert 0.0 <= row["accuracy"] <= 1.0
+
+
+def test_the_curriculum_climbs_doubling_lengths_then_trains_at_the_target(monkeypatch):
+    shapes = []
+
+    def spy(n, seq_len, num_pairs, vocab, generator):
+        shapes.append((seq_len, num_pairs))
+        return mqar_batch(n, seq_len, num_pairs, vocab, generator)
+
+    monkeypatch.setattr(recall, "mqar_batch", spy)
+    train(RecallConfig("softmax", {"n_heads": 2}, seq_len=256, d_model=16, steps=8, batch=2, eval_size=2))
+    assert shapes[1:] == [(64, 4), (64, 4), (128, 8), (128, 8)] + [(256, 16)] * 4  # shapes[0]: the held-out set
+    assert RecallConfig("softmax", seq_len=64, steps=8).train_shape(0) == (64, 4)  # nothing shorter: no curriculum
+
+
+def test_a_non_finite_step_is_skipped_not_applied(monkeypatch):
+    calls, cross_entropy = [], torch.nn.functional.cross_entropy
+
+    def first_loss_nan(*args, **kwargs):
+        calls.append(1)
+        loss = cross_entropy(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 1 else loss
+
+    monkeypatch.setattr(recall.F, "cross_entropy", first_loss_nan)
+    row = train(RecallConfig("softmax", {"n_heads": 2}, seq_len=24, num_pairs=4, vocab=16, d_model=16, steps=25,
+                             batch=4, eval_size=8))
+    assert row["skipped_steps"] == 1 and math.isnan(row["first_loss"])
+    assert math.isfinite(row["final_loss"])  # the last 20 losses: finite only if the NaN step was never applied
+
+
+def test_the_head_is_tied_to_the_embedding():
+    model = TinyLM(32, 16, "softmax", {"n_heads": 2})
+    assert model.head.weight is model.embed.weight
 
 
 @pytest.mark.parametrize("mixer", ["softmax", "sliding_window", *names("linear")])

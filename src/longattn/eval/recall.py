@@ -1,6 +1,8 @@
 """Recall vs state (``longattn eval recall``): train tiny 2-layer models on multi-query associative recall (MQAR,
 Zoology-style: key-value pairs, then queries for the keys) with softmax, sliding-window and every registered linear
-mixer at several state sizes, and report held-out accuracy against the recurrent state bytes per sequence."""
+mixer at several state sizes, and report held-out accuracy against the recurrent state bytes per sequence. Every mixer
+gets one recipe: tied input/output embeddings, AdamW with warm-up + cosine decay, and a length curriculum (the first
+half of the steps climbs doubling lengths up to the target), which lets softmax escape MQAR's loss plateau at 512+."""
 
 from __future__ import annotations
 
@@ -103,6 +105,8 @@ class TinyLM(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, build_mixer(mixer, d_model, options)) for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
+        nn.init.normal_(self.embed.weight, std=d_model ** -0.5)
+        self.head.weight = self.embed.weight  # tied: a retrieved value's embedding scores that value at once
 
     def forward(self, tokens: Tensor) -> Tensor:
         x = self.embed(tokens)
@@ -134,6 +138,7 @@ class RecallConfig:
     lr: float = 3e-3
     seed: int = 0
     eval_size: int = 256
+    start_len: int = 64  # length curriculum: the first half of training climbs doubling lengths from here to seq_len
 
     @property
     def pairs(self) -> int:
@@ -142,6 +147,17 @@ class RecallConfig:
     @property
     def vocab_size(self) -> int:
         return self.vocab or max(64, 4 * self.pairs)
+
+    def train_shape(self, step: int) -> tuple[int, int]:
+        """(length, pairs) of training step ``step``: the first half of the steps climbs the doubling lengths
+        start_len, 2 start_len, ... below seq_len in equal stages (pairs scaled with the length), the rest is at
+        seq_len."""
+        ladder = [self.start_len << i for i in range(32) if self.start_len << i < self.seq_len]
+        half = self.steps // 2
+        if not ladder or step >= half:
+            return self.seq_len, self.pairs
+        L = ladder[step * len(ladder) // half]
+        return L, max(1, self.pairs * L // self.seq_len)
 
     def key(self) -> str:
         """Identifies a finished run in the JSONL (resume skips it)."""
@@ -162,7 +178,8 @@ def accuracy(model: TinyLM, inputs: Tensor, targets: Tensor, batch: int = 64) ->
 
 
 def train(cfg: RecallConfig, log_every: int = 0, device: str = "cpu") -> dict:
-    """Train one model on fresh MQAR batches (AdamW, warm-up + cosine) and score it on held-out sequences."""
+    """Train one model on fresh MQAR batches (AdamW, warm-up + cosine, a length curriculum, non-finite steps
+    skipped) and score it on held-out sequences of ``cfg.seq_len``."""
     torch.manual_seed(cfg.seed)
     V = cfg.vocab_size
     model = TinyLM(V, cfg.d_model, cfg.mixer, cfg.options, cfg.layers).to(device)
@@ -173,14 +190,16 @@ def train(cfg: RecallConfig, log_every: int = 0, device: str = "cpu") -> dict:
     g = torch.Generator().manual_seed(cfg.seed + 1)
     test = [t.to(device) for t in mqar_batch(cfg.eval_size, cfg.seq_len, cfg.pairs, V,
                                              torch.Generator().manual_seed(10_000))]
-    losses, t0 = [], time.perf_counter()
+    losses, skipped, t0 = [], 0, time.perf_counter()
     for step in range(cfg.steps):
-        inputs, targets = (t.to(device) for t in mqar_batch(cfg.batch, cfg.seq_len, cfg.pairs, V, g))
+        inputs, targets = (t.to(device) for t in mqar_batch(cfg.batch, *cfg.train_shape(step), V, g))
         loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
+            opt.step()
+        else:  # a diverging batch (say, an unstable test-time memory update) is skipped, never applied
+            skipped += 1
         sched.step()
         losses.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
@@ -191,7 +210,8 @@ def train(cfg: RecallConfig, log_every: int = 0, device: str = "cpu") -> dict:
     return {"task": "mqar", **asdict(cfg), "num_pairs": cfg.pairs, "vocab": V, "device": str(device),
             "label": label(cfg.mixer, cfg.options), "state_bytes": model.state_bytes(cfg.seq_len),
             "params": sum(p.numel() for p in model.parameters()), "accuracy": accuracy(model, *test),
-            "first_loss": losses[0], "final_loss": sum(tail) / len(tail), "train_s": round(train_s, 1),
+            "first_loss": losses[0], "final_loss": sum(tail) / len(tail), "skipped_steps": skipped,
+            "train_s": round(train_s, 1),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "git_sha": _git_sha(), "key": cfg.key()}
 
 
@@ -292,17 +312,19 @@ def plot_rows(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     lengths = sorted({r["seq_len"] for r in rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    mixers = sorted({r["mixer"] for r in rows})
+    style = {m: dict(color=plt.get_cmap("tab20")(i % 20), marker="osD^v<>"[i % 7]) for i, m in enumerate(mixers)}
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths) + 1.5, 4), squeeze=False,
+                             layout="constrained")
     for ax, S in zip(axes[0], lengths, strict=True):
-        for m in sorted({r["mixer"] for r in rows}):
+        for m in mixers:
             pts = sorted((r["state_bytes"], r["accuracy"]) for r in rows if r["seq_len"] == S and r["mixer"] == m)
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+                ax.plot(*zip(*pts, strict=True), **style[m])
         ax.set(xscale="log", xlabel="mixer state per sequence (bytes, fp32)", ylabel="MQAR accuracy",
                title=f"MQAR, seq_len={S}", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend([plt.Line2D([], [], **style[m]) for m in mixers], mixers, loc="outside right", fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -336,7 +358,7 @@ def add_cli(eval_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="S=64, three mixers, one size each: ~1-2 min on CPU")
     p.add_argument("--lengths", default="256,512,1024")
     p.add_argument("--mixers", default=None, help=f"comma list (default: all of {', '.join(SWEEP)})")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 1000; quick 150)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 1000; quick 300)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
