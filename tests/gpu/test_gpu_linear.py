@@ -42,3 +42,13 @@ def test_gpu_decode_step_matches_oracle(dim, dtype):
                                        initial_state=h0, state_dtype=dt) for dt in (torch.float64, dtype)]
     assert_close_to_reference(o, refs[0][0], refs[1][0], what="out")
     assert_close_to_reference(s, refs[0][1], refs[1][1], what="state")
+
+
+@pytest.mark.parametrize("gating", ["gate", "decay"])
+def test_gpu_whole_sequences_match_oracle(monkeypatch, gating):
+    """The shapes above are cut into segments (few rows); here every sequence runs whole, as at large batch."""
+    from longattn.kernels import linear_triton as lt
+
+    monkeypatch.setattr(lt, "TARGET_ROWS", 1)
+    q, k, v, gate, decay, h0 = make_inputs(1, 2, 3000, 128, 128, torch.bfloat16, gating=gating, device="cuda")
+    oracle_check(api_run("triton", decay), q, k * 128 ** -0.5, v, gate, decay, h0)
