@@ -53,12 +53,13 @@ def _fla():
 
 
 def _check(q, k, v, decay, dtype) -> dict:
-    """Forward on the timed inputs' prefix and gradients on a small problem, against the fp32 PyTorch chunk form."""
+    """The timed forward (same plan) on its first row's first heads and tokens, and gradients on a small problem,
+    against the fp32 PyTorch chunk form."""
     L = min(q.shape[2], CHECK_TOKENS)
     qs, ks, vs = (t[:1, :2, :L].detach() for t in (q, k, v))
     d2 = None if decay is None else decay[:2]
     with torch.no_grad():
-        ours, _ = linear_attention(qs, ks, vs, decay=d2, impl="triton")
+        ours = linear_attention(q, k, v, decay=decay, impl="triton")[0][:1, :2, :L]
         ref, _ = linear_attention(qs.float(), ks.float(), vs.float(), decay=d2, impl="chunk")
     fwd_err = _rel_err(ours, ref)
     leaves = [t[:1, :2, :2048].detach().clone().requires_grad_() for t in (q, k, v)]
