@@ -26,7 +26,7 @@ def _state_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BK": 16, "BV": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=2)
-            for bk in (32, 64) for bv in (32, 64) for w in (2, 4)]
+            for bk, bv, w in ((32, 32, 2), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8))]
 
 
 def _walk_configs(tile: str) -> list[triton.Config]:
@@ -354,7 +354,7 @@ def _recurrent_step(Q, K, V, G, S0, OUT, ST, scale, T, NH, DK: tl.constexpr, DV:
     tl.store(ST + state_ptr, state, mask=mstate)
 
 
-TARGET_ROWS = 1024  # (segment, head) rows the walk kernels want at least; fewer sequences are split into segments
+TARGET_ROWS = 256  # (segment, head) rows the walk kernels want at least; fewer sequences are split into segments
 MIN_SEGMENT_CHUNKS = 16
 
 
