@@ -1,12 +1,13 @@
 """Triton kernels for causal linear attention (semantics in ``linear_reference``).
 
-Chunked form, as in Lightning Attention-2 and flash-linear-attention: a sequential *state* kernel walks each
-sequence chunk by chunk and writes the state at every chunk start (fp32 accumulation, stored in the inputs' dtype
-for the tensor-core dot that reads it); a fully parallel *output* kernel then combines softmax-free attention inside
-each chunk with the query times its chunk's start state. The backward mirrors it: a reverse state kernel for the
-state gradient at every chunk end, then one parallel kernel for dq, dk, dv (and the log-decay's per-token term).
-Sequences (batch rows or packed ``cu_seqlens`` segments) are described by small tables, so one code path serves both.
-A fused recurrent kernel decodes a few tokens from a state.
+Chunked form with the state kept in registers: a *walk* kernel takes one segment of a sequence (one head, one
+slice of the state) chunk by chunk, combining softmax-free attention inside each chunk with the query times the
+state entering it, then updating the state (fp32). Nothing per chunk goes to memory, so the forward reads q, k, v
+and writes o once. The backward has three walks: dq forwards, dk and dv backwards with the state gradient.
+When there are few (sequence, head) rows (batch 1 at 1M tokens), sequences are cut into segments walked in parallel;
+a state pass then sums each short piece's own contribution and a scan carries states across pieces, so every
+segment starts from its true state. Sequences (batch rows or packed ``cu_seqlens``) are described by small tables,
+so one code path serves both. A fused recurrent kernel decodes a few tokens from a state.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _state_configs() -> list[triton.Config]:
-    """Segment-state kernel: (BK, BV) state tiles."""
+    """Piece-state kernel: (BK, BV) state tiles."""
     if INTERPRET:
         return [triton.Config({"BK": 16, "BV": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=2)
@@ -56,12 +57,12 @@ _PRUNE = {"early_config_prune": _prune_tiles}
 
 @triton.autotune(_state_configs(), key=["DK", "DV", "C", "USE_G", "REVERSE"], prune_configs_by=_PRUNE)
 @triton.jit
-def _seg_state(X, Y, G, OUT, TOT, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
+def _piece_state(X, Y, G, OUT, TOT, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
                DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                USE_G: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr):
-    """Each segment's own term from a zero state into OUT [segments, H, DK, DV] (fp32): forward (X, Y = k, v)
-    Σ_t decay(t → end) k_tᵀ v_t; reverse (X, Y = q, do) Σ_t scale · decay(start → t) q_tᵀ do_t. TOT [segments, H]:
-    the segment's summed log-decay."""
+    """Each piece's own term from a zero state into OUT [pieces, H, DK, DV] (fp32): forward (X, Y = k, v)
+    Σ_t decay(t → end) k_tᵀ v_t; reverse (X, Y = q, do) Σ_t scale · decay(start → t) q_tᵀ do_t. TOT [pieces, H]:
+    the piece's summed log-decay."""
     ik, iv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j, h = pid // NH, pid % NH
     b = tl.load(SEG_B + j).to(tl.int64)
@@ -96,15 +97,15 @@ def _seg_state(X, Y, G, OUT, TOT, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
 
 
 @triton.jit
-def _seg_scan(LOCAL, TOT, INIT, CARRY, FINAL, SEQ_SEG0, SEQ_NSEG, NH, DK: tl.constexpr, DV: tl.constexpr,
+def _piece_scan(LOCAL, TOT, INIT, CARRY, FINAL, SEQ_PIECE0, SEQ_NPIECE, NH, DK: tl.constexpr, DV: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, HAS_INIT: tl.constexpr,
               REVERSE: tl.constexpr):
-    """Carry a state across each sequence's segments: forward, CARRY[j] = state entering segment j (INIT: initial
-    state, FINAL: final state); reverse, CARRY[j] = gradient leaving segment j (INIT: d final, FINAL: d initial)."""
+    """Carry a state across each sequence's pieces: forward, CARRY[j] = state entering piece j (INIT: initial
+    state, FINAL: final state); reverse, CARRY[j] = gradient leaving piece j (INIT: d final, FINAL: d initial)."""
     ik, iv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     n, h = pid // NH, pid % NH
-    seg0 = tl.load(SEQ_SEG0 + n).to(tl.int64)
-    nseg = tl.load(SEQ_NSEG + n)
+    first = tl.load(SEQ_PIECE0 + n).to(tl.int64)
+    count = tl.load(SEQ_NPIECE + n)
     rk = ik * BK + tl.arange(0, BK)
     rv = iv * BV + tl.arange(0, BV)
     off = rk[:, None] * DV + rv[None, :]
@@ -112,8 +113,8 @@ def _seg_scan(LOCAL, TOT, INIT, CARRY, FINAL, SEQ_SEG0, SEQ_NSEG, NH, DK: tl.con
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_INIT:
         state += tl.load(INIT + pid * DK * DV + off, mask=m, other=0.0)
-    for i in range(nseg):
-        j = seg0 + nseg - 1 - i if REVERSE else seg0 + i
+    for i in range(count):
+        j = first + count - 1 - i if REVERSE else first + i
         row = (j * NH + h) * DK * DV
         tl.store(CARRY + row + off, state, mask=m)
         if USE_G:
@@ -356,6 +357,7 @@ def _recurrent_step(Q, K, V, G, S0, OUT, ST, scale, T, NH, DK: tl.constexpr, DV:
 
 TARGET_ROWS = 256  # (segment, head) rows the walk kernels want at least; fewer sequences are split into segments
 MIN_SEGMENT_CHUNKS = 16
+PIECE_CHUNKS = 64  # split sequences: the state pass works on pieces this long (short walks, many programs)
 
 
 def segment_chunks_for(n_seq: int, heads: int, max_chunks: int) -> int:
@@ -365,9 +367,21 @@ def segment_chunks_for(n_seq: int, heads: int, max_chunks: int) -> int:
     return max(1, max_chunks if splits <= 1 else max(MIN_SEGMENT_CHUNKS, -(-max_chunks // splits)))
 
 
+def _cut(lens: Tensor, starts: Tensor, rows: Tensor, chunk: int, per: int) -> tuple[Tensor, ...]:
+    """Sequences cut into parts of ``per`` chunks (an empty sequence: one empty part): each sequence's first part
+    and number of parts, each part's batch row, first token and length."""
+    n = (((lens + chunk - 1) // chunk + per - 1) // per).clamp_min(1)
+    first = torch.cumsum(n, 0) - n
+    seq_of = torch.repeat_interleave(torch.arange(len(lens)), n)
+    index = torch.arange(int(n.sum())) - first[seq_of]
+    tokens = per * chunk
+    return first, n, rows[seq_of], starts[seq_of] + index * tokens, (lens[seq_of] - index * tokens).clamp(0, tokens)
+
+
 class Plan:
-    """Sequence and segment tables for one call: batch rows or packed cu_seqlens sequences, each cut into segments
-    of whole chunks that the walk kernels process in parallel (one segment per sequence when rows are plentiful)."""
+    """Sequence tables for one call: batch rows or packed cu_seqlens sequences, each cut into segments of whole
+    chunks that the walk kernels process in parallel (one segment per sequence when rows are plentiful). Split
+    sequences are also cut into shorter pieces for the state pass, a whole number of pieces per segment."""
 
     def __init__(self, batch: int, seq: int, heads: int, cu_seqlens: Tensor | None, chunk: int,
                  device: torch.device):
@@ -379,19 +393,24 @@ class Plan:
             cu = cu_seqlens.to("cpu", torch.int64)
             lens, starts = cu[1:] - cu[:-1], cu[:-1]
             rows = torch.zeros(len(lens), dtype=torch.int64)
-        chunks = (lens + chunk - 1) // chunk
-        segment_chunks = segment_chunks_for(len(lens), heads, int(chunks.max()) if len(lens) else 1)
-        seg_tokens = segment_chunks * chunk
-        nseg = ((chunks + segment_chunks - 1) // segment_chunks).clamp_min(1)  # an empty sequence: one empty segment
-        seg0 = torch.cumsum(nseg, 0) - nseg
+        max_chunks = int((lens.max() + chunk - 1) // chunk) if len(lens) else 1
+        seg_chunks = segment_chunks_for(len(lens), heads, max_chunks)
+        piece_chunks = min(seg_chunks, PIECE_CHUNKS)
+        seg_chunks = -(-seg_chunks // piece_chunks) * piece_chunks
+        seg0, nseg, *segs = _cut(lens, starts, rows, chunk, seg_chunks)
         self.n_seq, self.n_segs = len(lens), int(nseg.sum())
-        seq_of_seg = torch.repeat_interleave(torch.arange(self.n_seq), nseg)
-        index = torch.arange(self.n_segs) - seg0[seq_of_seg]
-        seg_len = (lens[seq_of_seg] - index * seg_tokens).clamp(0, seg_tokens)
-        to = dict(device=device, dtype=torch.int32)
-        self.seqs = [x.to(**to) for x in (seg0, nseg)]
-        self.segs = [x.to(**to) for x in (rows[seq_of_seg], starts[seq_of_seg] + index * seg_tokens, seg_len)]
         self.split = self.n_segs > self.n_seq  # some sequence has several segments: carry states between them
+        to = dict(device=device, dtype=torch.int32)
+        self.segs = [x.to(**to) for x in segs]
+        if self.split:
+            piece0, npiece, *pieces = _cut(lens, starts, rows, chunk, piece_chunks)
+            per = seg_chunks // piece_chunks
+            seq_of_seg = torch.repeat_interleave(torch.arange(self.n_seq), nseg)
+            first = piece0[seq_of_seg] + (torch.arange(self.n_segs) - seg0[seq_of_seg]) * per
+            last = torch.minimum(first + per, (piece0 + npiece)[seq_of_seg]) - 1
+            self.n_pieces, self.pieces = int(npiece.sum()), [x.to(**to) for x in pieces]
+            self.seqs = [x.to(**to) for x in (piece0, npiece)]
+            self.first_piece, self.last_piece = first.to(device), last.to(device)
         self.starts, self.lens = starts.to(device), lens.to(device)
         self.last_token = (starts + lens - 1)[lens > 0]  # per non-empty sequence, for the final-state term of dg
         self.last_rows, self.nonempty = rows[lens > 0], lens > 0
@@ -404,18 +423,19 @@ def _prec(x: Tensor) -> str:
 
 def _carry(x: Tensor, y: Tensor, g: Tensor | None, init: Tensor | None, plan: Plan, *, reverse: bool,
            scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """States at segment boundaries, fp32: forward (x, y = k, v; init = h0) the state entering every segment and
-    the final states; reverse (x, y = q, do; init = dht) the gradient leaving every segment and d h0."""
+    """States at piece boundaries, fp32 [pieces, H, DK, DV]: forward (x, y = k, v; init = h0) the state entering
+    every piece, and the final states; reverse (x, y = q, do; init = dht) the gradient leaving every piece, and
+    d h0."""
     B, H, S, DK = x.shape
     DV = y.shape[-1]
-    local = x.new_empty(plan.n_segs, H, DK, DV, dtype=torch.float32)
-    tot = x.new_empty(plan.n_segs, H, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(DK, meta["BK"]), triton.cdiv(DV, meta["BV"]), plan.n_segs * H)  # noqa: E731
-    _seg_state[grid](x, y, g, local, tot, *plan.segs, scale, S, H, DK=DK, DV=DV, C=plan.chunk, USE_G=g is not None,
-                     REVERSE=reverse, PREC=_prec(x))
+    local = x.new_empty(plan.n_pieces, H, DK, DV, dtype=torch.float32)
+    tot = x.new_empty(plan.n_pieces, H, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(DK, meta["BK"]), triton.cdiv(DV, meta["BV"]), plan.n_pieces * H)  # noqa: E731
+    _piece_state[grid](x, y, g, local, tot, *plan.pieces, scale, S, H, DK=DK, DV=DV, C=plan.chunk,
+                     USE_G=g is not None, REVERSE=reverse, PREC=_prec(x))
     carry, final = torch.empty_like(local), x.new_empty(plan.n_seq, H, DK, DV, dtype=torch.float32)
     BK, BV = min(32, max(16, triton.next_power_of_2(DK))), min(32, max(16, triton.next_power_of_2(DV)))
-    _seg_scan[(triton.cdiv(DK, BK), triton.cdiv(DV, BV), plan.n_seq * H)](
+    _piece_scan[(triton.cdiv(DK, BK), triton.cdiv(DV, BV), plan.n_seq * H)](
         local, tot, init, carry, final, *plan.seqs, H, DK=DK, DV=DV, BK=BK, BV=BV, USE_G=g is not None,
         HAS_INIT=init is not None, REVERSE=reverse)
     return carry, final
@@ -429,7 +449,8 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, h0: Tensor | No
     DV = v.shape[-1]
     o = torch.empty_like(v)
     if plan.split:
-        s0, ht = _carry(k, v, g, h0, plan, reverse=False)
+        carry, ht = _carry(k, v, g, h0, plan, reverse=False)
+        s0 = carry[plan.first_piece]
     else:
         s0, ht = h0, q.new_empty(plan.n_seq, H, DK, DV, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(DV, meta["BV"]), plan.n_segs * H)  # noqa: E731
@@ -444,7 +465,8 @@ def chunk_bwd(q, k, v, g, h0, carry, scale, plan: Plan, do, dht, g_grad: bool):
     B, H, S, DK = q.shape
     DV = v.shape[-1]
     if plan.split:
-        d0, dh0 = _carry(q, do, g, dht, plan, reverse=True, scale=scale)
+        dcarry, dh0 = _carry(q, do, g, dht, plan, reverse=True, scale=scale)
+        d0 = dcarry[plan.last_piece]
     else:
         d0, dh0 = dht, q.new_empty(plan.n_seq, H, DK, DV, dtype=torch.float32)
     s0 = carry if plan.split else h0
