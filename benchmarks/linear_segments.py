@@ -32,5 +32,5 @@ def measure(S: int) -> None:
 for S in [int(x) for x in sys.argv[1:]] or [4096, 65536, 1048576]:
     measure(S)
     torch.cuda.empty_cache()
-for kern in (lt._seg_state, lt._fwd_walk, lt._dq_walk, lt._dk_walk, lt._dv_walk):
+for kern in (lt._piece_state, lt._fwd_walk, lt._dq_walk, lt._dk_walk, lt._dv_walk):
     print(kern.fn.__name__, {str(key): str(cfg) for key, cfg in kern.cache.items()})
