@@ -57,7 +57,7 @@ _PRUNE = {"early_config_prune": _prune_tiles}
 
 @triton.autotune(_state_configs(), key=["DK", "DV", "C", "USE_G", "REVERSE"], prune_configs_by=_PRUNE)
 @triton.jit
-def _piece_state(X, Y, G, OUT, TOT, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
+def _piece_state(X, Y, G, OUT, TOT, PIECE_B, PIECE_START, PIECE_LEN, scale, S, NH,
                DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                USE_G: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr):
     """Each piece's own term from a zero state into OUT [pieces, H, DK, DV] (fp32): forward (X, Y = k, v)
@@ -65,9 +65,9 @@ def _piece_state(X, Y, G, OUT, TOT, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
     the piece's summed log-decay."""
     ik, iv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     j, h = pid // NH, pid % NH
-    b = tl.load(SEG_B + j).to(tl.int64)
-    start = tl.load(SEG_START + j).to(tl.int64)
-    length = tl.load(SEG_LEN + j)
+    b = tl.load(PIECE_B + j).to(tl.int64)
+    start = tl.load(PIECE_START + j).to(tl.int64)
+    length = tl.load(PIECE_LEN + j)
     rk = ik * BK + tl.arange(0, BK)
     rv = iv * BV + tl.arange(0, BV)
     rc = tl.arange(0, C)
