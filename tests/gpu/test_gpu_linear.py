@@ -54,15 +54,18 @@ def test_gpu_whole_sequences_match_oracle(monkeypatch, gating):
     oracle_check(api_run("triton", decay), q, k * 128 ** -0.5, v, gate, decay, h0)
 
 
-@pytest.mark.parametrize("whole", [False, True], ids=["segments", "whole"])
+@pytest.mark.parametrize("cut", ["segments", "pieces", "whole"])
 @pytest.mark.parametrize("gating", ["gate", "decay", "none"])
-def test_gpu_long_matches_chunked_oracle(monkeypatch, gating, whole):
+def test_gpu_long_matches_chunked_oracle(monkeypatch, gating, cut):
     """16k tokens, bf16, d=128, forward and every gradient: the fp64 chunked form is the oracle (the recurrence
-    is exact too but far too slow here) and the chunked form computing in bf16 the baseline."""
+    is exact too but far too slow here) and the chunked form computing in bf16 the baseline. Four rows are cut
+    into segments of 16 chunks (one piece each, or four pieces of 4), or run whole."""
     from longattn.kernels import linear_triton as lt
 
-    if whole:
+    if cut == "whole":
         monkeypatch.setattr(lt, "TARGET_ROWS", 1)
+    if cut == "pieces":
+        monkeypatch.setattr(lt, "PIECE_CHUNKS", 4)
     q, k, v, gate, decay, h0 = make_inputs(2, 2, 16384, 128, 128, torch.bfloat16, gating=gating, device="cuda")
     leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (q, k * 128 ** -0.5, v,
                                                                                          gate, h0)]
