@@ -3,7 +3,7 @@
 #   tests  [PYTEST PATHS]      all GPU tests (4 pytest workers share the GPU), log + junit XML
 #   model  LENGTHS METHODS     `bench model`: random-weight Llama-3-8B-shaped prefill, dense cuDNN/flash vs methods
 #   decode LENGTHS BATCHES     `bench decode`: one decode step, ours dense/paged/selected vs SDPA flash and Flex
-#   linear LENGTHS             `bench linear`: chunked linear attention tokens/s at constant tokens vs cuDNN softmax
+#   linear LENGTHS             `bench linear` (MODES="decay none"): linear attention tokens/s at constant tokens vs cuDNN
 #                              (and fla-core's chunk kernels when its wheel is carried in .whl/)
 #   recall LENGTHS             `eval recall` (MQAR) on the GPU, one process per mixer, merged into recall.jsonl/.png
 set -uo pipefail
@@ -31,7 +31,7 @@ case "$phase" in
       --out "$OUT/decode.jsonl" 2>&1 | grep -v "it/s\]" | tail -60 ;;
   linear)
     python3 -m longattn.cli bench linear --lengths ${1:-4096 65536 1048576} --tokens 1048576 --heads 16 \
-      --head-dim 128 --modes decay none --out "$OUT/linear.jsonl" 2>&1 | grep -v "it/s\]" | tail -60 ;;
+      --head-dim 128 --modes ${MODES:-decay none} --out "$OUT/linear.jsonl" 2>&1 | grep -v "it/s\]" | tail -60 ;;
   recall)  # one process per mixer (tiny models are launch-bound), then one merged JSONL, log and plot
     tmp=$(mktemp -d)
     for m in $(python3 -c 'from longattn.eval.recall import SWEEP; print(" ".join(SWEEP))'); do

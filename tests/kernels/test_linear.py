@@ -134,6 +134,60 @@ def test_split_then_resume_equals_full(impl, split):
     oracle_check(run, q, k, v, gate, decay, h0)
 
 
+@pytest.fixture(params=[(1, 64), (3, 1), (3, 2)], ids=["seg1-piece1", "seg3-piece1", "seg4-piece2"])
+def one_chunk_segments(request, monkeypatch):
+    """Cut every sequence into segments of a few chunks and pieces of one or two (small problems otherwise run as
+    whole sequences), so that the piece-state, carry and walk kernels all take part."""
+    from longattn.kernels import linear_triton as lt
+
+    min_segment, piece = request.param
+    monkeypatch.setattr(lt, "TARGET_ROWS", 1 << 20)
+    monkeypatch.setattr(lt, "MIN_SEGMENT_CHUNKS", min_segment)
+    monkeypatch.setattr(lt, "PIECE_CHUNKS", piece)
+
+
+@pytest.mark.parametrize("gating", ["none", "decay", "gate"])
+def test_triton_segments_match_oracle(one_chunk_segments, gating):
+    q, k, v, gate, decay, h0 = make_inputs(2, 2, 70, 16, 32, torch.float16, gating=gating)
+    oracle_check(api_run("triton", decay, chunk=16), q, k, v, gate, decay, h0, chunk=16)
+
+
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_triton_segments_varlen_matches_oracle(one_chunk_segments, with_h0):
+    cu = [0, 20, 20, 33, 70]
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+    q, k, v, gate, decay, h0 = make_inputs(1, 2, cu[-1], 16, 16, torch.float32, n_states=len(cu) - 1,
+                                           with_h0=with_h0)
+    oracle_check(api_run("triton", cu_seqlens=cu_seqlens, chunk=16), q, k, v, gate, decay, h0,
+                 cu_seqlens=cu_seqlens, chunk=16)
+
+
+def test_segment_length_choice():
+    """Whole sequences when (sequence, head) rows fill the GPU; otherwise equal segments, never shorter than the
+    minimum."""
+    from longattn.kernels import linear_triton as lt
+
+    assert lt.segment_chunks_for(256, 16, 64) == 64
+    assert lt.segment_chunks_for(1, 16, 16384) == 16384 * 16 // lt.TARGET_ROWS
+    assert lt.segment_chunks_for(1, 1, 40) == lt.MIN_SEGMENT_CHUNKS
+    plan = lt.Plan(1, 100, 2, torch.tensor([0, 0, 100]), 16, torch.device("cpu"))  # an empty sequence first
+    assert (plan.n_seq, plan.n_segs, plan.split) == (2, 2, False)
+    assert plan.segs[2].tolist() == [0, 100]
+
+
+def test_split_plan_pieces(monkeypatch):
+    """Segments are whole numbers of pieces; each segment knows its first and last piece."""
+    from longattn.kernels import linear_triton as lt
+
+    monkeypatch.setattr(lt, "TARGET_ROWS", 1 << 20)
+    monkeypatch.setattr(lt, "MIN_SEGMENT_CHUNKS", 3)
+    monkeypatch.setattr(lt, "PIECE_CHUNKS", 2)
+    plan = lt.Plan(1, 150, 1, torch.tensor([0, 0, 150]), 16, torch.device("cpu"))  # 10 chunks: segments of 4
+    assert plan.split and plan.segs[2].tolist() == [0, 64, 64, 22]
+    assert plan.pieces[2].tolist() == [0, 32, 32, 32, 32, 22]
+    assert plan.first_piece.tolist() == [0, 1, 3, 5] and plan.last_piece.tolist() == [0, 2, 4, 5]
+
+
 CU = [[0, 37], [0, 1, 17, 50], [0, 20, 20, 33, 70]]
 
 

@@ -31,8 +31,8 @@ class _ChunkFn(torch.autograd.Function):
     def forward(ctx, q, k, v, g, h0, scale, plan):
         from longattn.kernels import linear_triton as lt
 
-        o, ht = lt.chunk_fwd(q, k, v, g, h0, scale, plan)
-        ctx.save_for_backward(q, k, v, g, h0)
+        o, ht, carry = lt.chunk_fwd(q, k, v, g, h0, scale, plan)
+        ctx.save_for_backward(q, k, v, g, h0, ht, carry)
         ctx.scale, ctx.plan = scale, plan
         ctx.set_materialize_grads(False)
         return o, ht
@@ -41,13 +41,13 @@ class _ChunkFn(torch.autograd.Function):
     def backward(ctx, do, dht):
         from longattn.kernels import linear_triton as lt
 
-        q, k, v, g, h0 = ctx.saved_tensors
+        q, k, v, g, h0, ht, carry = ctx.saved_tensors
         plan = ctx.plan
         g_grad = g is not None and ctx.needs_input_grad[3]
         if do is None:
             do = torch.zeros_like(v)
-        dq, dk, dv, dgl, dh0, ht = lt.chunk_bwd(q, k, v, g, h0, ctx.scale, plan, do.contiguous(),
-                                                None if dht is None else dht.contiguous(), g_grad)
+        dq, dk, dv, dgl, dh0 = lt.chunk_bwd(q, k, v, g, h0, carry, ctx.scale, plan, do.contiguous(),
+                                            None if dht is None else dht.contiguous(), g_grad)
         dg = _gate_grad(dgl, dht, ht, plan) if g_grad else None
         return dq, dk, dv, dg, (dh0 if h0 is not None else None), None, None
 
@@ -63,7 +63,7 @@ def _gate_grad(dgl: Tensor, dht: Tensor | None, ht: Tensor, plan) -> Tensor:
     if plan.n_seq == dgl.shape[0] and plan.nonempty.all():  # one sequence per batch row
         return rev.float()
     rev = torch.cat([rev, rev.new_zeros(*dgl.shape[:-1], 1)], -1)
-    starts, lens = plan.seq[1].long(), plan.seq[2].long()
+    starts, lens = plan.starts, plan.lens
     end_of = torch.repeat_interleave(starts + lens, lens, output_size=dgl.shape[-1])
     return (rev[..., :-1] - rev[..., end_of]).float()
 
@@ -170,7 +170,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, decay: Tensor | None = 
     if chosen == "triton":
         from longattn.kernels.linear_triton import Plan
 
-        plan = Plan(B, S, cu_seqlens, chunk_size, q.device)
+        plan = Plan(B, S, H, cu_seqlens, chunk_size, q.device)
         o, ht = _ChunkFn.apply(q.contiguous(), k.contiguous(), v.contiguous(), g,
                                None if h0 is None else h0.contiguous(), scale, plan)
     elif chosen == "chunk":

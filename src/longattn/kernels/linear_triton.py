@@ -1,12 +1,13 @@
 """Triton kernels for causal linear attention (semantics in ``linear_reference``).
 
-Chunked form, as in Lightning Attention-2 and flash-linear-attention: a sequential *state* kernel walks each
-sequence chunk by chunk and writes the state at every chunk start (fp32 accumulation, stored in the inputs' dtype
-for the tensor-core dot that reads it); a fully parallel *output* kernel then combines softmax-free attention inside
-each chunk with the query times its chunk's start state. The backward mirrors it: a reverse state kernel for the
-state gradient at every chunk end, then one parallel kernel for dq, dk, dv (and the log-decay's per-token term).
-Sequences (batch rows or packed ``cu_seqlens`` segments) are described by small tables, so one code path serves both.
-A fused recurrent kernel decodes a few tokens from a state.
+Chunked form with the state kept in registers: a *walk* kernel takes one segment of a sequence (one head, one
+slice of the state) chunk by chunk, combining softmax-free attention inside each chunk with the query times the
+state entering it, then updating the state (fp32). Nothing per chunk goes to memory, so the forward reads q, k, v
+and writes o once. The backward has three walks: dq forwards, dk and dv backwards with the state gradient.
+When there are few (sequence, head) rows (batch 1 at 1M tokens), sequences are cut into segments walked in parallel;
+a state pass then sums each short piece's own contribution and a scan carries states across pieces, so every
+segment starts from its true state. Sequences (batch rows or packed ``cu_seqlens``) are described by small tables,
+so one code path serves both. A fused recurrent kernel decodes a few tokens from a state.
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _state_configs() -> list[triton.Config]:
-    """State kernels: small state tiles give more programs for the sequential walk (B·H is small at 1M tokens)."""
+    """Piece-state kernel: (BK, BV) state tiles."""
     if INTERPRET:
         return [triton.Config({"BK": 16, "BV": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-            for bk in (32, 64) for bv in (32, 64) for w in (2, 4) for s in (2, 3)]
+    return [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=2)
+            for bk, bv, w in ((32, 32, 2), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8))]
 
 
-def _out_configs() -> list[triton.Config]:
+def _walk_configs(tile: str) -> list[triton.Config]:
+    """Walk kernels: one tiled head dim (``tile`` is BK or BV), the other whole."""
     if INTERPRET:
-        return [triton.Config({"BV": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (64, 128) for w in (4, 8) for s in (2, 3)]
+        return [triton.Config({tile: 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({tile: size}, num_warps=w, num_stages=2) for size in (32, 64, 128) for w in (4, 8)]
 
 
 def _prune_tiles(configs, named_args, **kwargs):
@@ -40,185 +42,294 @@ def _prune_tiles(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     dk, dv = args["DK"], args["DV"]
     kept = [c for c in configs if c.kwargs.get("BK", 16) <= max(16, triton.next_power_of_2(dk))
-            and c.kwargs["BV"] <= max(16, triton.next_power_of_2(dv))]
-    return kept or [min(configs, key=lambda c: c.kwargs["BV"])]
+            and c.kwargs.get("BV", 16) <= max(16, triton.next_power_of_2(dv))]
+    return kept or [min(configs, key=lambda c: c.kwargs.get("BK", 0) + c.kwargs.get("BV", 0))]
+
+
+def _zero_dgl(nargs: dict, reset_only: bool = False) -> None:
+    """Autotuning runs an accumulating kernel many times: clear its gate-gradient buffer before each run."""
+    if nargs.get("DGL") is not None:
+        nargs["DGL"].zero_()
 
 
 _PRUNE = {"early_config_prune": _prune_tiles}
 
 
-@triton.autotune(_state_configs(), key=["DK", "DV", "C", "USE_G"], prune_configs_by=_PRUNE)
+@triton.autotune(_state_configs(), key=["DK", "DV", "C", "USE_G", "REVERSE"], prune_configs_by=_PRUNE)
 @triton.jit
-def _state_fwd(K, V, G, H0, HS, HT, SEQ_B, SEQ_START, SEQ_LEN, SEQ_CHUNK0, S, NH,
+def _piece_state(X, Y, G, OUT, TOT, PIECE_B, PIECE_START, PIECE_LEN, scale, S, NH,
                DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               USE_G: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
-    """State at the start of every chunk into HS [chunks, H, DK, DV]; the final state (fp32) into HT."""
+               USE_G: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr):
+    """Each piece's own term from a zero state into OUT [pieces, H, DK, DV] (fp32): forward (X, Y = k, v)
+    Σ_t decay(t → end) k_tᵀ v_t; reverse (X, Y = q, do) Σ_t scale · decay(start → t) q_tᵀ do_t. TOT [pieces, H]:
+    the piece's summed log-decay."""
     ik, iv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, h = pid // NH, pid % NH
-    b = tl.load(SEQ_B + n).to(tl.int64)
-    start = tl.load(SEQ_START + n).to(tl.int64)
-    length = tl.load(SEQ_LEN + n)
-    c0 = tl.load(SEQ_CHUNK0 + n).to(tl.int64)
+    j, h = pid // NH, pid % NH
+    b = tl.load(PIECE_B + j).to(tl.int64)
+    start = tl.load(PIECE_START + j).to(tl.int64)
+    length = tl.load(PIECE_LEN + j)
     rk = ik * BK + tl.arange(0, BK)
     rv = iv * BV + tl.arange(0, BV)
     rc = tl.arange(0, C)
     mk, mv = rk < DK, rv < DV
     bh = b * NH + h
-    state_off = rk[:, None] * DV + rv[None, :]
-    mstate = mk[:, None] & mv[None, :]
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        state += tl.load(H0 + (n * NH + h) * DK * DV + state_off, mask=mstate, other=0.0)
-    for c in range(tl.cdiv(length, C)):
-        tl.store(HS + ((c0 + c) * NH + h) * DK * DV + state_off, state.to(HS.dtype.element_ty), mask=mstate)
+    acc = tl.zeros([BK, BV], dtype=tl.float32)
+    log_total = tl.sum(tl.zeros([C], dtype=tl.float32), 0)
+    nch = tl.cdiv(length, C)
+    for i in range(nch):
+        c = nch - 1 - i if REVERSE else i
         valid = c * C + rc < length
         t = start + c * C + rc
-        kt = tl.load(K + (bh * S + t[None, :]) * DK + rk[:, None], mask=mk[:, None] & valid[None, :], other=0.0)
-        vv = tl.load(V + (bh * S + t[:, None]) * DV + rv[None, :], mask=valid[:, None] & mv[None, :], other=0.0)
+        xt = tl.load(X + (bh * S + t[None, :]) * DK + rk[:, None], mask=mk[:, None] & valid[None, :], other=0.0)
+        y = tl.load(Y + (bh * S + t[:, None]) * DV + rv[None, :], mask=valid[:, None] & mv[None, :], other=0.0)
         if USE_G:
             g = tl.load(G + bh * S + t, mask=valid, other=0.0)
             cum = tl.cumsum(g, 0)
             total = tl.sum(g, 0)
-            kt = (kt * tl.exp(total - cum)[None, :]).to(vv.dtype)
-            state = state * tl.exp(total)
-        state += tl.dot(kt, vv, input_precision=PREC)
-    tl.store(HT + (n * NH + h) * DK * DV + state_off, state, mask=mstate)
+            xt = (xt * tl.exp(cum if REVERSE else total - cum)[None, :]).to(y.dtype)
+            acc = acc * tl.exp(total)
+            log_total += total
+        acc += tl.dot(xt, y, input_precision=PREC)
+    tl.store(OUT + (pid.to(tl.int64) * DK + rk[:, None]) * DV + rv[None, :], acc * scale,
+             mask=mk[:, None] & mv[None, :])
+    if USE_G:
+        tl.store(TOT + pid, log_total, mask=(ik == 0) & (iv == 0))
 
 
-@triton.autotune(_out_configs(), key=["DK", "DV", "C", "USE_G"], prune_configs_by=_PRUNE)
 @triton.jit
-def _out_fwd(Q, K, V, G, HS, OUT, CH_B, CH_START, CH_LEN, scale, S, NH,
-             DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
-             USE_G: tl.constexpr, PREC: tl.constexpr):
-    """o = scale · (decayed q · start state + (decay-masked q kᵀ) v) for one chunk and one slice of DV."""
-    iv, ic, h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    b = tl.load(CH_B + ic).to(tl.int64)
-    start = tl.load(CH_START + ic).to(tl.int64)
-    length = tl.load(CH_LEN + ic)
+def _piece_scan(LOCAL, TOT, INIT, CARRY, FINAL, SEQ_PIECE0, SEQ_NPIECE, NH, DK: tl.constexpr, DV: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, HAS_INIT: tl.constexpr,
+              REVERSE: tl.constexpr):
+    """Carry a state across each sequence's pieces: forward, CARRY[j] = state entering piece j (INIT: initial
+    state, FINAL: final state); reverse, CARRY[j] = gradient leaving piece j (INIT: d final, FINAL: d initial)."""
+    ik, iv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    n, h = pid // NH, pid % NH
+    first = tl.load(SEQ_PIECE0 + n).to(tl.int64)
+    count = tl.load(SEQ_NPIECE + n)
+    rk = ik * BK + tl.arange(0, BK)
+    rv = iv * BV + tl.arange(0, BV)
+    off = rk[:, None] * DV + rv[None, :]
+    m = (rk < DK)[:, None] & (rv < DV)[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INIT:
+        state += tl.load(INIT + pid * DK * DV + off, mask=m, other=0.0)
+    for i in range(count):
+        j = first + count - 1 - i if REVERSE else first + i
+        row = (j * NH + h) * DK * DV
+        tl.store(CARRY + row + off, state, mask=m)
+        if USE_G:
+            state = state * tl.exp(tl.load(TOT + j * NH + h))
+        state += tl.load(LOCAL + row + off, mask=m, other=0.0)
+    tl.store(FINAL + pid * DK * DV + off, state, mask=m)
+
+
+@triton.autotune(_walk_configs("BV"), key=["DK", "DV", "C", "USE_G"], prune_configs_by=_PRUNE)
+@triton.jit
+def _fwd_walk(Q, K, V, G, S0, OUT, END, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
+              DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
+              USE_G: tl.constexpr, HAS_S0: tl.constexpr, STORE_END: tl.constexpr, PREC: tl.constexpr):
+    """Outputs of one segment and DV slice, chunk by chunk with the state [DK, BV] in registers (fp32): attention
+    inside each chunk plus the query times the state entering it. S0: state entering the segment; END: leaving it."""
+    iv, pid = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    j, h = pid // NH, pid % NH
+    b = tl.load(SEG_B + j).to(tl.int64)
+    start = tl.load(SEG_START + j).to(tl.int64)
+    length = tl.load(SEG_LEN + j)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BKF)
     rv = iv * BV + tl.arange(0, BV)
-    valid = rc < length
     mk, mv = rk < DK, rv < DV
     bh = b * NH + h
-    t = start + rc
-    q = tl.load(Q + (bh * S + t[:, None]) * DK + rk[None, :], mask=valid[:, None] & mk[None, :], other=0.0)
-    k = tl.load(K + (bh * S + t[:, None]) * DK + rk[None, :], mask=valid[:, None] & mk[None, :], other=0.0)
-    v = tl.load(V + (bh * S + t[:, None]) * DV + rv[None, :], mask=valid[:, None] & mv[None, :], other=0.0)
-    hs = tl.load(HS + (ic * NH + h) * DK * DV + rk[:, None] * DV + rv[None, :], mask=mk[:, None] & mv[None, :],
-                 other=0.0)
-    causal = rc[:, None] >= rc[None, :]
-    scores = tl.dot(q, tl.trans(k), input_precision=PREC)
-    if USE_G:
-        cum = tl.cumsum(tl.load(G + bh * S + t, mask=valid, other=0.0), 0)
-        scores = scores * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
-        q = (q * tl.exp(cum)[:, None]).to(v.dtype)
-    else:
-        scores = tl.where(causal, scores, 0.0)
-    o = tl.dot(q, hs, input_precision=PREC) + tl.dot(scores.to(v.dtype), v, input_precision=PREC)
-    tl.store(OUT + (bh * S + t[:, None]) * DV + rv[None, :], (o * scale).to(OUT.dtype.element_ty),
-             mask=valid[:, None] & mv[None, :])
-
-
-@triton.autotune(_state_configs(), key=["DK", "DV", "C", "USE_G"], prune_configs_by=_PRUNE)
-@triton.jit
-def _state_bwd(Q, DO, G, DHT, DH0, DHS, SEQ_B, SEQ_START, SEQ_LEN, SEQ_CHUNK0, scale, S, NH,
-               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               USE_G: tl.constexpr, HAS_DHT: tl.constexpr, PREC: tl.constexpr):
-    """Gradient of the state at the end of every chunk into DHS (walking backwards); d(initial state) into DH0."""
-    ik, iv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, h = pid // NH, pid % NH
-    b = tl.load(SEQ_B + n).to(tl.int64)
-    start = tl.load(SEQ_START + n).to(tl.int64)
-    length = tl.load(SEQ_LEN + n)
-    c0 = tl.load(SEQ_CHUNK0 + n).to(tl.int64)
-    rk = ik * BK + tl.arange(0, BK)
-    rv = iv * BV + tl.arange(0, BV)
-    rc = tl.arange(0, C)
-    mk, mv = rk < DK, rv < DV
-    bh = b * NH + h
-    state_off = rk[:, None] * DV + rv[None, :]
+    off = rk[:, None] * DV + rv[None, :]
     mstate = mk[:, None] & mv[None, :]
-    dstate = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        dstate += tl.load(DHT + (n * NH + h) * DK * DV + state_off, mask=mstate, other=0.0)
-    nchunks = tl.cdiv(length, C)
-    for i in range(nchunks):
-        c = nchunks - 1 - i
-        tl.store(DHS + ((c0 + c) * NH + h) * DK * DV + state_off, dstate.to(DHS.dtype.element_ty), mask=mstate)
+    state = tl.zeros([BKF, BV], dtype=tl.float32)
+    if HAS_S0:
+        state += tl.load(S0 + pid * DK * DV + off, mask=mstate, other=0.0)
+    causal = rc[:, None] >= rc[None, :]
+    for c in range(tl.cdiv(length, C)):
         valid = c * C + rc < length
         t = start + c * C + rc
-        qt = tl.load(Q + (bh * S + t[None, :]) * DK + rk[:, None], mask=mk[:, None] & valid[None, :], other=0.0)
-        do = tl.load(DO + (bh * S + t[:, None]) * DV + rv[None, :], mask=valid[:, None] & mv[None, :], other=0.0)
+        mqk = valid[:, None] & mk[None, :]
+        mcv = valid[:, None] & mv[None, :]
+        q = tl.load(Q + (bh * S + t[:, None]) * DK + rk[None, :], mask=mqk, other=0.0)
+        k = tl.load(K + (bh * S + t[:, None]) * DK + rk[None, :], mask=mqk, other=0.0)
+        v = tl.load(V + (bh * S + t[:, None]) * DV + rv[None, :], mask=mcv, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PREC)
         if USE_G:
             g = tl.load(G + bh * S + t, mask=valid, other=0.0)
             cum = tl.cumsum(g, 0)
-            qt = (qt * tl.exp(cum)[None, :]).to(do.dtype)
-            dstate = dstate * tl.exp(tl.sum(g, 0))
-        dstate += scale * tl.dot(qt, do, input_precision=PREC)
-    tl.store(DH0 + (n * NH + h) * DK * DV + state_off, dstate, mask=mstate)
+            total = tl.sum(g, 0)
+            scores = scores * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+            q = (q * tl.exp(cum)[:, None]).to(v.dtype)
+            k = (k * tl.exp(total - cum)[:, None]).to(v.dtype)
+        else:
+            scores = tl.where(causal, scores, 0.0)
+        o = tl.dot(q, state.to(v.dtype), input_precision=PREC)
+        o += tl.dot(scores.to(v.dtype), v, input_precision=PREC)
+        tl.store(OUT + (bh * S + t[:, None]) * DV + rv[None, :], (o * scale).to(OUT.dtype.element_ty), mask=mcv)
+        if USE_G:
+            state = state * tl.exp(total)
+        state += tl.dot(tl.trans(k), v, input_precision=PREC)
+    if STORE_END:
+        tl.store(END + pid * DK * DV + off, state, mask=mstate)
 
 
-@triton.autotune(_out_configs(), key=["DK", "DV", "C", "USE_G", "G_GRAD"], prune_configs_by=_PRUNE)
+@triton.autotune(_walk_configs("BK"), key=["DK", "DV", "C", "USE_G", "G_GRAD"], prune_configs_by=_PRUNE,
+                 pre_hook=_zero_dgl)
 @triton.jit
-def _chunk_bwd(Q, K, V, G, HS, DHS, DO, DQ, DK_, DV_, DGL, CH_B, CH_START, CH_LEN, scale, S, NH,
-               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
-               USE_G: tl.constexpr, G_GRAD: tl.constexpr, PREC: tl.constexpr):
-    """dq, dk, dv of one chunk (DV walked in slices); with G_GRAD, q·dq − k·dk per token (the log-decay gradient
-    before its reverse cumulative sum)."""
-    ic, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    b = tl.load(CH_B + ic).to(tl.int64)
-    start = tl.load(CH_START + ic).to(tl.int64)
-    length = tl.load(CH_LEN + ic)
+def _dq_walk(Q, K, V, G, DO, S0, DQ, DGL, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
+             DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
+             USE_G: tl.constexpr, HAS_S0: tl.constexpr, G_GRAD: tl.constexpr, PREC: tl.constexpr):
+    """dq of one segment and DK slice, walking forwards with the state [BK, DV] in registers (fp32); with G_GRAD,
+    adds the slice's q·dq to DGL (the log-decay gradient's query term, per token)."""
+    ik, pid = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    j, h = pid // NH, pid % NH
+    b = tl.load(SEG_B + j).to(tl.int64)
+    start = tl.load(SEG_START + j).to(tl.int64)
+    length = tl.load(SEG_LEN + j)
     rc = tl.arange(0, C)
-    rk = tl.arange(0, BKF)
-    valid = rc < length
-    mk = rk < DK
+    rk = ik * BK + tl.arange(0, BK)
+    rv = tl.arange(0, BVF)
+    mk, mv = rk < DK, rv < DV
     bh = b * NH + h
-    t = start + rc
-    mqk = valid[:, None] & mk[None, :]
-    q = tl.load(Q + (bh * S + t[:, None]) * DK + rk[None, :], mask=mqk, other=0.0)
-    k = tl.load(K + (bh * S + t[:, None]) * DK + rk[None, :], mask=mqk, other=0.0)
+    mstate = mk[:, None] & mv[None, :]
+    state = tl.zeros([BK, BVF], dtype=tl.float32)
+    if HAS_S0:
+        state += tl.load(S0 + pid * DK * DV + rk[:, None] * DV + rv[None, :], mask=mstate, other=0.0)
     causal = rc[:, None] >= rc[None, :]
-    if USE_G:
-        g = tl.load(G + bh * S + t, mask=valid, other=0.0)
-        cum = tl.cumsum(g, 0)
-        total = tl.sum(g, 0)
-        pair = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
-        decay_in = tl.exp(cum)
-        decay_out = tl.exp(total - cum)
-    else:
-        pair = tl.where(causal, 1.0, 0.0)
-        decay_in = tl.full([C], 1.0, tl.float32)
-        decay_out = tl.full([C], 1.0, tl.float32)
-    scores_t = (tl.dot(k, tl.trans(q), input_precision=PREC) * tl.trans(pair) * scale).to(q.dtype)  # [j, i]
-    d_scores = tl.zeros([C, C], dtype=tl.float32)
-    dq_state = tl.zeros([C, BKF], dtype=tl.float32)
-    dk_state = tl.zeros([C, BKF], dtype=tl.float32)
-    state_base = (ic * NH + h) * DK * DV
-    for iv in range(tl.cdiv(DV, BV)):
-        rv = iv * BV + tl.arange(0, BV)
-        mv = rv < DV
+    for c in range(tl.cdiv(length, C)):
+        valid = c * C + rc < length
+        t = start + c * C + rc
+        mck = valid[:, None] & mk[None, :]
         mcv = valid[:, None] & mv[None, :]
+        k = tl.load(K + (bh * S + t[:, None]) * DK + rk[None, :], mask=mck, other=0.0)
         v = tl.load(V + (bh * S + t[:, None]) * DV + rv[None, :], mask=mcv, other=0.0)
         do = tl.load(DO + (bh * S + t[:, None]) * DV + rv[None, :], mask=mcv, other=0.0)
-        mkv = mk[:, None] & mv[None, :]
-        hs = tl.load(HS + state_base + rk[:, None] * DV + rv[None, :], mask=mkv, other=0.0)
-        dhs = tl.load(DHS + state_base + rk[:, None] * DV + rv[None, :], mask=mkv, other=0.0)
-        d_scores += tl.dot(do, tl.trans(v), input_precision=PREC)
-        dq_state += tl.dot(do, tl.trans(hs), input_precision=PREC)
-        dk_state += tl.dot(v, tl.trans(dhs), input_precision=PREC)
-        dv = tl.dot(scores_t, do, input_precision=PREC)
-        dv += decay_out[:, None] * tl.dot(k, dhs, input_precision=PREC)
+        d_scores = tl.dot(do, tl.trans(v), input_precision=PREC)
+        inter = tl.dot(do, tl.trans(state.to(do.dtype)), input_precision=PREC)
+        if USE_G:
+            g = tl.load(G + bh * S + t, mask=valid, other=0.0)
+            cum = tl.cumsum(g, 0)
+            total = tl.sum(g, 0)
+            d_scores = d_scores * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+            inter = inter * tl.exp(cum)[:, None]
+            state = state * tl.exp(total)
+            k_in = (k * tl.exp(total - cum)[:, None]).to(v.dtype)
+        else:
+            d_scores = tl.where(causal, d_scores, 0.0)
+            k_in = k
+        dq = (tl.dot(d_scores.to(k.dtype), k, input_precision=PREC) + inter) * scale
+        tl.store(DQ + (bh * S + t[:, None]) * DK + rk[None, :], dq.to(DQ.dtype.element_ty), mask=mck)
+        if G_GRAD:
+            q = tl.load(Q + (bh * S + t[:, None]) * DK + rk[None, :], mask=mck, other=0.0)
+            tl.atomic_add(DGL + bh * S + t, tl.sum(q.to(tl.float32) * dq, 1), mask=valid)
+        state += tl.dot(tl.trans(k_in), v, input_precision=PREC)
+
+
+@triton.autotune(_walk_configs("BK"), key=["DK", "DV", "C", "USE_G", "G_GRAD"], prune_configs_by=_PRUNE,
+                 pre_hook=_zero_dgl)
+@triton.jit
+def _dk_walk(Q, K, V, G, DO, D0, DK_, DGL, END, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
+             DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
+             USE_G: tl.constexpr, HAS_D0: tl.constexpr, G_GRAD: tl.constexpr, STORE_END: tl.constexpr,
+             PREC: tl.constexpr):
+    """dk of one segment and DK slice, walking backwards with the state gradient [BK, DV] in registers (fp32). D0:
+    the gradient leaving the segment; END: the gradient entering it. With G_GRAD, adds the slice's k·dk to DGL."""
+    ik, pid = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    j, h = pid // NH, pid % NH
+    b = tl.load(SEG_B + j).to(tl.int64)
+    start = tl.load(SEG_START + j).to(tl.int64)
+    length = tl.load(SEG_LEN + j)
+    rc = tl.arange(0, C)
+    rk = ik * BK + tl.arange(0, BK)
+    rv = tl.arange(0, BVF)
+    mk, mv = rk < DK, rv < DV
+    bh = b * NH + h
+    off = rk[:, None] * DV + rv[None, :]
+    mstate = mk[:, None] & mv[None, :]
+    dstate = tl.zeros([BK, BVF], dtype=tl.float32)
+    if HAS_D0:
+        dstate += tl.load(D0 + pid * DK * DV + off, mask=mstate, other=0.0)
+    causal = rc[:, None] >= rc[None, :]
+    nch = tl.cdiv(length, C)
+    for i in range(nch):
+        c = nch - 1 - i
+        valid = c * C + rc < length
+        t = start + c * C + rc
+        mck = valid[:, None] & mk[None, :]
+        mcv = valid[:, None] & mv[None, :]
+        q = tl.load(Q + (bh * S + t[:, None]) * DK + rk[None, :], mask=mck, other=0.0)
+        v = tl.load(V + (bh * S + t[:, None]) * DV + rv[None, :], mask=mcv, other=0.0)
+        do = tl.load(DO + (bh * S + t[:, None]) * DV + rv[None, :], mask=mcv, other=0.0)
+        d_scores = tl.dot(do, tl.trans(v), input_precision=PREC)
+        inter = tl.dot(v, tl.trans(dstate.to(v.dtype)), input_precision=PREC)
+        if USE_G:
+            g = tl.load(G + bh * S + t, mask=valid, other=0.0)
+            cum = tl.cumsum(g, 0)
+            total = tl.sum(g, 0)
+            d_scores = d_scores * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+            inter = inter * tl.exp(total - cum)[:, None]
+            dstate = dstate * tl.exp(total)
+            q_in = (q * tl.exp(cum)[:, None]).to(v.dtype)
+        else:
+            d_scores = tl.where(causal, d_scores, 0.0)
+            q_in = q
+        dk = tl.dot(tl.trans(d_scores.to(q.dtype)), q, input_precision=PREC) * scale + inter
+        tl.store(DK_ + (bh * S + t[:, None]) * DK + rk[None, :], dk.to(DK_.dtype.element_ty), mask=mck)
+        if G_GRAD:
+            k = tl.load(K + (bh * S + t[:, None]) * DK + rk[None, :], mask=mck, other=0.0)
+            tl.atomic_add(DGL + bh * S + t, tl.sum(k.to(tl.float32) * dk, 1), mask=valid)
+        dstate += scale * tl.dot(tl.trans(q_in), do, input_precision=PREC)
+    if STORE_END:
+        tl.store(END + pid * DK * DV + off, dstate, mask=mstate)
+
+
+@triton.autotune(_walk_configs("BV"), key=["DK", "DV", "C", "USE_G"], prune_configs_by=_PRUNE)
+@triton.jit
+def _dv_walk(Q, K, G, DO, D0, DV_, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
+             DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
+             USE_G: tl.constexpr, HAS_D0: tl.constexpr, PREC: tl.constexpr):
+    """dv of one segment and DV slice, walking backwards with the state gradient [DK, BV] in registers (fp32)."""
+    iv, pid = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    j, h = pid // NH, pid % NH
+    b = tl.load(SEG_B + j).to(tl.int64)
+    start = tl.load(SEG_START + j).to(tl.int64)
+    length = tl.load(SEG_LEN + j)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BKF)
+    rv = iv * BV + tl.arange(0, BV)
+    mk, mv = rk < DK, rv < DV
+    bh = b * NH + h
+    mstate = mk[:, None] & mv[None, :]
+    dstate = tl.zeros([BKF, BV], dtype=tl.float32)
+    if HAS_D0:
+        dstate += tl.load(D0 + pid * DK * DV + rk[:, None] * DV + rv[None, :], mask=mstate, other=0.0)
+    anticausal = rc[:, None] <= rc[None, :]  # [s, t]: key s, query t
+    nch = tl.cdiv(length, C)
+    for i in range(nch):
+        c = nch - 1 - i
+        valid = c * C + rc < length
+        t = start + c * C + rc
+        mqk = valid[:, None] & mk[None, :]
+        mcv = valid[:, None] & mv[None, :]
+        q = tl.load(Q + (bh * S + t[:, None]) * DK + rk[None, :], mask=mqk, other=0.0)
+        k = tl.load(K + (bh * S + t[:, None]) * DK + rk[None, :], mask=mqk, other=0.0)
+        do = tl.load(DO + (bh * S + t[:, None]) * DV + rv[None, :], mask=mcv, other=0.0)
+        scores_t = tl.dot(k, tl.trans(q), input_precision=PREC)
+        inter = tl.dot(k, dstate.to(k.dtype), input_precision=PREC)
+        if USE_G:
+            g = tl.load(G + bh * S + t, mask=valid, other=0.0)
+            cum = tl.cumsum(g, 0)
+            total = tl.sum(g, 0)
+            scores_t = scores_t * tl.exp(tl.where(anticausal, cum[None, :] - cum[:, None], float("-inf")))
+            inter = inter * tl.exp(total - cum)[:, None]
+            dstate = dstate * tl.exp(total)
+            q = (q * tl.exp(cum)[:, None]).to(k.dtype)
+        else:
+            scores_t = tl.where(anticausal, scores_t, 0.0)
+        dv = tl.dot(scores_t.to(do.dtype), do, input_precision=PREC) * scale + inter
         tl.store(DV_ + (bh * S + t[:, None]) * DV + rv[None, :], dv.to(DV_.dtype.element_ty), mask=mcv)
-    d_scores = (d_scores * pair * scale).to(q.dtype)
-    dq = tl.dot(d_scores, k, input_precision=PREC) + (scale * decay_in)[:, None] * dq_state
-    dk = tl.dot(tl.trans(d_scores), q, input_precision=PREC) + decay_out[:, None] * dk_state
-    tl.store(DQ + (bh * S + t[:, None]) * DK + rk[None, :], dq.to(DQ.dtype.element_ty), mask=mqk)
-    tl.store(DK_ + (bh * S + t[:, None]) * DK + rk[None, :], dk.to(DK_.dtype.element_ty), mask=mqk)
-    if G_GRAD:
-        dgl = tl.sum(q.to(tl.float32) * dq - k.to(tl.float32) * dk, 1)
-        tl.store(DGL + bh * S + t, dgl, mask=valid)
+        dstate += scale * tl.dot(tl.trans(q), do, input_precision=PREC)
 
 
 @triton.jit
@@ -244,10 +355,36 @@ def _recurrent_step(Q, K, V, G, S0, OUT, ST, scale, T, NH, DK: tl.constexpr, DV:
     tl.store(ST + state_ptr, state, mask=mstate)
 
 
-class Plan:
-    """Sequence and chunk tables for one call: batch rows or packed cu_seqlens segments, cut into chunks."""
+TARGET_ROWS = 256  # (segment, head) rows the walk kernels want at least; fewer sequences are split into segments
+MIN_SEGMENT_CHUNKS = 16
+PIECE_CHUNKS = 64  # split sequences: the state pass works on pieces this long (short walks, many programs)
 
-    def __init__(self, batch: int, seq: int, cu_seqlens: Tensor | None, chunk: int, device: torch.device):
+
+def segment_chunks_for(n_seq: int, heads: int, max_chunks: int) -> int:
+    """Chunks per segment: whole sequences when there are enough (sequence, head) rows to fill the GPU, else
+    sequences cut into equal segments until there are about TARGET_ROWS rows (never below MIN_SEGMENT_CHUNKS)."""
+    splits = -(-TARGET_ROWS // max(1, n_seq * heads))
+    return max(1, max_chunks if splits <= 1 else max(MIN_SEGMENT_CHUNKS, -(-max_chunks // splits)))
+
+
+def _cut(lens: Tensor, starts: Tensor, rows: Tensor, chunk: int, per: int) -> tuple[Tensor, ...]:
+    """Sequences cut into parts of ``per`` chunks (an empty sequence: one empty part): each sequence's first part
+    and number of parts, each part's batch row, first token and length."""
+    n = (((lens + chunk - 1) // chunk + per - 1) // per).clamp_min(1)
+    first = torch.cumsum(n, 0) - n
+    seq_of = torch.repeat_interleave(torch.arange(len(lens)), n)
+    index = torch.arange(int(n.sum())) - first[seq_of]
+    tokens = per * chunk
+    return first, n, rows[seq_of], starts[seq_of] + index * tokens, (lens[seq_of] - index * tokens).clamp(0, tokens)
+
+
+class Plan:
+    """Sequence tables for one call: batch rows or packed cu_seqlens sequences, each cut into segments of whole
+    chunks that the walk kernels process in parallel (one segment per sequence when rows are plentiful). Split
+    sequences are also cut into shorter pieces for the state pass, a whole number of pieces per segment."""
+
+    def __init__(self, batch: int, seq: int, heads: int, cu_seqlens: Tensor | None, chunk: int,
+                 device: torch.device):
         if cu_seqlens is None:
             lens = torch.full((batch,), seq, dtype=torch.int64)
             starts = torch.zeros(batch, dtype=torch.int64)
@@ -256,16 +393,25 @@ class Plan:
             cu = cu_seqlens.to("cpu", torch.int64)
             lens, starts = cu[1:] - cu[:-1], cu[:-1]
             rows = torch.zeros(len(lens), dtype=torch.int64)
-        per_seq = (lens + chunk - 1) // chunk
-        chunk0 = torch.cumsum(per_seq, 0) - per_seq
-        self.n_seq, self.n_chunks = len(lens), int(per_seq.sum())
-        seq_of_chunk = torch.repeat_interleave(torch.arange(self.n_seq), per_seq)
-        index_in_seq = torch.arange(self.n_chunks) - chunk0[seq_of_chunk]
-        ch_start = starts[seq_of_chunk] + index_in_seq * chunk
-        ch_len = torch.minimum(lens[seq_of_chunk] - index_in_seq * chunk, torch.tensor(chunk))
+        max_chunks = int((lens.max() + chunk - 1) // chunk) if len(lens) else 1
+        seg_chunks = segment_chunks_for(len(lens), heads, max_chunks)
+        piece_chunks = min(seg_chunks, PIECE_CHUNKS)
+        seg_chunks = -(-seg_chunks // piece_chunks) * piece_chunks
+        seg0, nseg, *segs = _cut(lens, starts, rows, chunk, seg_chunks)
+        self.n_seq, self.n_segs = len(lens), int(nseg.sum())
+        self.split = self.n_segs > self.n_seq  # some sequence has several segments: carry states between them
         to = dict(device=device, dtype=torch.int32)
-        self.seq = [x.to(**to) for x in (rows, starts, lens, chunk0)]
-        self.chunks = [x.to(**to) for x in (rows[seq_of_chunk], ch_start, ch_len)]
+        self.segs = [x.to(**to) for x in segs]
+        if self.split:
+            piece0, npiece, *pieces = _cut(lens, starts, rows, chunk, piece_chunks)
+            per = seg_chunks // piece_chunks
+            seq_of_seg = torch.repeat_interleave(torch.arange(self.n_seq), nseg)
+            first = piece0[seq_of_seg] + (torch.arange(self.n_segs) - seg0[seq_of_seg]) * per
+            last = torch.minimum(first + per, (piece0 + npiece)[seq_of_seg]) - 1
+            self.n_pieces, self.pieces = int(npiece.sum()), [x.to(**to) for x in pieces]
+            self.seqs = [x.to(**to) for x in (piece0, npiece)]
+            self.first_piece, self.last_piece = first.to(device), last.to(device)
+        self.starts, self.lens = starts.to(device), lens.to(device)
         self.last_token = (starts + lens - 1)[lens > 0]  # per non-empty sequence, for the final-state term of dg
         self.last_rows, self.nonempty = rows[lens > 0], lens > 0
         self.chunk = chunk
@@ -275,49 +421,68 @@ def _prec(x: Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+def _carry(x: Tensor, y: Tensor, g: Tensor | None, init: Tensor | None, plan: Plan, *, reverse: bool,
+           scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """States at piece boundaries, fp32 [pieces, H, DK, DV]: forward (x, y = k, v; init = h0) the state entering
+    every piece, and the final states; reverse (x, y = q, do; init = dht) the gradient leaving every piece, and
+    d h0."""
+    B, H, S, DK = x.shape
+    DV = y.shape[-1]
+    local = x.new_empty(plan.n_pieces, H, DK, DV, dtype=torch.float32)
+    tot = x.new_empty(plan.n_pieces, H, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(DK, meta["BK"]), triton.cdiv(DV, meta["BV"]), plan.n_pieces * H)  # noqa: E731
+    _piece_state[grid](x, y, g, local, tot, *plan.pieces, scale, S, H, DK=DK, DV=DV, C=plan.chunk,
+                     USE_G=g is not None, REVERSE=reverse, PREC=_prec(x))
+    carry, final = torch.empty_like(local), x.new_empty(plan.n_seq, H, DK, DV, dtype=torch.float32)
+    BK, BV = min(32, max(16, triton.next_power_of_2(DK))), min(32, max(16, triton.next_power_of_2(DV)))
+    _piece_scan[(triton.cdiv(DK, BK), triton.cdiv(DV, BV), plan.n_seq * H)](
+        local, tot, init, carry, final, *plan.seqs, H, DK=DK, DV=DV, BK=BK, BV=BV, USE_G=g is not None,
+        HAS_INIT=init is not None, REVERSE=reverse)
+    return carry, final
+
+
 def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
-              plan: Plan) -> tuple[Tensor, Tensor]:
-    """Forward on contiguous [B, H, S, D] inputs: (o, final states fp32 [N, H, DK, DV])."""
+              plan: Plan) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Forward on contiguous [B, H, S, D] inputs: (o, final states fp32 [N, H, DK, DV], the states entering every
+    segment when sequences are split, else None)."""
     B, H, S, DK = q.shape
     DV = v.shape[-1]
-    hs = q.new_empty(max(plan.n_chunks, 1), H, DK, DV)
-    ht = q.new_empty(plan.n_seq, H, DK, DV, dtype=torch.float32)
     o = torch.empty_like(v)
-    _states(k, v, g, h0, hs, ht, plan)
-    if plan.n_chunks:
-        grid = lambda meta: (triton.cdiv(DV, meta["BV"]), plan.n_chunks, H)  # noqa: E731
-        _out_fwd[grid](q, k, v, g, hs, o, *plan.chunks, scale, S, H, DK=DK, DV=DV, C=plan.chunk,
-                       BKF=max(16, triton.next_power_of_2(DK)), USE_G=g is not None, PREC=_prec(q))
-    return o, ht
+    if plan.split:
+        carry, ht = _carry(k, v, g, h0, plan, reverse=False)
+        s0 = carry[plan.first_piece]
+    else:
+        s0, ht = h0, q.new_empty(plan.n_seq, H, DK, DV, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(DV, meta["BV"]), plan.n_segs * H)  # noqa: E731
+    _fwd_walk[grid](q, k, v, g, s0, o, ht, *plan.segs, scale, S, H, DK=DK, DV=DV, C=plan.chunk,
+                    BKF=max(16, triton.next_power_of_2(DK)), USE_G=g is not None, HAS_S0=s0 is not None,
+                    STORE_END=not plan.split, PREC=_prec(q))
+    return o, ht, (s0 if plan.split else None)
 
 
-def _states(k, v, g, h0, hs, ht, plan: Plan) -> None:
-    B, H, S, DK = k.shape
-    DV = v.shape[-1]
-    grid = lambda meta: (triton.cdiv(DK, meta["BK"]), triton.cdiv(DV, meta["BV"]), plan.n_seq * H)  # noqa: E731
-    _state_fwd[grid](k, v, g, h0, hs, ht, *plan.seq, S, H, DK=DK, DV=DV, C=plan.chunk, USE_G=g is not None,
-                     HAS_H0=h0 is not None, PREC=_prec(k))
-
-
-def chunk_bwd(q, k, v, g, h0, scale, plan: Plan, do, dht, g_grad: bool):
-    """Backward: (dq, dk, dv, dgl [B, H, S] fp32 or None, dh0 fp32); states recomputed, not stored."""
+def chunk_bwd(q, k, v, g, h0, carry, scale, plan: Plan, do, dht, g_grad: bool):
+    """Backward: (dq, dk, dv, dgl [B, H, S] fp32 or None, dh0 fp32). ``carry``: chunk_fwd's segment states."""
     B, H, S, DK = q.shape
     DV = v.shape[-1]
-    hs = q.new_empty(max(plan.n_chunks, 1), H, DK, DV)
-    ht = q.new_empty(plan.n_seq, H, DK, DV, dtype=torch.float32)
-    _states(k, v, g, h0, hs, ht, plan)
-    dhs = torch.empty_like(hs)
-    dh0 = torch.empty_like(ht)
-    grid = lambda meta: (triton.cdiv(DK, meta["BK"]), triton.cdiv(DV, meta["BV"]), plan.n_seq * H)  # noqa: E731
-    _state_bwd[grid](q, do, g, dht, dh0, dhs, *plan.seq, scale, S, H, DK=DK, DV=DV, C=plan.chunk,
-                     USE_G=g is not None, HAS_DHT=dht is not None, PREC=_prec(q))
+    if plan.split:
+        dcarry, dh0 = _carry(q, do, g, dht, plan, reverse=True, scale=scale)
+        d0 = dcarry[plan.last_piece]
+    else:
+        d0, dh0 = dht, q.new_empty(plan.n_seq, H, DK, DV, dtype=torch.float32)
+    s0 = carry if plan.split else h0
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dgl = torch.zeros(B, H, S, dtype=torch.float32, device=q.device) if g_grad else None
-    if plan.n_chunks:
-        _chunk_bwd[(plan.n_chunks, H)](q, k, v, g, hs, dhs, do, dq, dk, dv, dgl, *plan.chunks, scale, S, H,
-                                       DK=DK, DV=DV, C=plan.chunk, BKF=max(16, triton.next_power_of_2(DK)),
-                                       USE_G=g is not None, G_GRAD=g_grad, PREC=_prec(q))
-    return dq, dk, dv, dgl, dh0, ht
+    dgq, dgk = ((torch.zeros(B, H, S, dtype=torch.float32, device=q.device) for _ in range(2)) if g_grad
+                else (None, None))
+    common = dict(DK=DK, DV=DV, C=plan.chunk, USE_G=g is not None, PREC=_prec(q))
+    bkf, bvf = max(16, triton.next_power_of_2(DK)), max(16, triton.next_power_of_2(DV))
+    k_grid = lambda meta: (triton.cdiv(DK, meta["BK"]), plan.n_segs * H)  # noqa: E731
+    v_grid = lambda meta: (triton.cdiv(DV, meta["BV"]), plan.n_segs * H)  # noqa: E731
+    _dq_walk[k_grid](q, k, v, g, do, s0, dq, dgq, *plan.segs, scale, S, H, BVF=bvf, HAS_S0=s0 is not None,
+                     G_GRAD=g_grad, **common)
+    _dk_walk[k_grid](q, k, v, g, do, d0, dk, dgk, dh0, *plan.segs, scale, S, H, BVF=bvf, HAS_D0=d0 is not None,
+                     G_GRAD=g_grad, STORE_END=not plan.split, **common)
+    _dv_walk[v_grid](q, k, g, do, d0, dv, *plan.segs, scale, S, H, BKF=bkf, HAS_D0=d0 is not None, **common)
+    return dq, dk, dv, (dgq - dgk if g_grad else None), dh0
 
 
 def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Tensor, scale: float):
