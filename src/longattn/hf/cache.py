@@ -143,6 +143,16 @@ class LongattnLayer(CacheLayerMixin):
         self.seen += n
         self._refresh_pages(int(self.lengths.min()) - n)
 
+    def _concat(self, k: Tensor, v: Tensor) -> None:
+        """Append n tokens to storage whose heads all hold the same length (quantised and shadow layers)."""
+        n = k.shape[2]
+        self.keys = torch.cat([self.keys, k.to(self.keys.device)], 2)
+        self.values = torch.cat([self.values, v.to(self.values.device)], 2)
+        pos = torch.arange(self.seen, self.seen + n, device=self.device, dtype=torch.int32)
+        self.pos = torch.cat([self.pos, pos.expand(*self.pos.shape[:2], n)], 2)
+        self.lengths += n
+        self.seen += n
+
     def _resize(self, cap: int) -> None:
         """Reallocate every slot tensor to ``cap`` slots (allocating all first, so a failure changes nothing)."""
         keep = min(cap, self.capacity)

@@ -55,13 +55,7 @@ class QuantizedLayer(LongattnLayer):
             raise ValueError(f"bits: int4 packs two codes per byte and needs an even head_dim, got {D}")
 
     def append(self, k: Tensor, v: Tensor) -> None:
-        n = k.shape[2]
-        self.keys = torch.cat([self.keys, k.to(self.keys.device)], 2)
-        self.values = torch.cat([self.values, v.to(self.values.device)], 2)
-        pos = torch.arange(self.seen, self.seen + n, device=self.device, dtype=torch.int32)
-        self.pos = torch.cat([self.pos, pos.expand(*self.pos.shape[:2], n)], 2)
-        self.lengths += n
-        self.seen += n
+        self._concat(k, v)
         r = self.keys.shape[2]
         m = (r - self.residual) // self.group
         if m > 0:

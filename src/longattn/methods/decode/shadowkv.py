@@ -78,13 +78,7 @@ class ShadowLayer(LongattnLayer):
     def append(self, k: Tensor, v: Tensor) -> None:
         if not self.shadow:
             return super().append(k, v)
-        n = k.shape[2]
-        self.keys = torch.cat([self.keys, k.to(self.keys.device)], 2)
-        self.values = torch.cat([self.values, v.to(self.values.device)], 2)
-        pos = torch.arange(self.seen, self.seen + n, device=self.device, dtype=torch.int32)
-        self.pos = torch.cat([self.pos, pos.expand(*self.pos.shape[:2], n)], 2)
-        self.lengths += n
-        self.seen += n
+        self._concat(k, v)
         self._kv = None
 
     def evict(self, keep: Tensor) -> None:
