@@ -40,21 +40,21 @@ for name, mask in (("sliding", masks.sliding_window(4096)), ("causal", masks.cau
     for cfg in [(64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 2), (64, 8, 3), (64, 8, 4), (128, 4, 2), (128, 8, 2),
                 (128, 8, 3), (32, 4, 3), (32, 4, 4)]:
         try:
-            ms = do_bench(lambda c=cfg: fwd_with(bs, c), warmup=25, rep=100, return_mode="median")
+            ms = do_bench(lambda c=cfg, bs=bs: fwd_with(bs, c), warmup=25, rep=100, return_mode="median")
             print(f"fwd cfg {cfg}: {ms:.3f} ms {fl / ms / 1e9:.0f} TF")
         except Exception as e:  # out of resources for that config
             print(f"fwd cfg {cfg}: failed {str(e)[:80]}")
     o, lse = kbs.block_sparse_forward(q, k, v, bs, D ** -0.5, path="generic")
     print("autotuned fwd:", kbs._fwd_kernel.best_config)
-    ms = do_bench(lambda: kbs.block_sparse_backward(do, q, k, v, o, lse, None, bs, D ** -0.5), warmup=25, rep=100,
-                  return_mode="median")
+    ms = do_bench(lambda o=o, lse=lse, bs=bs: kbs.block_sparse_backward(do, q, k, v, o, lse, None, bs, D ** -0.5),
+                  warmup=25, rep=100, return_mode="median")
     print(f"bwd autotuned: {ms:.3f} ms {2.5 * fl / ms / 1e9:.0f} TF; dq {kbs._bwd_dq_kernel.best_config}; "
           f"dkdv {kbs._bwd_dkdv_kernel.best_config}")
     from torch.nn.attention.flex_attention import flex_attention
     torch._dynamo.reset()
     flex = torch.compile(flex_attention, dynamic=False)
     bm = bs.to_flex()
-    ms = do_bench(lambda: flex(q, k, v, block_mask=bm), warmup=25, rep=100, return_mode="median")
+    ms = do_bench(lambda flex=flex, bm=bm: flex(q, k, v, block_mask=bm), warmup=25, rep=100, return_mode="median")
     print(f"flex fwd: {ms:.3f} ms {fl / ms / 1e9:.0f} TF; kernel options: {getattr(bm, 'BLOCK_SIZE', None)}")
     for kern in (kbs._fwd_kernel, kbs._bwd_dq_kernel, kbs._bwd_dkdv_kernel):
         kern.cache.clear()
