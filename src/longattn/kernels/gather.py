@@ -22,7 +22,8 @@ from longattn.kernels.reference import softmax_attend
 from longattn.masks.block_sparse import BlockSparse, _unpack_bits
 
 _CHUNK_ELEMS = 1 << 23  # score elements (q rows × gathered keys × heads) held at once
-_PREFIX_SHARE = 0.25  # kept blocks / key-prefix blocks above which the masked-prefix strategy is used
+_PREFIX_SHARE = 0.6  # kept blocks / key-prefix blocks above which the masked-prefix strategy is used (CPU: a
+# 1024-window at 4k, share 0.46, runs 190 ms per layer by blocks vs 317 ms by masked prefix; dense 151 ms)
 _PREFIX_ROWS = 1024  # query rows per masked-prefix SDPA call
 
 
