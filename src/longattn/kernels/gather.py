@@ -62,7 +62,7 @@ def _gathered(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, dtype: torch.dty
     B, Hq, Sq, D = q.shape
     group = Hq // k.shape[1]
     bq, bkv = bs.block_size
-    kx, vx = k.to(dtype), v.to(dtype)
+    kx, vx = _wide_for_grad(k, dtype), _wide_for_grad(v, dtype)
     tiles = torch.cat([torch.ones(1, bq, bkv, dtype=torch.bool, device=q.device), _unpack_bits(bs.tiles, bkv)])
     shape = (B, Hq, len(bs.q_blocks))
     idx = bs.kv_indices.expand(*shape, -1).long()
@@ -82,18 +82,26 @@ def _gathered(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, dtype: torch.dty
         in_list = (torch.arange(used, device=q.device) < counts[..., lo:hi, None]).repeat_interleave(bkv, -1)
         allowed = in_list & (tok < k.shape[2])
         tok = tok.clamp(max=k.shape[2] - 1).view(B, Hq, -1)
-        kg = kx[b_ix, h_ix, tok].view(B, Hq, n, used * bkv, D)
-        vg = vx[b_ix, h_ix, tok].view(B, Hq, n, used * bkv, D)
+        kg = kx[b_ix, h_ix, tok].view(B, Hq, n, used * bkv, D).to(dtype)
+        vg = vx[b_ix, h_ix, tok].view(B, Hq, n, used * bkv, D).to(dtype)
         bits = tiles[tile_ids[..., lo:hi, :used]]  # [B, Hq, n, E, bq, bkv]
         bits = bits.permute(0, 1, 2, 4, 3, 5).reshape(B, Hq, n, bq, used * bkv)
         allowed = allowed.view(B, Hq, n, 1, -1) & bits
         q_lo, q_hi = lo * bq, min(Sq, hi * bq)
         if bs.columns is not None:  # gathered columns: appended after the blocks' keys, causal, outside kept blocks
             kc, vc, ac = _column_keys(kx, vx, bs, lo, hi, (B, Hq), b_ix, h_ix)
-            kg, vg = torch.cat([kg, kc], 3), torch.cat([vg, vc], 3)
+            kg, vg = torch.cat([kg, kc.to(dtype)], 3), torch.cat([vg, vc.to(dtype)], 3)
             allowed = torch.cat([allowed, ac], 4)
         qc = F.pad(q[:, :, q_lo:q_hi].to(dtype), (0, 0, 0, n * bq - (q_hi - q_lo))).view(B, Hq, n, bq, D)
         yield qc, kg, vg, allowed, q_hi - q_lo
+
+
+def _wide_for_grad(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, or in float32 when a half-precision ``t`` needs a gradient: its gathered or GQA-expanded
+    copies are cast down after the copy, so their gradients (one per query head and block) are summed in float32
+    rather than rounded to half precision per head (that doubled the dK/dV error at GQA 4:1)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return t.float() if half and t.requires_grad and torch.is_grad_enabled() else t.to(dtype)
 
 
 def prefix_share(bs: BlockSparse) -> float:
@@ -128,6 +136,10 @@ def masked_prefix_attention(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, sc
         on_column.scatter_(-1, bs.columns.long().clamp(max=Skv), True)
         on_column = on_column[..., :Skv].expand(B, Hq, -1)
     per_chunk = max(1, _PREFIX_ROWS // bq)
+    gqa = Hq != k.shape[1]
+    if gqa and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):  # sum the heads' grads in fp32
+        k, v = (_wide_for_grad(t, q.dtype).repeat_interleave(Hq // k.shape[1], 1).to(q.dtype) for t in (k, v))
+        gqa = False
     out = torch.empty_like(q)
     for lo in range(0, shape[2], per_chunk):
         hi = min(shape[2], lo + per_chunk)
@@ -145,7 +157,7 @@ def masked_prefix_attention(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, sc
             causal = torch.arange(kv_hi, device=q.device) <= q_pos  # [rows, kv_hi]
             allowed = allowed | (on_column[:, :, None, :kv_hi] & causal)
         o = F.scaled_dot_product_attention(q[:, :, q_lo:q_hi], k[:, :, :kv_hi], v[:, :, :kv_hi], attn_mask=allowed,
-                                           scale=scale, enable_gqa=Hq != k.shape[1])
+                                           scale=scale, enable_gqa=gqa)
         empty = ~allowed.any(-1)  # [B, Hq, rows]: nothing kept in the row
         out[:, :, q_lo:q_hi] = torch.where(empty.unsqueeze(-1), 0, o) if bool(empty.any()) else o
     return out
