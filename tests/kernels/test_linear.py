@@ -305,3 +305,19 @@ def test_step_bad_state_shape():
     q = torch.randn(2, 2, 1, 16)
     with pytest.raises(ValueError, match="state must be"):
         linear_attention_step(q, q, q, torch.zeros(2, 2, 16, 8))
+
+
+def test_step_decay_checked_again_after_an_in_place_change():
+    """The decay's values are read back once per tensor version (no GPU sync per decoding step), so an in-place
+    edit that makes them invalid is still caught."""
+    q = torch.randn(1, 2, 1, 16)
+    state = torch.zeros(1, 2, 16, 16)
+    decay = torch.tensor([0.9, 0.5])
+    linear_attention_step(q, q, q, state, decay=decay)
+    linear_attention_step(q, q, q, state, decay=decay)
+    decay[0] = 1.5
+    with pytest.raises(ValueError, match="decay values must lie in"):
+        linear_attention_step(q, q, q, state, decay=decay)
+    fresh = torch.tensor([0.0, 0.5])
+    with pytest.raises(ValueError, match="decay values must lie in"):
+        linear_attention_step(q, q, q, state, decay=fresh)

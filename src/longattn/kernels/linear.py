@@ -11,6 +11,7 @@ with a per-head constant ``decay`` in (0, 1] (RetNet / TransNormer / Lightning) 
 from __future__ import annotations
 
 import logging
+import weakref
 from itertools import pairwise
 
 import torch
@@ -91,9 +92,7 @@ def _validate(q, k, v, decay, gate, initial_state, cu_seqlens, impl, state_name=
     if decay is not None:
         _check(isinstance(decay, Tensor) and decay.shape == (H,), ValueError,
                f"decay must be a tensor of shape [H] = [{H}], got {getattr(decay, 'shape', type(decay).__name__)}")
-        bad = ~((decay > 0) & (decay <= 1))
-        _check(not bool(bad.any()), ValueError,
-               f"decay values must lie in (0, 1], got {decay[bad][:4].tolist()} among them")
+        _check_decay_values(decay)
     if gate is not None:
         _check(isinstance(gate, Tensor) and gate.shape == (B, H, S), ValueError,
                f"gate must be a log-decay tensor [B, H, S] = {[B, H, S]}, got "
@@ -120,6 +119,22 @@ def _validate(q, k, v, decay, gate, initial_state, cu_seqlens, impl, state_name=
 
 def _state_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+_valid_decays: dict[int, tuple[weakref.ref, int]] = {}  # id -> (the tensor, its version when checked)
+
+
+def _check_decay_values(decay: Tensor) -> None:
+    """decay in (0, 1]. Reading the values back syncs a GPU, so a decay tensor (a layer's fixed buffer, passed at
+    every decoding step) is checked once per in-place version, not on every call."""
+    seen = _valid_decays.get(id(decay))
+    if seen is not None and seen[0]() is decay and seen[1] == decay._version:
+        return
+    bad = ~((decay > 0) & (decay <= 1))
+    _check(not bool(bad.any()), ValueError,
+           f"decay values must lie in (0, 1], got {decay[bad][:4].tolist()} among them")
+    key = id(decay)
+    _valid_decays[key] = (weakref.ref(decay, lambda _, key=key: _valid_decays.pop(key, None)), decay._version)
 
 
 def _log_g(decay: Tensor | None, gate: Tensor | None, B: int, S: int, dtype: torch.dtype) -> Tensor | None:
