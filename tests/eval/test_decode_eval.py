@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 transformers = pytest.importorskip("transformers")
 
-from longattn.cli import main  # noqa: E402
+from longattn.cli import main, model_dtype  # noqa: E402
 from longattn.eval import report, runner  # noqa: E402
 from longattn.eval.methods import DENSE, expand_budgets, parse_decode, parse_method  # noqa: E402
 from longattn.eval.tasks import make_sample  # noqa: E402
@@ -153,3 +154,8 @@ def test_report_decode_table_and_compression_plot(decode_rows, tmp_path):
     assert "| dense | dense | 0.0 | 1.00x | – |" in md or "| dense | dense | 100.0 | 1.00x | – |" in md
     text = report.write_html(rows, tmp_path / "r.html").read_text()
     assert text.count("data:image/png;base64") == 3 and (tmp_path / "r.compression.png").exists()
+
+
+def test_model_dtype_auto_is_fp32_on_cpu_and_bf16_on_gpu():
+    assert model_dtype("auto", "cpu") == torch.float32 and model_dtype("auto", "cuda") == torch.bfloat16
+    assert model_dtype("bf16", "cpu") == torch.bfloat16
