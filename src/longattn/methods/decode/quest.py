@@ -1,6 +1,12 @@
 """Quest (Tang et al., 2024), as also used by LServe: keep everything, read little. Each page of ``page_size``
 tokens keeps its keys' per-channel min/max; a query bounds each page's best score from them and reads only the
-top pages per query head."""
+top pages per query head.
+
+The first ``sink_pages`` pages (default 1) are always read, out of the budget. The bound alone misses attention
+sinks: on SmolLM2-135M, heads that park ~all their attention on the first token (no-op heads) have that page's
+bound ranked near last (498th of 500 pages at 8k in layer 18), because every ordinary page's per-channel spread
+bounds higher than the sink's real score; those heads then read none of their attention and the answer breaks
+(issue 4). ``sink_pages=0`` is the paper's pure top-k."""
 
 from __future__ import annotations
 
@@ -12,19 +18,24 @@ from longattn.methods.registry import register
 
 @register("quest", "decode", paper="Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference (2024)")
 class Quest(DecodePolicy):
-    """Read ``budget // page_size`` pages per query head (the page holding the newest token always included);
-    the first ``dense_layers`` layers read everything, as in the paper."""
+    """Read ``budget // page_size`` pages per query head: the page holding the newest token and the first
+    ``sink_pages`` pages always, the rest by the bound; the first ``dense_layers`` layers read everything, as in
+    the paper."""
 
     budget_is_cap = True  # a read budget: at or above the context, every page is read
 
-    def __init__(self, budget: int = 2048, page_size: int = 16, dense_layers: int = 2):
+    def __init__(self, budget: int = 2048, page_size: int = 16, dense_layers: int = 2, sink_pages: int = 1):
         super().__init__(budget)
         check_int("page_size", page_size)
         check_int("dense_layers", dense_layers, minimum=0)
+        check_int("sink_pages", sink_pages, minimum=0)
         if budget % page_size:
             raise ValueError(f"page_size: {page_size} does not divide budget={budget}; the budget is read in whole "
                              f"pages, pass a budget that is a multiple of page_size")
-        self.page_size, self.dense_layers = page_size, dense_layers
+        if sink_pages + 1 > budget // page_size:
+            raise ValueError(f"sink_pages: {sink_pages} sink pages and the newest page exceed the budget of "
+                             f"{budget // page_size} pages; pass sink_pages <= {budget // page_size - 1}")
+        self.page_size, self.dense_layers, self.sink_pages = page_size, dense_layers, sink_pages
 
     def select(self, layer_idx, q, layer):
         if layer_idx < self.dense_layers or q.shape[2] != 1:
@@ -35,8 +46,11 @@ class Quest(DecodePolicy):
         valid = layer.page_valid().repeat_interleave(Hq // Hkv, 1)
         newest = (layer.lengths - 1) // self.page_size  # [B, Hkv]
         forced = torch.zeros_like(valid)
+        forced[..., : self.sink_pages] = True
         forced.scatter_(2, newest.repeat_interleave(Hq // Hkv, 1)[..., None], True)
-        pages = forced | topk_mask(scores, self.budget // self.page_size - 1, valid & ~forced)
+        forced &= valid
+        free = self.budget // self.page_size - int(forced.sum(-1).max())
+        pages = forced | topk_mask(scores, free, valid & ~forced)
         return pages.repeat_interleave(self.page_size, -1)[..., : layer.capacity]
 
 
