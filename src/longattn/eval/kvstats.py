@@ -64,7 +64,8 @@ def dense_bytes(cache, tokens: int) -> int:
         else:
             B, H, _, Dk = layer.keys.shape
             Dv = layer.values.shape[-1]
-        dtype = getattr(layer, "dtype", layer.keys.dtype)  # a quantised layer's dtype is the unquantised one
+        # a quantised layer's dtype is the unquantised one; a head-split layer has no keys tensor of its own
+        dtype = layer.dtype if hasattr(layer, "dtype") else layer.keys.dtype
         total += B * H * tokens * (Dk + Dv) * torch.empty((), dtype=dtype).element_size()
     return total
 

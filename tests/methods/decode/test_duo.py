@@ -9,6 +9,7 @@ import torch
 import transformers
 
 import longattn
+from longattn.eval.kvstats import dense_bytes, held_bytes
 from longattn.hf.cache import HeadSplitLayer, LongattnCache, LongattnLayer
 from longattn.methods.decode.base import DecodePolicy, positions_mask
 from longattn.methods.decode.duo import DuoAttention, fit_gates, optimize_gates
@@ -181,6 +182,7 @@ def test_held_bytes_are_retrieval_full_plus_streaming_window(tmp_path):
         assert held == (n_ret * n + n_stream * (sinks + recent)) * per_token
         padded = (2 * n + 2 * (sinks + recent) + 2 * n) * per_token  # one store per layer, the mixed one padded
         assert held == padded - (n - sinks - recent) * per_token
+        assert dense_bytes(cache, n) == 6 * n * per_token and held_bytes(cache)["kv"] == held  # what eval reports
         with torch.no_grad():
             for _ in range(20):
                 out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
