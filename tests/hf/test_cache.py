@@ -150,3 +150,95 @@ def test_left_padded_batch_generation_equals_dense():
     config = {"budget": 64, "page_size": 8, "dense_layers": 0}
     with longattn.patch(model, decode="quest", impl="reference", decode_config=config) as m:
         assert torch.equal(greedy(m, batch, new=10, attention_mask=mask), dense)
+
+
+# ---------------------------------------------------------------------------------------- window and head-split layers
+WINDOWS = [(0, 1), (2, 3), (4, 16)]  # (sinks, recent)
+STEPS = [(1, 1, 1, 1, 1, 1), (5, 1, 3, 1, 7, 2)]  # token counts of the updates after the prompt (decode / chunks)
+
+
+def _window_mask(heads_stream, group: int, sinks: int, recent: int, offset: int):
+    """Causal is added by the reference; streaming kv heads (bool per kv head) also need kv < sinks or kv > q - recent
+    (q absolute: the reference's q_idx counts from the first query, which sits at ``offset``)."""
+
+    def mod(b, h, qi, kv):
+        return ~heads_stream[h // group] | (kv < sinks) | (kv > qi + offset - recent)
+
+    return MaskMod(mod)
+
+
+def _check_split_reads(layer, stream, group, sinks, recent, prompt_len, steps, dtype, seed):
+    """Feed a prompt then ``steps`` updates; after each, the cached read of the new queries equals explicit masked
+    attention over every token so far (fp64 oracle, with plain PyTorch in ``dtype`` as the error baseline)."""
+    B, Hkv, D = 2, len(stream), 16
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    k, v = rand(B, Hkv, prompt_len, D), rand(B, Hkv, prompt_len, D)
+    layer.update(k, v)
+    for n in steps:
+        kn, vn = rand(B, Hkv, n, D), rand(B, Hkv, n, D)
+        layer.update(kn, vn)
+        k, v = torch.cat([k, kn], 2), torch.cat([v, vn], 2)
+        q = rand(B, Hkv * group, n, D)
+        out = attend_cached(q, layer)
+        layer.after_read()
+        mask = _window_mask(torch.tensor(stream), group, sinks, recent, k.shape[2] - n)
+        ref = reference_attention(q.double(), k.double(), v.double(), mask=mask, causal=True)[0]
+        low = reference_attention(q, k, v, mask=mask, causal=True, compute_dtype=dtype)[0]
+        assert_close_to_reference(out, ref, low)
+    return k.shape[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("steps", STEPS, ids=["decode", "chunks"])
+@pytest.mark.parametrize("sinks,recent", WINDOWS, ids=[f"s{s}-r{r}" for s, r in WINDOWS])
+@pytest.mark.parametrize("prompt_len", [1, 9, 40], ids=["p1", "p9", "p40"])
+def test_window_layer_read_equals_masked_reference(prompt_len, sinks, recent, steps, dtype):
+    """A WindowLayer reads sinks + the last ``recent`` positions of each query (a chunk's early queries included),
+    and between calls holds at most sinks + recent slots: exactly the tokens still in the window."""
+    layer = cache_mod.WindowLayer(sinks, recent)
+    seen = _check_split_reads(layer, [True, True], 2, sinks, recent, prompt_len, steps, dtype, seed=prompt_len)
+    assert layer.capacity <= sinks + recent
+    want = sorted(p for p in range(seen) if p < sinks or p >= seen - recent)
+    assert sorted(layer.kept_positions(1, 1)) == want and layer.lengths.tolist() == [[len(want)] * 2] * 2
+
+
+SPLITS = {"all-retrieval": [False, False, False], "all-streaming": [True, True, True], "mixed": [False, True, False],
+          "mixed-2": [True, False, True]}
+
+
+@pytest.mark.parametrize("group", [1, 4], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("split", list(SPLITS), ids=list(SPLITS))
+@pytest.mark.parametrize("steps", STEPS, ids=["decode", "chunks"])
+def test_head_split_layer_read_equals_masked_reference(split, group, steps):
+    """Retrieval heads (full store) and streaming heads (window store) of one layer, read part by part with their
+    GQA query heads and written back in place, equal one masked attention over the full KV."""
+    stream = SPLITS[split]
+    sinks, recent = 2, 5
+    full_heads = [h for h, s in enumerate(stream) if not s]
+    stream_heads = [h for h, s in enumerate(stream) if s]
+    parts = ([(full_heads, LongattnLayer())] if full_heads else []) + (
+        [(stream_heads, cache_mod.WindowLayer(sinks, recent))] if stream_heads else [])
+    layer = cache_mod.HeadSplitLayer(parts)
+    seen = _check_split_reads(layer, stream, group, sinks, recent, 30, steps, torch.float32, seed=group)
+    window = sinks + recent
+    assert layer.lengths.tolist() == [[window if s else seen for s in stream]] * 2
+    assert layer.kv_shape() == (2, 3, 16, 16) and layer.get_seq_length() == seen
+    for h, s in enumerate(stream):
+        want = [p for p in range(seen) if not s or p < sinks or p >= seen - recent]
+        assert sorted(layer.kept_positions(0, h)) == want
+
+
+def test_head_split_layer_rejects_bad_groups():
+    with pytest.raises(ValueError, match="parts: expected non-empty, disjoint"):
+        cache_mod.HeadSplitLayer([([0, 1], LongattnLayer()), ([1], LongattnLayer())])
+    layer = cache_mod.HeadSplitLayer([([0], LongattnLayer()), ([2], LongattnLayer())])
+    with pytest.raises(ValueError, match="do not cover the layer's 2 kv heads"):
+        layer.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    layer = cache_mod.HeadSplitLayer([([0], LongattnLayer()), ([1], LongattnLayer())])
+    layer.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="selection: a HeadSplitLayer"):
+        attend_cached(torch.randn(1, 2, 1, 4), layer, torch.ones(1, 2, 3, dtype=torch.bool))

@@ -59,9 +59,13 @@ def dense_bytes(cache, tokens: int) -> int:
     """Bytes a dense cache holds for ``tokens`` tokens in every layer, computed from the layers' shapes and dtype."""
     total = 0
     for layer in _kv_layers(cache):
-        B, H, _, Dk = layer.keys.shape
-        Dv = layer.values.shape[-1]
-        dtype = getattr(layer, "dtype", layer.keys.dtype)  # a quantised layer's dtype is the unquantised one
+        if hasattr(layer, "kv_shape"):  # longattn layers (a head-split layer has no single keys tensor)
+            B, H, Dk, Dv = layer.kv_shape()
+        else:
+            B, H, _, Dk = layer.keys.shape
+            Dv = layer.values.shape[-1]
+        # a quantised layer's dtype is the unquantised one; a head-split layer has no keys tensor of its own
+        dtype = layer.dtype if hasattr(layer, "dtype") else layer.keys.dtype
         total += B * H * tokens * (Dk + Dv) * torch.empty((), dtype=dtype).element_size()
     return total
 

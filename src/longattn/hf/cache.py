@@ -3,6 +3,10 @@ policy chose, so heads may hold different counts. Storage per layer is ``[B, Hkv
 lengths and each slot's absolute position; logical pages carry key min/max bounds (Quest); optional offload to
 CPU memory; ``bytes_by_device()`` reports what the held tensors really occupy.
 
+Two more layer kinds share the read path: ``WindowLayer`` keeps sinks + a ring of recent tokens (bounded whatever
+the context), and ``HeadSplitLayer`` keeps a layer's kv heads in separate stores (e.g. DuoAttention's retrieval
+heads full length, its streaming heads in a ``WindowLayer``) so one long head does not pad the others.
+
 The quantised variant (KIVI-style int8/int4) lives in ``hf/quant_cache.py``; the read path is ``attend_cached``.
 """
 
@@ -53,9 +57,11 @@ class LongattnLayer(CacheLayerMixin):
 
     ``slot_state`` holds per-slot policy tensors [B, Hkv, cap] (e.g. H2O's accumulated attention) that move with
     their tokens on eviction. ``page_size`` keeps per-page key min/max [B, Hkv, n_pages, D] up to date.
+    ``window`` = (sinks, recent): when set, a query at position t reads only keys at positions < sinks or > t - recent.
     """
 
     is_sliding = False
+    window: tuple[int, int] | None = None
     is_compileable = False
     is_croppable = False
 
@@ -233,6 +239,179 @@ class LongattnLayer(CacheLayerMixin):
         positions, lengths, page bounds or policy state."""
         return [t for t in (self.keys, self.values) if t is not None]
 
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        """(batch, kv heads, key head dim, value head dim) of the layer's tokens."""
+        return (*self.keys.shape[:2], self.keys.shape[3], self.values.shape[3])
+
+    def after_read(self) -> None:
+        """Housekeeping after a cached attention call has read this layer (``WindowLayer`` folds a chunk)."""
+
+
+class WindowLayer(LongattnLayer):
+    """Attention sinks + the ``recent`` newest tokens, the same positions for every head: between calls at most
+    ``sinks + recent`` slots, however long the context. The token at absolute position p lives in slot p while
+    p < sinks + recent, then in ``sinks + (p - sinks) % recent`` (a ring), so a decoding step overwrites exactly the
+    token that just left the window, in place. The prompt keeps only its sinks and last ``recent`` tokens (the first
+    prefill attends the prompt itself, not the cache). A later multi-token chunk is written behind the ring (its
+    early queries still need tokens that its later ones push out; ``window`` masks each query's reach) and folded
+    back into the ring by ``after_read`` or the next update. No pages, no policy slot state, no eviction."""
+
+    def __init__(self, sinks: int, recent: int, offload: str | None = None):
+        super().__init__(offload=offload)
+        self.window = (sinks, recent)
+        self.unfolded = False  # a chunk sits behind the ring
+
+    @property
+    def size(self) -> int:
+        return self.window[0] + self.window[1]
+
+    def reset(self) -> None:
+        self.__init__(*self.window, self.offload_mode)
+
+    def slot(self, pos: Tensor) -> Tensor:
+        """Ring slot of each absolute position (for positions still inside the window)."""
+        sinks, recent = self.window
+        return torch.where(pos < sinks, pos, sinks + (pos - sinks) % recent)
+
+    def in_window(self, pos: Tensor, seen: int) -> Tensor:
+        """Positions a query at ``seen`` (the next token) may still read: sinks or the last ``recent`` tokens."""
+        sinks, recent = self.window
+        return (pos < sinks) | (pos >= seen - recent)
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        if self.unfolded:
+            self.after_read()
+        n = k.shape[2]
+        s0, s1 = self.seen, self.seen + n
+        pos = torch.arange(s0, s1, device=self.device)
+        held = int(self.lengths.max()) if self.lengths.numel() else 0
+        if s1 <= self.size:  # nothing has left the window yet: slot = position
+            if s1 > self.capacity:
+                self._resize(s1 if n > 1 else min(self.size, s1 + max(16, s1 // self.growth)))
+            slots, held = pos, s1
+        elif n == 1 or s0 == 0:  # a decoding step, or the prompt: keep what stays in the window, ring layout
+            keep = self.in_window(pos, s1)
+            k, v, pos = k[:, :, keep], v[:, :, keep], pos[keep]
+            if self.capacity < self.size:
+                self._resize(self.size)
+            slots, held = self.slot(pos), self.size
+        else:  # a later chunk: behind the ring until the read is done
+            self._resize(held + n)
+            slots, held = torch.arange(held, held + n, device=self.device), held + n
+            self.unfolded = True
+        self.keys[:, :, slots.to(self.keys.device)] = k.to(self.keys.device)
+        self.values[:, :, slots.to(self.values.device)] = v.to(self.values.device)
+        self.pos[:, :, slots] = pos.to(torch.int32)
+        self.lengths.fill_(held)
+        self.seen = s1
+
+    def after_read(self) -> None:
+        """Fold a chunk written behind the ring back into ``sinks + recent`` ring slots."""
+        if not self.unfolded:
+            return
+        self.unfolded = False
+        pos = self.pos[0, 0].long()
+        keep = (pos >= 0) & self.in_window(pos, self.seen)
+        src, pos = keep.nonzero().flatten(), pos[keep]
+        dst = self.slot(pos)
+        order = torch.empty_like(dst).scatter_(0, dst, src)  # ring slot -> the slot holding its token now
+        idx = {t.device: order.to(t.device) for t in (self.keys, self.values)}
+        self.keys = self.keys.index_select(2, idx[self.keys.device])
+        self.values = self.values.index_select(2, idx[self.values.device])
+        self.pos = self.pos.index_select(2, order)
+        self.lengths.fill_(len(order))
+
+    def evict(self, keep: Tensor) -> None:
+        raise NotImplementedError("WindowLayer keeps sinks + recent tokens by position; it does not evict")
+
+
+class HeadSplitLayer(CacheLayerMixin):
+    """One attention layer whose kv heads live in separate stores, each a ``LongattnLayer`` (or subclass) holding
+    only its heads, e.g. DuoAttention: retrieval heads in a full-length layer, streaming heads in a ``WindowLayer``.
+    A layer's bytes are then the sum of what each group needs, not every head padded to the longest one.
+    ``parts``: (kv head indices, layer) pairs covering each kv head exactly once. ``attend_cached`` reads each part
+    with the query heads of its kv heads (GQA) and writes the outputs back into those heads' places."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, parts: list[tuple[list[int], LongattnLayer]]):
+        super().__init__()
+        heads = [h for hs, _ in parts for h in hs]
+        if not parts or len(set(heads)) != len(heads) or any(not hs for hs, _ in parts):
+            raise ValueError(f"parts: expected non-empty, disjoint kv head groups, got {[hs for hs, _ in parts]}")
+        self.parts = [(list(hs), layer) for hs, layer in parts]
+        self.seen = 0
+        self.queries = self.last_update = self.index = None
+        self.first_prefill = self.compressed = False
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        H = key_states.shape[1]
+        if sorted(h for hs, _ in self.parts for h in hs) != list(range(H)):
+            raise ValueError(f"parts: kv head groups {[hs for hs, _ in self.parts]} do not cover the layer's {H} "
+                             f"kv heads exactly once")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.index = [torch.tensor(hs, device=self.device) for hs, _ in self.parts]
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.first_prefill = self.seen == 0
+        for idx, (_, layer) in zip(self.index, self.parts, strict=True):
+            layer.update(key_states.index_select(1, idx), value_states.index_select(1, idx))
+        self.seen += key_states.shape[2]
+        self.last_update = key_states
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        for _, layer in self.parts:
+            layer.reset()
+        self.__init__(self.parts)
+
+    def offload(self):
+        return None
+
+    def prefetch(self):
+        return None
+
+    @property
+    def lengths(self) -> Tensor:
+        """Kept tokens per (batch, kv head) [B, Hkv], assembled from the parts."""
+        B = self.parts[0][1].lengths.shape[0]
+        out = torch.empty(B, sum(len(hs) for hs, _ in self.parts), dtype=torch.int64, device=self.device)
+        for idx, (_, layer) in zip(self.index, self.parts, strict=True):
+            out[:, idx] = layer.lengths
+        return out
+
+    def kept_positions(self, b: int = 0, h: int = 0) -> list[int]:
+        hs, layer = next((hs, layer) for hs, layer in self.parts if h in hs)
+        return layer.kept_positions(b, hs.index(h))
+
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        B, _, dk, dv = self.parts[0][1].kv_shape()
+        return B, sum(len(hs) for hs, _ in self.parts), dk, dv
+
+    def tensors(self) -> list[Tensor]:
+        return [t for _, layer in self.parts for t in layer.tensors()]
+
+    def kv_tensors(self) -> list[Tensor]:
+        return [t for _, layer in self.parts for t in layer.kv_tensors()]
+
+    def after_read(self) -> None:
+        for _, layer in self.parts:
+            layer.after_read()
+
 
 def _ex(idx: Tensor, d: int) -> Tensor:
     return idx[..., None].expand(*idx.shape, d)
@@ -312,6 +491,8 @@ def cached_logits(q: Tensor, layer: LongattnLayer, selection: Tensor | None = No
     allowed = layer.valid()[:, :, None, :] & (pos <= qpos)
     if sliding_window:
         allowed = allowed & (pos > qpos - int(sliding_window))
+    if layer.window is not None:
+        allowed = allowed & ((pos < layer.window[0]) | (pos > qpos - layer.window[1]))
     if attention_mask is not None:
         am = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         am = am[:, :1, -Sq:].expand(B, Hkv, Sq, am.shape[-1])
@@ -329,9 +510,30 @@ def cached_logits(q: Tensor, layer: LongattnLayer, selection: Tensor | None = No
 
 def attend_cached(q: Tensor, layer: LongattnLayer, selection: Tensor | None = None, **kwargs) -> Tensor:
     """THE cached read path: attention of q [B, Hq, Sq, D] over the kept (and, if given, selected) tokens of each
-    head; out [B, Hq, Sq, D]. One function, so a paged decode kernel can replace it in one line."""
+    head; out [B, Hq, Sq, D]. One function, so a paged decode kernel can replace it in one line. A
+    ``HeadSplitLayer`` is read part by part (no ``selection`` there)."""
+    if isinstance(layer, HeadSplitLayer):
+        return _attend_split(q, layer, selection, **kwargs)
     B, Hq, Sq, D = q.shape
     values = layer.kv()[1]
     p = torch.softmax(cached_logits(q, layer, selection, **kwargs), dim=-1).nan_to_num_(0.0)
     out = p @ values.float()[:, :, None]
     return out.reshape(B, Hq, Sq, values.shape[-1]).to(q.dtype)
+
+
+def _attend_split(q: Tensor, layer: HeadSplitLayer, selection: Tensor | None, **kwargs) -> Tensor:
+    """Each part attends with the query heads of its kv heads; outputs land back in those heads' places."""
+    if selection is not None:
+        raise ValueError("selection: a HeadSplitLayer's parts hold different slot counts; per-slot selections are "
+                         "not supported on it (return None from select)")
+    B, Hq, Sq, D = q.shape
+    Hkv = sum(len(hs) for hs, _ in layer.parts)
+    g = Hq // Hkv
+    qg = q.view(B, Hkv, g, Sq, D)
+    out = None
+    for idx, (hs, part) in zip(layer.index, layer.parts, strict=True):
+        o = attend_cached(qg.index_select(1, idx).reshape(B, len(hs) * g, Sq, D), part, **kwargs)
+        if out is None:  # NaN-filled: a head no part wrote would show
+            out = torch.full((B, Hkv, g, Sq, o.shape[-1]), float("nan"), dtype=o.dtype, device=o.device)
+        out.index_copy_(1, idx, o.view(B, len(hs), g, Sq, -1))
+    return out.view(B, Hq, Sq, -1)

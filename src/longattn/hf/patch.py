@@ -175,6 +175,7 @@ def longattn_attention_forward(module, query: Tensor, key: Tensor, value: Tensor
         out = attend_cached(query, layer, selection, scale=scaling, attention_mask=attention_mask,
                             sliding_window=kwargs.get("sliding_window"))
         policy.after_step(layer_idx, query, layer)
+        layer.after_read()
         return out.transpose(1, 2).contiguous(), None
     out = _uncached(state, module, query, key, value, attention_mask, scaling, kwargs)
     if layer is not None:  # end of the first prefill: capture the prompt queries a policy needs, maybe compress

@@ -2,6 +2,12 @@
 recent tokens. Which heads retrieve comes from per-(layer, kv head) gates optimised once per model on synthetic
 passkey data (``optimize_gates``) and saved as JSON.
 
+Storage: each layer's retrieval heads sit in a full-length ``LongattnLayer`` and its streaming heads in a
+``WindowLayer`` (sinks + a ring of recent tokens), joined by a ``HeadSplitLayer`` when a layer has both, so the
+streaming heads' bytes stay at ``sinks + recent`` tokens whatever the context. A streaming head's query at position
+t reads keys at positions < sinks or > t - recent (the window the gates are calibrated with, ``streaming_error``);
+the prompt itself is attended densely by every head.
+
 Gate optimisation here is per head and local: α minimises (1 - α)² · d + λ·α, where d is the relative error of
 the streaming output against the full output of that head on the passkey prompts (the paper optimises all gates
 end to end against the final hidden states; the trade-off — error where a head streams vs an L1 push to
@@ -16,8 +22,9 @@ import torch
 from torch import Tensor
 
 from longattn.api import attention
+from longattn.hf.cache import HeadSplitLayer, LongattnLayer, WindowLayer
 from longattn.masks.core import MaskMod
-from longattn.methods.decode.base import DecodePolicy, check_fraction, check_int, positions_mask
+from longattn.methods.decode.base import DecodePolicy, check_fraction, check_int
 from longattn.methods.decode.calibration import capture_qkv, passkey_ids
 from longattn.methods.registry import register
 
@@ -53,17 +60,22 @@ class DuoAttention(DecodePolicy):
             raise ValueError(f"gates_path: gates of shape {tuple(self.gates.shape)} do not fit this model "
                              f"({want[0]} layers x {want[1]} kv heads); optimise gates for this model")
 
-    def _keep(self, layer_idx: int, positions: Tensor, valid: Tensor, seen: int) -> Tensor:
-        stream = positions_mask(positions, valid, first=self.sinks, last=self.recent, seen=seen)
-        return stream | (valid & self.retrieval[layer_idx].to(valid.device)[None, :, None])
+    def make_layer(self, layer_idx: int, offload: str | None = None):
+        """Retrieval heads full length, streaming heads sinks + recent; one store when all heads are alike."""
+        retrieval = self.retrieval[layer_idx]
+        full = retrieval.nonzero().flatten().tolist()
+        stream = (~retrieval).nonzero().flatten().tolist()
+        if not stream:
+            return LongattnLayer(offload=offload)
+        window = WindowLayer(self.sinks, self.recent, offload=offload)
+        if not full:
+            return window
+        return HeadSplitLayer([(full, LongattnLayer(offload=offload)), (stream, window)])
 
-    def compress(self, layer_idx, keys, values, queries, positions):
-        return self._keep(layer_idx, positions, positions >= 0, positions.shape[-1])
-
-    def after_step(self, layer_idx, q, layer):
-        streaming = ~self.retrieval[layer_idx].to(layer.device)
-        if bool((layer.lengths[:, streaming] > self.sinks + self.recent).any()):
-            layer.evict(self._keep(layer_idx, layer.pos, layer.valid(), layer.seen))
+    def apply_compress(self, layer_idx, layer):
+        """Nothing to evict: the layer's stores already keep exactly what each head needs."""
+        layer.queries = None
+        layer.compressed = True
 
 
 def streaming_error(q: Tensor, k: Tensor, v: Tensor, sinks: int, recent: int) -> Tensor:
