@@ -8,6 +8,7 @@ import torch
 import transformers
 
 import longattn
+from longattn.hf.compat import cache_kwargs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -23,7 +24,8 @@ def _model(max_len: int):
 
 def _greedy(model, ids, new, cache):
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, past_key_values=cache)
+        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              **cache_kwargs(model, cache))
 
 
 def test_snapkv_128k_at_2k_budget_holds_a_fortieth_of_dense():

@@ -9,6 +9,7 @@ import transformers
 import longattn
 from longattn.hf import cache as cache_mod
 from longattn.hf.cache import LongattnLayer, attend_cached
+from longattn.hf.compat import cache_kwargs
 from longattn.kernels.reference import reference_attention
 from longattn.masks.core import MaskMod
 from tests.methods.decode.helpers import greedy, prompt, tiny_llama
@@ -73,7 +74,7 @@ def test_bytes_by_device_is_the_sum_of_held_tensors():
     handle = longattn.patch(model, decode="snapkv", impl="reference", decode_config={"budget": 16, "window": 4})
     try:
         cache = handle.cache()
-        greedy(model, prompt(40), new=4, past_key_values=cache)
+        greedy(model, prompt(40), new=4, **cache_kwargs(model, cache))
         want = sum(t.nbytes for layer in cache.layers for t in layer.tensors())
         assert cache.bytes_by_device() == {"cpu": want}
         assert want < 40 * 2 * 2 * 16 * 4 * 2  # below the dense K/V of the two layers
@@ -110,11 +111,11 @@ def test_question_agnostic_compress_after_a_context_only_prefill():
     try:
         cache = handle.cache(auto_compress=False)
         with torch.no_grad():
-            model(context, past_key_values=cache)
+            model(context, **cache_kwargs(model, cache))
         assert int(cache.layers[0].lengths.max()) == 40 and cache.layers[0].queries.shape[2] == 4
         cache.compress()
         assert int(cache.layers[0].lengths.max()) == 12 and cache.layers[0].queries is None
-        out = greedy(model, torch.cat([context, question], 1), new=4, past_key_values=cache)
+        out = greedy(model, torch.cat([context, question], 1), new=4, **cache_kwargs(model, cache))
         assert out.shape[1] == 50 and cache.get_seq_length() == 49
         assert int(cache.layers[1].lengths.max()) == 12 + 6 + 3
     finally:
@@ -131,11 +132,11 @@ def test_snapkv_long_context_holds_a_fortieth_of_dense_bytes():
     model = transformers.LlamaForCausalLM(cfg).eval()
     ids = prompt(4096)
     dense = transformers.DynamicCache(config=model.config)
-    greedy(model, ids, new=4, past_key_values=dense)
+    greedy(model, ids, new=4, **cache_kwargs(model, dense))
     dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense.layers)
     with longattn.patch(model, decode="snapkv", decode_config={"budget": 64}) as m:
         handle_cache = longattn.hf.patch.Patched(m, longattn.hf.patch._states[id(m.config)]).cache()
-        greedy(m, ids, new=4, past_key_values=handle_cache)
+        greedy(m, ids, new=4, **cache_kwargs(m, handle_cache))
     ours = sum(handle_cache.bytes_by_device().values())
     assert ours * 40 <= dense_bytes, (ours, dense_bytes)
 

@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import longattn  # noqa: E402
+from longattn.hf.compat import cache_kwargs, output_cache  # noqa: E402
 
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -81,9 +82,9 @@ def test_prefill_pattern_shapes_the_prompt_and_decoding_reads_the_whole_cache():
         with longattn.patch(model, prefill="streaming", impl="reference", **knobs):
             out = model.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)
             patterned = model(ids).logits[0, -1]
-            ours = model(ids[:, -1:], past_key_values=model(ids[:, :-1], use_cache=True).past_key_values).logits
-            cache = model(ids[:, :-1], use_cache=True).past_key_values
-        stock_step = model(ids[:, -1:], past_key_values=cache).logits  # stock SDPA: dense over the same cache
+            ours = model(ids[:, -1:], **cache_kwargs(model, output_cache(model(ids[:, :-1], use_cache=True)))).logits
+            cache = output_cache(model(ids[:, :-1], use_cache=True))
+        stock_step = model(ids[:, -1:], **cache_kwargs(model, cache)).logits  # stock SDPA: dense over the same cache
     assert out[0, ids.shape[1]] == patterned.argmax()
     assert (ours - stock_step).abs().max() <= 1e-4
     assert (ours[0, -1] - patterned).abs().max() > 1e-3  # the step really was not restricted to the pattern

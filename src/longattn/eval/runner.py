@@ -25,6 +25,7 @@ from longattn.eval.methods import DENSE, MethodSpec, applied
 from longattn.eval.perplexity import perplexity, text_ids
 from longattn.eval.tasks import make_sample, score
 from longattn.eval.tasks.needles import DEPTHLESS
+from longattn.hf.compat import cache_kwargs, output_cache
 
 KEY_FIELDS = ("task", "haystack", "length", "depth", "seed", "method", "decode", "model", "dtype")
 KEY_DEFAULTS = {"decode": "dense"}  # rows written before decode policies were evaluated ran on the dense cache
@@ -149,11 +150,11 @@ def run_one(job: Job, model, tokenizer, handle) -> dict:
     state.densities.clear()
     with PeakMemory(device) as mem:
         start = time.perf_counter()
-        out = model(ids, use_cache=True, logits_to_keep=1, **({"past_key_values": cache} if cache is not None else {}))
+        out = model(ids, use_cache=True, logits_to_keep=1, **(cache_kwargs(model, cache) if cache is not None else {}))
         _sync(device)
         prefill_ms = (time.perf_counter() - start) * 1e3
     densities = list(state.densities)
-    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    cache, token = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     held = held_bytes(cache)
     dense = dense_bytes(cache, ids.shape[1])
     peak = {"gpu": held["gpu"], "cpu": held["cpu"]}
@@ -164,7 +165,7 @@ def run_one(job: Job, model, tokenizer, handle) -> dict:
             if int(token) == tokenizer.eos_token_id:
                 break
             start = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, use_cache=True, **cache_kwargs(model, cache))
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             _sync(device)
             decode_s += time.perf_counter() - start

@@ -418,8 +418,8 @@ def _ex(idx: Tensor, d: int) -> Tensor:
 
 
 class LongattnCache(Cache):
-    """A transformers Cache of ``LongattnLayer`` driven by a decode policy; pass it as ``past_key_values`` (or let
-    the patched ``generate`` build one). ``auto_compress=False`` defers eviction to an explicit ``compress()``:
+    """A transformers Cache of ``LongattnLayer`` driven by a decode policy; pass it as the model's cache argument
+    (or let the patched ``generate`` build one). ``auto_compress=False`` defers eviction to an explicit ``compress()``:
     the question-agnostic setting (prefill the context, compress, then feed the question)."""
 
     # transformers keeps a ``layers`` list; ``policy`` decides what each layer keeps and reads

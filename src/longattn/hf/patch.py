@@ -12,6 +12,7 @@ from torch import Tensor
 from longattn import masks
 from longattn.api import IMPLS, _to_block_sparse, attention
 from longattn.hf.cache import LongattnCache, active_layer, attend_cached
+from longattn.hf.compat import cache_kwargs
 from longattn.masks.block_sparse import BlockSparse
 from longattn.masks.core import MaskMod
 from longattn.methods.prefill.base import PrefillMethod
@@ -65,7 +66,8 @@ class Patched:
         self.model.__dict__.pop("generate", None)
 
     def cache(self, *, offload: str | None = None, auto_compress: bool = True) -> LongattnCache:
-        """A fresh LongattnCache for this model's decode policy (pass it as ``past_key_values``).
+        """A fresh LongattnCache for this model's decode policy (pass it with ``compat.cache_kwargs``: ``cache=``,
+        ``past_key_values=`` on older transformers).
         offload: None, "values" or "all" (held in CPU memory). auto_compress=False: the question-agnostic setting,
         call ``cache.compress()`` yourself after a context-only prefill."""
         if self.state.policy is None:
@@ -88,7 +90,7 @@ def patch(model, prefill: str | None = None, decode: str | None = None, *, impl:
     prefill: a registered pattern or prefill method (``longattn methods``) built with ``**config`` as its knobs,
     or None for dense attention; it shapes multi-token (prompt) forwards, while single-token decoding steps read
     the whole cache. decode: a registered decode policy built with ``decode_config`` as its knobs;
-    then ``model.generate(...)`` runs on a fresh ``LongattnCache`` unless ``past_key_values`` is given (build one
+    then ``model.generate(...)`` runs on a fresh ``LongattnCache`` unless a cache is given (build one
     with ``handle.cache(...)``). impl: the backend, as in ``longattn.attention``. Usable as
     ``with longattn.patch(model, ...):`` to restore the model afterwards.
     """
@@ -136,8 +138,8 @@ def _wrap_generate(model, handle: Patched) -> None:
     generate = type(model).generate
 
     def generate_with_cache(*args, **kwargs):
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = handle.cache()
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
+            kwargs.update(cache_kwargs(model, handle.cache()))
         return generate(model, *args, **kwargs)
 
     model.generate = generate_with_cache

@@ -8,6 +8,7 @@ import torch
 import transformers
 
 import longattn
+from longattn.hf.compat import cache_kwargs
 
 
 @functools.cache
@@ -42,7 +43,7 @@ def assert_dense_equivalent(policy: str, config: dict, *, n: int = 40, layers: i
     handle = longattn.patch(model, decode=policy, impl="reference", decode_config=config)
     try:
         cache = handle.cache()
-        greedy(model, ids, new=3, past_key_values=cache)
+        greedy(model, ids, new=3, **cache_kwargs(model, cache))
         assert cache.get_seq_length() == n + 2  # the last generated token is never fed back
     finally:
         handle.restore()

@@ -7,6 +7,7 @@ import torch
 
 import longattn
 from longattn.hf.cache import LongattnLayer
+from longattn.hf.compat import cache_kwargs
 from longattn.methods.decode.delta import DELTA
 from tests.methods.decode.helpers import (
     assert_dense_equivalent,
@@ -67,7 +68,7 @@ def test_sparse_generation_runs_and_reads_fewer_tokens():
     handle = longattn.patch(model, decode="delta", impl="reference", decode_config=config)
     try:
         cache = handle.cache()
-        greedy(model, prompt(40), new=4, past_key_values=cache)
+        greedy(model, prompt(40), new=4, **cache_kwargs(model, cache))
         chosen = handle.state.policy._chosen[1]
         assert int(chosen.sum()) == 16 and int(cache.layers[2].lengths.max()) == 43  # nothing evicted
     finally:

@@ -11,6 +11,7 @@ import transformers
 import longattn
 from longattn.eval.kvstats import dense_bytes, held_bytes
 from longattn.hf.cache import HeadSplitLayer, LongattnCache, LongattnLayer
+from longattn.hf.compat import cache_kwargs
 from longattn.methods.decode.base import DecodePolicy, positions_mask
 from longattn.methods.decode.duo import DuoAttention, fit_gates, optimize_gates
 from tests.methods.decode.helpers import assert_dense_equivalent, greedy, prompt, tiny_llama
@@ -84,14 +85,14 @@ def _oracle_generate(model, ids, retrieval, sinks, recent, new, chunks=(), compu
 
 @torch.no_grad()
 def _feed_and_decode(model, ids, chunks, new, cache):
-    out = model(ids, past_key_values=cache)
+    out = model(ids, **cache_kwargs(model, cache))
     for c in chunks:
-        out = model(c, past_key_values=cache)
+        out = model(c, **cache_kwargs(model, cache))
     tokens, logits = [], []
     for _ in range(new):
         logits.append(out.logits[:, -1])
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
-        out = model(tokens[-1], past_key_values=cache)
+        out = model(tokens[-1], **cache_kwargs(model, cache))
     return torch.cat(tokens, 1), torch.stack(logits, 1)
 
 
@@ -157,7 +158,7 @@ def test_generate_equals_the_old_padded_implementation(tmp_path):
     handle = longattn.patch(model, decode="duo", impl="reference", decode_config=config)
     try:
         old_cache = LongattnCache(old_policy, 3, config_key=id(model.config))
-        old = greedy(model, ids, new=15, past_key_values=old_cache)
+        old = greedy(model, ids, new=15, **cache_kwargs(model, old_cache))
     finally:
         handle.restore()
     assert torch.equal(ours, old), (ours, old)
@@ -177,7 +178,7 @@ def test_held_bytes_are_retrieval_full_plus_streaming_window(tmp_path):
     try:
         cache = handle.cache()
         with torch.no_grad():
-            out = model(prompt(n), past_key_values=cache)
+            out = model(prompt(n), **cache_kwargs(model, cache))
         held = sum(cache.bytes_by_device(kv_only=True).values())
         assert held == (n_ret * n + n_stream * (sinks + recent)) * per_token
         padded = (2 * n + 2 * (sinks + recent) + 2 * n) * per_token  # one store per layer, the mixed one padded
@@ -185,7 +186,7 @@ def test_held_bytes_are_retrieval_full_plus_streaming_window(tmp_path):
         assert dense_bytes(cache, n) == 6 * n * per_token and held_bytes(cache)["kv"] == held  # what eval reports
         with torch.no_grad():
             for _ in range(20):
-                out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
+                out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache))
         seen = cache.get_seq_length()
         held = sum(cache.bytes_by_device(kv_only=True).values())
         assert (n_ret * seen + n_stream * (sinks + recent)) * per_token <= held

@@ -7,6 +7,7 @@ import torch
 
 import longattn
 from longattn.hf.cache import LongattnLayer
+from longattn.hf.compat import cache_kwargs
 from longattn.methods.decode.infllm import InfLLM
 from tests.methods.decode.helpers import (
     assert_dense_equivalent,
@@ -63,7 +64,7 @@ def test_generation_reads_sinks_local_and_top_units():
     handle = longattn.patch(model, decode="infllm", impl="reference", decode_config=config)
     try:
         cache = handle.cache()
-        greedy(model, prompt(40), new=4, past_key_values=cache)
+        greedy(model, prompt(40), new=4, **cache_kwargs(model, cache))
         layer = cache.layers[1]
         assert layer.queries is None and int(layer.lengths.max()) == 43  # nothing evicted, queries freed
         q = torch.randn(1, 4, 1, 16)
@@ -80,9 +81,9 @@ def test_question_agnostic_needs_compress():
     try:
         cache = handle.cache(auto_compress=False)
         with torch.no_grad():
-            model(prompt(40), past_key_values=cache)
+            model(prompt(40), **cache_kwargs(model, cache))
         with pytest.raises(ValueError, match="infllm: the representative tokens are scored at compress"):
-            greedy(model, prompt(41), new=2, past_key_values=cache)
+            greedy(model, prompt(41), new=2, **cache_kwargs(model, cache))
     finally:
         handle.restore()
 

@@ -9,6 +9,7 @@ import torch
 
 import longattn
 from longattn.hf.cache import LongattnLayer
+from longattn.hf.compat import cache_kwargs
 from longattn.methods.decode.retrieval import RetrievalAttention
 from tests.methods.decode.helpers import (
     assert_dense_equivalent,
@@ -55,7 +56,7 @@ def test_hnsw_generation_reads_static_plus_retrieved():
     handle = longattn.patch(model, decode="retrieval", impl="reference", decode_config=config)
     try:
         cache = handle.cache()
-        greedy(model, prompt(40), new=4, past_key_values=cache)
+        greedy(model, prompt(40), new=4, **cache_kwargs(model, cache))
         layer = cache.layers[0]
         assert layer.retrieval["hi"] == 43 - 6 and layer.retrieval["indexes"][0][1].ntotal == 35
         sel = handle.state.policy.select(0, torch.randn(1, 4, 1, 16), layer)

@@ -10,6 +10,7 @@ import torch
 
 import longattn
 from longattn.hf.cache import attend_cached
+from longattn.hf.compat import cache_kwargs
 from longattn.kernels.reference import reference_attention
 from longattn.masks.core import MaskMod
 from longattn.methods.decode.shadowkv import ShadowKV, ShadowLayer
@@ -45,8 +46,8 @@ def test_full_rank_reading_every_chunk_matches_dense_logits():
     try:
         cache = handle.cache()
         with torch.no_grad():
-            model(ids[:, :40], past_key_values=cache)
-            ours = torch.cat([model(ids[:, i:i + 1], past_key_values=cache).logits for i in range(40, 46)], 1)
+            model(ids[:, :40], **cache_kwargs(model, cache))
+            ours = torch.cat([model(ids[:, i:i + 1], **cache_kwargs(model, cache)).logits for i in range(40, 46)], 1)
         assert all(layer.shadow and layer.prefix == 32 and layer.lr_a.shape[-1] == 32 for layer in cache.layers)
     finally:
         handle.restore()
@@ -105,7 +106,7 @@ def test_low_budget_generation_holds_factors_and_cpu_values():
     handle = longattn.patch(model, decode="shadowkv", impl="reference", decode_config=config)
     try:
         cache = handle.cache()
-        greedy(model, prompt(40), new=4, past_key_values=cache)
+        greedy(model, prompt(40), new=4, **cache_kwargs(model, cache))
         layer = cache.layers[0]
         assert layer.offload_mode == "values" and layer.values.device.type == "cpu"
         assert layer.prefix == 36 and layer.keys.shape[2] == 4 + 3 and layer.lr_a.shape == (1, 36, 8)

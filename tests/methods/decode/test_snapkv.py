@@ -7,6 +7,7 @@ import torch
 
 import longattn
 from longattn.hf.cache import LongattnLayer
+from longattn.hf.compat import cache_kwargs
 from longattn.methods.decode.base import pool1d, window_votes
 from longattn.methods.decode.snapkv import SnapKV
 from tests.methods.decode.helpers import assert_dense_equivalent, greedy, prompt, tiny_llama
@@ -43,7 +44,7 @@ def test_compressed_generation_runs_and_holds_the_budget():
     handle = longattn.patch(model, decode="snapkv", impl="reference", decode_config={"budget": 16, "window": 4})
     try:
         cache = handle.cache()
-        greedy(model, prompt(40), new=5, past_key_values=cache)
+        greedy(model, prompt(40), new=5, **cache_kwargs(model, cache))
         assert all(int(layer.lengths.max()) == 16 + 4 for layer in cache.layers)  # 16 kept + 4 decoded
     finally:
         handle.restore()

@@ -7,6 +7,7 @@ import torch
 
 import longattn
 from longattn.hf.cache import LongattnLayer
+from longattn.hf.compat import cache_kwargs
 from longattn.methods.decode.squeezed import SqueezedAttention, kmeans, nearest, take_until
 from tests.methods.decode.helpers import (
     assert_dense_equivalent,
@@ -69,7 +70,7 @@ def test_generation_reads_about_the_budget():
                             decode_config={"budget": 12, "fine_ratio": 0.2, "coarse_ratio": 0.05})
     try:
         cache = handle.cache()
-        greedy(model, prompt(40), new=4, past_key_values=cache)
+        greedy(model, prompt(40), new=4, **cache_kwargs(model, cache))
         layer = cache.layers[1]
         sel = handle.state.policy.select(1, torch.randn(1, 4, 1, 16), layer)
         fixed = sel[..., :40].sum(-1)
