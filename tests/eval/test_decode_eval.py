@@ -156,6 +156,10 @@ def test_report_decode_table_and_compression_plot(decode_rows, tmp_path):
     assert text.count("data:image/png;base64") == 3 and (tmp_path / "r.compression.png").exists()
 
 
-def test_model_dtype_auto_is_fp32_on_cpu_and_bf16_on_gpu():
-    assert model_dtype("auto", "cpu") == torch.float32 and model_dtype("auto", "cuda") == torch.bfloat16
-    assert model_dtype("bf16", "cpu") == torch.bfloat16
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(False, False, torch.float32), (True, False, torch.bfloat16),
+                                                         (False, True, torch.bfloat16)])
+def test_model_dtype_auto_follows_the_cpus_bf16_units(amx, avx512_bf16, expected, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert model_dtype("auto", "cpu") == expected
+    assert model_dtype("auto", "cuda") == torch.bfloat16 and model_dtype("fp16", "cpu") == torch.float16
