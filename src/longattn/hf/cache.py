@@ -51,7 +51,23 @@ def _alloc(shape, *, dtype, device, fill=None) -> Tensor:
     return t.fill_(fill) if fill is not None else t
 
 
-class LongattnLayer(CacheLayerMixin):
+class _SeenTokensLayer(CacheLayerMixin):
+    """What transformers asks of a cache layer about its length, answered from ``seen`` (tokens fed so far): the
+    mask covers every position, however many the layer still keeps."""
+
+    seen: int
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class LongattnLayer(_SeenTokensLayer):
     """One layer's kept tokens: keys/values [B, Hkv, cap, D], ``pos`` [B, Hkv, cap] absolute positions (-1 = empty
     slot), ``lengths`` [B, Hkv] valid slots per head (valid slots are a prefix), ``seen`` = tokens ever appended.
 
@@ -99,15 +115,6 @@ class LongattnLayer(CacheLayerMixin):
         self.append(key_states, value_states)
         self.last_update = key_states
         return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reset(self) -> None:
         self.__init__(self.page_size, self.offload_mode, self.growth)
@@ -325,7 +332,7 @@ class WindowLayer(LongattnLayer):
         raise NotImplementedError("WindowLayer keeps sinks + recent tokens by position; it does not evict")
 
 
-class HeadSplitLayer(CacheLayerMixin):
+class HeadSplitLayer(_SeenTokensLayer):
     """One attention layer whose kv heads live in separate stores, each a ``LongattnLayer`` (or subclass) holding
     only its heads, e.g. DuoAttention: retrieval heads in a full-length layer, streaming heads in a ``WindowLayer``.
     A layer's bytes are then the sum of what each group needs, not every head padded to the longest one.
@@ -364,15 +371,6 @@ class HeadSplitLayer(CacheLayerMixin):
         self.seen += key_states.shape[2]
         self.last_update = key_states
         return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reset(self) -> None:
         for _, layer in self.parts:
