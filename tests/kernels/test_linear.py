@@ -188,6 +188,22 @@ def test_split_plan_pieces(monkeypatch):
     assert plan.first_piece.tolist() == [0, 1, 3, 5] and plan.last_piece.tolist() == [0, 2, 4, 5]
 
 
+
+def test_plans_cached_per_shape_and_segment_sizes(monkeypatch):
+    """Equal-length batches reuse one Plan per shape (no per-call host work); a change of the segment sizes (as
+    the tests above patch them) gets its own, and packed batches always get a fresh one."""
+    from longattn.kernels import linear_triton as lt
+
+    cpu = torch.device("cpu")
+    plan = lt.plan_for(128, 1000, 2, None, 16, cpu)
+    assert lt.plan_for(128, 1000, 2, None, 16, cpu) is plan and not plan.split
+    monkeypatch.setattr(lt, "TARGET_ROWS", 1 << 20)
+    split = lt.plan_for(128, 1000, 2, None, 16, cpu)
+    assert split is not plan and split.split
+    cu = torch.tensor([0, 1000])
+    assert lt.plan_for(1, 1000, 2, cu, 16, cpu) is not lt.plan_for(1, 1000, 2, cu, 16, cpu)
+
+
 CU = [[0, 37], [0, 1, 17, 50], [0, 20, 20, 33, 70]]
 
 

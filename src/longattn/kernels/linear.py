@@ -183,9 +183,9 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, decay: Tensor | None = 
     g = _log_g(decay, gate, B, S, _state_dtype(q))
     h0 = None if initial_state is None else initial_state.to(_state_dtype(q))
     if chosen == "triton":
-        from longattn.kernels.linear_triton import Plan
+        from longattn.kernels.linear_triton import plan_for
 
-        plan = Plan(B, S, H, cu_seqlens, chunk_size, q.device)
+        plan = plan_for(B, S, H, cu_seqlens, chunk_size, q.device)
         o, ht = _ChunkFn.apply(q.contiguous(), k.contiguous(), v.contiguous(), g,
                                None if h0 is None else h0.contiguous(), scale, plan)
     elif chosen == "chunk":

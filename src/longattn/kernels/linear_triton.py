@@ -12,6 +12,7 @@ so one code path serves both. A fused recurrent kernel decodes a few tokens from
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -23,11 +24,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _state_configs() -> list[triton.Config]:
-    """Piece-state kernel: (BK, BV) state tiles."""
+    """Piece-state kernel: (BK, BV) state tiles and CS tokens per step (any power of two: pieces are whole chunks
+    and a tail is masked), deeper pipelines since the pass only streams k and v through one product per step."""
     if INTERPRET:
-        return [triton.Config({"BK": 16, "BV": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=2)
-            for bk, bv, w in ((32, 32, 2), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8))]
+        return [triton.Config({"BK": 16, "BV": 16, "CS": 32}, num_warps=4, num_stages=1)]
+    tiles = ((32, 32, 2), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8))
+    return [triton.Config({"BK": bk, "BV": bv, "CS": cs}, num_warps=w, num_stages=st)
+            for bk, bv, w in tiles for cs in (64, 128) for st in (2, 3) if cs * (bk + bv) * 2 * st <= 160 * 1024]
 
 
 def _walk_configs(tile: str) -> list[triton.Config]:
@@ -55,10 +58,10 @@ def _zero_dgl(nargs: dict, reset_only: bool = False) -> None:
 _PRUNE = {"early_config_prune": _prune_tiles}
 
 
-@triton.autotune(_state_configs(), key=["DK", "DV", "C", "USE_G", "REVERSE"], prune_configs_by=_PRUNE)
+@triton.autotune(_state_configs(), key=["DK", "DV", "USE_G", "REVERSE"], prune_configs_by=_PRUNE)
 @triton.jit
 def _piece_state(X, Y, G, OUT, TOT, PIECE_B, PIECE_START, PIECE_LEN, scale, S, NH,
-               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               DK: tl.constexpr, DV: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                USE_G: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr):
     """Each piece's own term from a zero state into OUT [pieces, H, DK, DV] (fp32): forward (X, Y = k, v)
     Σ_t decay(t → end) k_tᵀ v_t; reverse (X, Y = q, do) Σ_t scale · decay(start → t) q_tᵀ do_t. TOT [pieces, H]:
@@ -70,16 +73,16 @@ def _piece_state(X, Y, G, OUT, TOT, PIECE_B, PIECE_START, PIECE_LEN, scale, S, N
     length = tl.load(PIECE_LEN + j)
     rk = ik * BK + tl.arange(0, BK)
     rv = iv * BV + tl.arange(0, BV)
-    rc = tl.arange(0, C)
+    rc = tl.arange(0, CS)
     mk, mv = rk < DK, rv < DV
     bh = b * NH + h
     acc = tl.zeros([BK, BV], dtype=tl.float32)
-    log_total = tl.sum(tl.zeros([C], dtype=tl.float32), 0)
-    nch = tl.cdiv(length, C)
+    log_total = tl.sum(tl.zeros([CS], dtype=tl.float32), 0)
+    nch = tl.cdiv(length, CS)
     for i in range(nch):
         c = nch - 1 - i if REVERSE else i
-        valid = c * C + rc < length
-        t = start + c * C + rc
+        valid = c * CS + rc < length
+        t = start + c * CS + rc
         xt = tl.load(X + (bh * S + t[None, :]) * DK + rk[:, None], mask=mk[:, None] & valid[None, :], other=0.0)
         y = tl.load(Y + (bh * S + t[:, None]) * DV + rv[None, :], mask=valid[:, None] & mv[None, :], other=0.0)
         if USE_G:
@@ -357,7 +360,7 @@ def _recurrent_step(Q, K, V, G, S0, OUT, ST, scale, T, NH, DK: tl.constexpr, DV:
 
 TARGET_ROWS = 256  # (segment, head) rows the walk kernels want at least; fewer sequences are split into segments
 MIN_SEGMENT_CHUNKS = 16
-PIECE_CHUNKS = 64  # split sequences: the state pass works on pieces this long (short walks, many programs)
+PIECE_CHUNKS = 128  # split sequences: the state pass works on pieces this long (many programs, short scan)
 
 
 def segment_chunks_for(n_seq: int, heads: int, max_chunks: int) -> int:
@@ -417,6 +420,19 @@ class Plan:
         self.chunk = chunk
 
 
+@functools.lru_cache(maxsize=32)
+def _dense_plan(batch: int, seq: int, heads: int, chunk: int, device: torch.device, _sizes: tuple) -> Plan:
+    return Plan(batch, seq, heads, None, chunk, device)
+
+
+def plan_for(batch: int, seq: int, heads: int, cu_seqlens: Tensor | None, chunk: int, device: torch.device) -> Plan:
+    """The call's Plan; for equal-length batches one per shape (and segment sizes), built once: building one costs
+    host work and blocking copies of its tables to the GPU (~1 ms, which stalls the stream at 1M tokens)."""
+    if cu_seqlens is None:
+        return _dense_plan(batch, seq, heads, chunk, device, (TARGET_ROWS, MIN_SEGMENT_CHUNKS, PIECE_CHUNKS))
+    return Plan(batch, seq, heads, cu_seqlens, chunk, device)
+
+
 def _prec(x: Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
@@ -431,8 +447,8 @@ def _carry(x: Tensor, y: Tensor, g: Tensor | None, init: Tensor | None, plan: Pl
     local = x.new_empty(plan.n_pieces, H, DK, DV, dtype=torch.float32)
     tot = x.new_empty(plan.n_pieces, H, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(DK, meta["BK"]), triton.cdiv(DV, meta["BV"]), plan.n_pieces * H)  # noqa: E731
-    _piece_state[grid](x, y, g, local, tot, *plan.pieces, scale, S, H, DK=DK, DV=DV, C=plan.chunk,
-                     USE_G=g is not None, REVERSE=reverse, PREC=_prec(x))
+    _piece_state[grid](x, y, g, local, tot, *plan.pieces, scale, S, H, DK=DK, DV=DV, USE_G=g is not None,
+                     REVERSE=reverse, PREC=_prec(x))
     carry, final = torch.empty_like(local), x.new_empty(plan.n_seq, H, DK, DV, dtype=torch.float32)
     BK, BV = min(32, max(16, triton.next_power_of_2(DK))), min(32, max(16, triton.next_power_of_2(DV)))
     _piece_scan[(triton.cdiv(DK, BK), triton.cdiv(DV, BV), plan.n_seq * H)](
