@@ -26,20 +26,30 @@ def prompt(n: int = 40, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 97, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
+def greedy_with_logits(model, ids, new: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens and the logits of every generated step [new, B, vocab]."""
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits)
+
+
 def greedy(model, ids, new: int = 20, **kwargs) -> torch.Tensor:
     with torch.no_grad():
         return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
 
 
 def assert_dense_equivalent(policy: str, config: dict, *, n: int = 40, layers: int = 2, kv_heads: int = 2) -> None:
-    """With a budget that keeps (or reads) everything, cached generation == the unpatched model's, token for token;
-    and the cache really was a LongattnCache (the policy ran)."""
+    """With a budget that keeps (or reads) everything, cached generation == the unpatched model's, token for token
+    and in every step's logits (a tiny random model's near-uniform attention hides a dropped token from greedy
+    tokens alone); and the cache really was a LongattnCache (the policy ran)."""
     model = tiny_llama(layers, 4, kv_heads)
     ids = prompt(n)
-    dense = greedy(model, ids)
+    dense, dense_logits = greedy_with_logits(model, ids)
     with longattn.patch(model, decode=policy, impl="reference", decode_config=config) as patched_model:
-        ours = greedy(patched_model, ids)
+        ours, our_logits = greedy_with_logits(patched_model, ids)
     assert torch.equal(ours, dense), (ours, dense)
+    torch.testing.assert_close(our_logits, dense_logits, rtol=1e-4, atol=1e-4)
     handle = longattn.patch(model, decode=policy, impl="reference", decode_config=config)
     try:
         cache = handle.cache()

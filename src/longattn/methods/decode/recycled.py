@@ -25,13 +25,15 @@ class RecycledAttention(DecodePolicy):
     def select(self, layer_idx, q, layer):
         if q.shape[2] != 1:
             return None
-        step, sel, n0 = getattr(layer, "recycled", (0, None, 0))
+        step, sel, first_fresh = getattr(layer, "recycled", (0, None, None))
         if sel is not None and step % self.stride:
-            layer.recycled = (step + 1, sel, n0)
-            fresh = (torch.arange(layer.capacity, device=q.device) >= n0) & layer.valid()
+            layer.recycled = (step + 1, sel, first_fresh)
+            fresh = (torch.arange(layer.capacity, device=q.device) >= first_fresh[..., None]) & layer.valid()
             return torch.nn.functional.pad(sel, (0, layer.capacity - sel.shape[-1])) | fresh
         votes = torch.softmax(cached_logits(q, layer), -1).nan_to_num_(0.0).sum((2, 3))
-        layer.recycled = (step + 1, topk_mask(votes, self.budget, layer.valid()), layer.capacity)
+        # this step's token is already stored (the cache is updated before attention): it and every later token
+        # are read by the recycled steps. Slots, not capacity: storage grows with spare room while decoding.
+        layer.recycled = (step + 1, topk_mask(votes, self.budget, layer.valid()), layer.lengths - 1)
         return None  # this step reads everything
 
     def tensors(self, layer):
