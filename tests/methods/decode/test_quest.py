@@ -29,6 +29,32 @@ def test_page_bounds_and_selection_hand_worked():
     assert sel[0, 0].tolist() == [False, False, True, True, False, False, True]
 
 
+def test_shared_group_reads_one_page_set_per_kv_head():
+    """GQA 2:1, pages of 2 tokens, 2 pages of budget, no sink page. Query head 0 points along +x (best: page 1),
+    head 1 along +y (best: page 2); page 3 is the newest. Per query head each reads its own best page (the kv head
+    reads 3 pages); shared, the group's best bound wins (page 1: 5 > 4) and both heads read pages 1 and 3."""
+    k = torch.zeros(1, 1, 7, 2)
+    k[0, 0, 2, 0] = 5.0
+    k[0, 0, 4, 1] = 4.0
+    layer = LongattnLayer(page_size=2)
+    layer.update(k, k)
+    q = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # [B=1, Hq=2, 1, D=2]
+    per_head = Quest(budget=4, page_size=2, dense_layers=0, sink_pages=0).select(0, q, layer)
+    assert per_head[0, 0].tolist() == [False, False, True, True, False, False, True]
+    assert per_head[0, 1].tolist() == [False, False, False, False, True, True, True]
+    shared = Quest(budget=4, page_size=2, dense_layers=0, sink_pages=0, share_group=True).select(0, q, layer)
+    assert shared[0, 0].tolist() == shared[0, 1].tolist() == [False, False, True, True, False, False, True]
+
+
+def test_shared_group_budget_covering_everything_equals_dense():
+    assert_dense_equivalent("quest", {"budget": 64, "page_size": 8, "dense_layers": 0, "share_group": True})
+
+
+def test_share_group_must_be_a_bool():
+    with pytest.raises(TypeError, match="share_group"):
+        Quest(share_group="yes")
+
+
 def _sink_layer(pages: int = 8, ps: int = 4, spread: float = 3.0, sink: float = 2.0):
     """Keys shaped like an attention-sink ("no-op") head: the first token scores highest against q = (1, 1),
     every other key scores exactly 0 but its page spans (-spread, spread) per channel, so the min/max bound of

@@ -6,7 +6,11 @@ The first ``sink_pages`` pages (default 1) are always read, out of the budget. T
 sinks: on SmolLM2-135M, heads that park ~all their attention on the first token (no-op heads) have that page's
 bound ranked near last (498th of 500 pages at 8k in layer 18), because every ordinary page's per-channel spread
 bounds higher than the sink's real score; those heads then read none of their attention and the answer breaks
-(issue 4). ``sink_pages=0`` is the paper's pure top-k."""
+(issue 4). ``sink_pages=0`` is the paper's pure top-k.
+
+Quest was written for multi-head models. With grouped-query attention each query head picking its own pages makes a
+kv head's reads the union of its group's picks (up to group × budget); ``share_group=True`` ranks pages by the
+group's best bound and reads one set per kv head, so the read is ``budget`` tokens per kv head."""
 
 from __future__ import annotations
 
@@ -24,8 +28,11 @@ class Quest(DecodePolicy):
 
     budget_is_cap = True  # a read budget: at or above the context, every page is read
 
-    def __init__(self, budget: int = 2048, page_size: int = 16, dense_layers: int = 2, sink_pages: int = 1):
+    def __init__(self, budget: int = 2048, page_size: int = 16, dense_layers: int = 2, sink_pages: int = 1,
+                 share_group: bool = False):
         super().__init__(budget)
+        if not isinstance(share_group, bool):
+            raise TypeError(f"share_group: expected True or False, got {share_group!r}")
         check_int("page_size", page_size)
         check_int("dense_layers", dense_layers, minimum=0)
         check_int("sink_pages", sink_pages, minimum=0)
@@ -36,21 +43,28 @@ class Quest(DecodePolicy):
             raise ValueError(f"sink_pages: {sink_pages} sink pages and the newest page exceed the budget of "
                              f"{budget // page_size} pages; pass sink_pages <= {budget // page_size - 1}")
         self.page_size, self.dense_layers, self.sink_pages = page_size, dense_layers, sink_pages
+        self.share_group = share_group
 
     def select(self, layer_idx, q, layer):
         if layer_idx < self.dense_layers or q.shape[2] != 1:
             return None
         B, Hq, _, D = q.shape
         Hkv = layer.keys.shape[1]
+        group = Hq // Hkv
         scores = page_upper_bounds(q, layer.page_min, layer.page_max)  # [B, Hq, n_pages]
-        valid = layer.page_valid().repeat_interleave(Hq // Hkv, 1)
+        if self.share_group:  # one page set per kv head, ranked by its group's best bound
+            scores, heads = scores.unflatten(1, (Hkv, group)).amax(2), Hkv
+        else:
+            heads = Hq
+        valid = layer.page_valid().repeat_interleave(heads // Hkv, 1)
         newest = (layer.lengths - 1) // self.page_size  # [B, Hkv]
         forced = torch.zeros_like(valid)
         forced[..., : self.sink_pages] = True
-        forced.scatter_(2, newest.repeat_interleave(Hq // Hkv, 1)[..., None], True)
+        forced.scatter_(2, newest.repeat_interleave(heads // Hkv, 1)[..., None], True)
         forced &= valid
         free = self.budget // self.page_size - int(forced.sum(-1).max())
         pages = forced | topk_mask(scores, free, valid & ~forced)
+        pages = pages.repeat_interleave(Hq // heads, 1)  # per query head
         return pages.repeat_interleave(self.page_size, -1)[..., : layer.capacity]
 
 
