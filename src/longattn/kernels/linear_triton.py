@@ -126,7 +126,9 @@ def _piece_scan(LOCAL, TOT, INIT, CARRY, FINAL, SEQ_PIECE0, SEQ_NPIECE, NH, DK: 
     tl.store(FINAL + pid * DK * DV + off, state, mask=m)
 
 
-@triton.autotune(_walk_configs("BV"), key=["DK", "DV", "C", "USE_G"], prune_configs_by=_PRUNE)
+# Walk keys name the split flags too: a split call (few rows, states in and out) compiles and runs differently from
+# a whole-sequence one, and must not inherit the tile chosen for the other.
+@triton.autotune(_walk_configs("BV"), key=["DK", "DV", "C", "USE_G", "HAS_S0", "STORE_END"], prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd_walk(Q, K, V, G, S0, OUT, END, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
@@ -177,7 +179,7 @@ def _fwd_walk(Q, K, V, G, S0, OUT, END, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
         tl.store(END + pid * DK * DV + off, state, mask=mstate)
 
 
-@triton.autotune(_walk_configs("BK"), key=["DK", "DV", "C", "USE_G", "G_GRAD"], prune_configs_by=_PRUNE,
+@triton.autotune(_walk_configs("BK"), key=["DK", "DV", "C", "USE_G", "G_GRAD", "HAS_S0"], prune_configs_by=_PRUNE,
                  pre_hook=_zero_dgl)
 @triton.jit
 def _dq_walk(Q, K, V, G, DO, S0, DQ, DGL, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
@@ -229,8 +231,8 @@ def _dq_walk(Q, K, V, G, DO, S0, DQ, DGL, SEG_B, SEG_START, SEG_LEN, scale, S, N
         state += tl.dot(tl.trans(k_in), v, input_precision=PREC)
 
 
-@triton.autotune(_walk_configs("BK"), key=["DK", "DV", "C", "USE_G", "G_GRAD"], prune_configs_by=_PRUNE,
-                 pre_hook=_zero_dgl)
+@triton.autotune(_walk_configs("BK"), key=["DK", "DV", "C", "USE_G", "G_GRAD", "HAS_D0", "STORE_END"],
+                 prune_configs_by=_PRUNE, pre_hook=_zero_dgl)
 @triton.jit
 def _dk_walk(Q, K, V, G, DO, D0, DK_, DGL, END, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
              DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
@@ -287,7 +289,7 @@ def _dk_walk(Q, K, V, G, DO, D0, DK_, DGL, END, SEG_B, SEG_START, SEG_LEN, scale
         tl.store(END + pid * DK * DV + off, dstate, mask=mstate)
 
 
-@triton.autotune(_walk_configs("BV"), key=["DK", "DV", "C", "USE_G"], prune_configs_by=_PRUNE)
+@triton.autotune(_walk_configs("BV"), key=["DK", "DV", "C", "USE_G", "HAS_D0"], prune_configs_by=_PRUNE)
 @triton.jit
 def _dv_walk(Q, K, G, DO, D0, DV_, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
              DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
