@@ -383,7 +383,13 @@ class BlockSparse:
         return float(kept / (area.sum() * bh[0] * bh[1]))
 
     def mask_density(self) -> float:
-        """Fraction of query × key pairs the mask keeps (exact: full blocks plus set bits of partial tiles)."""
+        """Fraction of query × key pairs the mask keeps (exact: full blocks plus set bits of partial tiles).
+        Computed once per instance: a static pattern's one BlockSparse serves every layer of a forward, and the
+        count (dense block maps, every tile's bits, a read-back) is not free at long lengths."""
+        return self._mask_density
+
+    @functools.cached_property
+    def _mask_density(self) -> float:
         cls_map, tile_map = self.block_map()
         area = self._block_area()
         ones_per_tile = _unpack_bits(self.tiles, self.kv_blocks.block).flatten(1).sum(1).double()
