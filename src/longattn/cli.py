@@ -126,6 +126,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         decodes = expand_budgets(decodes, _ints(args.budgets) if args.budgets else None)
     except ValueError as e:
         raise SystemExit(f"--budgets {args.budgets!r}: {e}") from None
+    settings = args.kv_setting.split(",")
+    if not settings or any(x not in runner.SETTINGS for x in settings):
+        raise SystemExit(f"--kv-setting {args.kv_setting!r}: expected a comma list of {', '.join(runner.SETTINGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
@@ -136,7 +139,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if max_len and max(lengths) > max_len:
         raise SystemExit(f"--lengths: {max(lengths)} exceeds the model's {max_len} positions")
     jobs = runner.grid(tasks, lengths, [float(d) for d in args.depths.split(",")], methods,
-                       seeds=range(args.seeds), haystacks=args.haystack.split(","), decodes=decodes)
+                       seeds=range(args.seeds), haystacks=args.haystack.split(","), decodes=decodes,
+                       settings=settings)
     out, name = Path(args.out), args.model or "smollm2-135m-instruct"
     new = runner.run(jobs, model, tokenizer, out, model_name=name, impl=args.impl,
                      environment={k: v for k, v in environment(torch.device(device)).items() if k != "device"})
@@ -245,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--budgets", default=None,
                        help="e.g. 256,512,1k: run each --decode policy that takes a budget (and sets none) once per "
                             "budget (tokens per kv head)")
+        e.add_argument("--kv-setting", default="aware",
+                       help="decode policies' setting, comma list: aware (compress the whole prompt, question "
+                            "included) and/or agnostic (compress the context, then feed the question)")
         e.add_argument("--haystack", default="noise", help="noise, essay or both (comma list)")
         e.add_argument("--seeds", type=int, default=1)
         e.add_argument("--model", default=None, help="local HF folder or cached hub id (default: embedded model)")

@@ -138,6 +138,7 @@ def test_budgets_expand_only_policies_with_a_budget():
     (["--decode", "snapkv:budgt=1"], "--decode 'snapkv:budgt=1': decode: 'snapkv' has no knob"),
     (["--methods", "snapkv"], "--methods: .*'snapkv'.* are decode policies; pass them with --decode"),
     (["--decode", "kivi", "--budgets", "64"], "--budgets '64': budgets: none of the decode policies"),
+    (["--decode", "snapkv", "--kv-setting", "blind"], "--kv-setting 'blind': expected a comma list of aware, "),
 ])
 def test_cli_rejects_bad_specs_before_loading_a_model(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
@@ -154,6 +155,30 @@ def test_report_decode_table_and_compression_plot(decode_rows, tmp_path):
     assert "| dense | dense | 0.0 | 1.00x | – |" in md or "| dense | dense | 100.0 | 1.00x | – |" in md
     text = report.write_html(rows, tmp_path / "r.html").read_text()
     assert text.count("data:image/png;base64") == 3 and (tmp_path / "r.compression.png").exists()
+
+
+def test_question_agnostic_compresses_the_context_before_the_question(model, tokens, tmp_path):
+    """Agnostic: the context alone is prefilled and compressed, then the question is fed (it is kept whole, after
+    the compressed context); with a budget covering the context it decodes exactly what the dense cache does."""
+    tok = ByteTokenizer()
+    sample = make_sample(tok, "passkey", LENGTH, 0.5)
+    question, context = len(tok(sample.question).input_ids), len(tok(sample.context).input_ids)
+    assert context + question == tokens and question > 0
+    decodes = [parse_decode(d) for d in ("dense", "snapkv:budget=64:window=16", f"snapkv:budget={context}")]
+    jobs = runner.grid(["passkey"], [LENGTH], [0.5], [DENSE], decodes=decodes, settings=["aware", "agnostic"])
+    assert len(jobs) == 5  # the dense cache keeps everything: no agnostic job for it
+    rows = {(r["decode"], r["kv_setting"]): r for r in runner.run(jobs, model, tok, tmp_path / "a.jsonl",
+                                                                   model_name="t", progress=False)}
+    per_token = 2 * 2 * 16 * 2 * 4  # layers x kv heads x head_dim x (K + V) x fp32
+    assert rows[("snapkv:budget=64:window=16", "aware")]["kv_bytes_kept"] == 64 * per_token
+    assert rows[("snapkv:budget=64:window=16", "agnostic")]["kv_bytes_kept"] == (64 + question) * per_token
+    whole = rows[(f"snapkv:budget={context}", "agnostic")]
+    assert whole["output"] == rows[("dense", "aware")]["output"] and whole["compression"] == 1.0
+    assert runner.run(jobs, model, tok, tmp_path / "a.jsonl", model_name="t", progress=False) == []  # resumable
+    md = report.markdown(list(rows.values()))
+    assert "| dense | snapkv:budget=64:window=16 (question-agnostic) |" in md
+    with pytest.raises(ValueError, match="settings: expected some of"):
+        runner.grid(["passkey"], [LENGTH], [0.5], [DENSE], decodes=decodes, settings=["blind"])
 
 
 @pytest.mark.parametrize("amx, avx512_bf16, expected", [(False, False, torch.float32), (True, False, torch.bfloat16),

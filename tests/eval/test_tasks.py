@@ -23,6 +23,9 @@ def test_sample_is_deterministic_sized_and_answerable(task, length):
     for answer in a.answers:
         assert answer in body
     assert make_sample(TOK, task, length, 0.3, seed=2).prompt != a.prompt
+    # the closing question is its own part (question-agnostic KV runs compress the context without it)
+    assert a.question.startswith("\n") and a.context + a.question == a.prompt
+    assert not any(answer in a.question for answer in a.answers) and all(x in a.context for x in a.answers)
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])

@@ -14,6 +14,8 @@ from pathlib import Path
 NEEDLE_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery")
 
 
+AGNOSTIC = " (question-agnostic)"
+
 def load_rows(paths: list[Path]) -> list[dict]:
     """Rows of the JSONL files (torn lines skipped)."""
     rows = []
@@ -31,7 +33,14 @@ def _mean(xs: list[float]) -> float:
 
 
 def _decode(row: dict) -> str:
-    return row.get("decode", "dense")  # rows written before decode policies were evaluated ran on the dense cache
+    """The decode policy's label (rows written before decode policies were evaluated ran on the dense cache), marked
+    when it ran question-agnostic (its own entry in every table and plot)."""
+    return row.get("decode", "dense") + (AGNOSTIC if row.get("kv_setting") == "agnostic" else "")
+
+
+def _policy(row: dict) -> str:
+    """The policy's name without its knobs, kept apart by setting: one plot series each."""
+    return row.get("decode", "dense").split(":")[0] + (AGNOSTIC if row.get("kv_setting") == "agnostic" else "")
 
 
 def _name(row: dict) -> str:
@@ -224,12 +233,11 @@ def compression_plot(rows: list[dict], path: Path) -> Path | None:
     cols = min(3, len(tasks))
     n_rows = (len(tasks) + cols - 1) // cols
     fig, axes = plt.subplots(n_rows, cols, figsize=(4.6 * cols, 3.6 * n_rows), squeeze=False)
-    series = list(dict.fromkeys((r["method"], _decode(r).split(":")[0]) for r in rows))
+    series = list(dict.fromkeys((r["method"], _policy(r)) for r in rows))
     for ax, task in zip(axes.flat, tasks, strict=False):
         mine = [r for r in rows if r["task"] == task]
         for i, (method, policy) in enumerate(series):
-            specs = list(dict.fromkeys(_decode(r) for r in mine if r["method"] == method
-                                       and _decode(r).split(":")[0] == policy))
+            specs = list(dict.fromkeys(_decode(r) for r in mine if r["method"] == method and _policy(r) == policy))
             points = []
             for spec in specs:
                 at = [r for r in mine if r["method"] == method and _decode(r) == spec]

@@ -4,9 +4,11 @@ sample.
 Rows are appended and flushed as they finish; a rerun skips every row already in the file, so a killed run loses
 nothing. Each method is patched in through ``longattn.patch`` (never forked model code), the prompt is prefilled once
 (timed), and the answer is decoded greedily from the cache. With a decode policy the cache is the policy's
-``LongattnCache`` (``handle.cache()``): the prompt is prefilled into it (compression runs at the end of prefill, the
-question-aware setting, inside the timed prefill) and every decoding step reads from it. Rows then carry what the
-cache holds and reads (see ``eval/kvstats.py`` for how each number is obtained)."""
+``LongattnCache`` (``handle.cache()``), in one of two settings (DESIGN.md, Measuring): question-aware, the whole prompt
+is prefilled and compression runs at its end; question-agnostic, the context alone is prefilled and compressed, then
+the question is fed (as kvpress measures: the cache cannot know what will be asked). Both inside the timed prefill;
+every decoding step reads from the cache. Rows then carry what the cache holds and reads (see ``eval/kvstats.py``
+for how each number is obtained)."""
 
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ from longattn.eval.tasks import make_sample, score
 from longattn.eval.tasks.needles import DEPTHLESS
 from longattn.hf.compat import cache_kwargs, output_cache
 
-KEY_FIELDS = ("task", "haystack", "length", "depth", "seed", "method", "decode", "model", "dtype")
-KEY_DEFAULTS = {"decode": "dense"}  # rows written before decode policies were evaluated ran on the dense cache
+KEY_FIELDS = ("task", "haystack", "length", "depth", "seed", "method", "decode", "kv_setting", "model", "dtype")
+# rows written before decode policies (or the question-agnostic setting) were evaluated: dense cache, question-aware
+KEY_DEFAULTS = {"decode": "dense", "kv_setting": "aware"}
+SETTINGS = ("aware", "agnostic")
 
 
 @dataclass(frozen=True)
@@ -42,24 +46,30 @@ class Job:
     seed: int
     method: MethodSpec
     decode: MethodSpec = DENSE
+    setting: str = "aware"  # KV setting of a decode policy: "aware" (sees the question) or "agnostic"
 
 
 def grid(tasks: Iterable[str], lengths: Iterable[int], depths: Iterable[float], methods: Iterable[MethodSpec], *,
          seeds: Iterable[int] = (0,), haystacks: Iterable[str] = ("noise",),
-         decodes: Iterable[MethodSpec] = (DENSE,)) -> list[Job]:
+         decodes: Iterable[MethodSpec] = (DENSE,), settings: Iterable[str] = ("aware",)) -> list[Job]:
     """Every combination, grouped by (method, decode policy) (one patch each); depthless tasks run once per length;
-    perplexity (no decoding) runs on the dense cache only."""
+    perplexity (no decoding) runs on the dense cache only; the dense cache has no setting (it keeps everything)."""
+    settings = list(settings)
+    unknown = [x for x in settings if x not in SETTINGS]
+    if unknown or not settings:
+        raise ValueError(f"settings: expected some of {SETTINGS}, got {settings}")
     jobs = []
     decodes = list(decodes)
     for m in methods:
         for dec in decodes:
-            for t in tasks:
-                if t == "perplexity" and dec.name != "dense":
-                    continue
-                for h in haystacks:
-                    for n in lengths:
-                        for d in ((0.5,) if t in DEPTHLESS + ("perplexity",) else depths):
-                            jobs.extend(Job(t, h, n, d, s, m, dec) for s in seeds)
+            for setting in (settings if dec.name != "dense" else ["aware"]):
+                for t in tasks:
+                    if t == "perplexity" and dec.name != "dense":
+                        continue
+                    for h in haystacks:
+                        for n in lengths:
+                            for d in ((0.5,) if t in DEPTHLESS + ("perplexity",) else depths):
+                                jobs.extend(Job(t, h, n, d, s, m, dec, setting) for s in seeds)
     return jobs
 
 
@@ -118,7 +128,8 @@ def run(jobs: list[Job], model, tokenizer, out: Path, *, model_name: str, impl: 
 
 def _key_row(job: Job, model_name: str, dtype: str) -> dict:
     return {"task": job.task, "haystack": job.haystack, "length": job.length, "depth": job.depth, "seed": job.seed,
-            "method": job.method.label, "decode": job.decode.label, "model": model_name, "dtype": dtype}
+            "method": job.method.label, "decode": job.decode.label, "kv_setting": job.setting, "model": model_name,
+            "dtype": dtype}
 
 
 @torch.no_grad()
@@ -140,17 +151,24 @@ def run_one(job: Job, model, tokenizer, handle) -> dict:
     sample = make_sample(tokenizer, job.task, job.length, job.depth, seed=job.seed, haystack=job.haystack)
     device = next(model.parameters()).device
     ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
-    cache = handle.cache() if job.decode.name != "dense" else None
+    agnostic = job.setting == "agnostic"
+    split = _context_tokens(tokenizer, sample, ids) if agnostic else ids.shape[1]
+    cache = handle.cache(auto_compress=not agnostic) if job.decode.name != "dense" else None
     if cache is not None and state.policy.budget is not None:
-        try:  # a compression target above the prompt is no measurement: the row says so and stays finished
-            state.policy.check_budget(state.policy.budget, ids.shape[1])
+        try:  # a compression target above the context is no measurement: the row says so and stays finished
+            state.policy.check_budget(state.policy.budget, split)
         except ValueError as e:
             return {"family": job.method.family, "config": job.method.knobs, "decode_config": job.decode.knobs,
                     "tokens": ids.shape[1], "correct": None, "skipped": str(e)}
     state.densities.clear()
     with PeakMemory(device) as mem:
         start = time.perf_counter()
-        out = model(ids, use_cache=True, logits_to_keep=1, **(cache_kwargs(model, cache) if cache is not None else {}))
+        kwargs = cache_kwargs(model, cache) if cache is not None else {}
+        out = model(ids[:, :split], use_cache=True, logits_to_keep=1, **kwargs)
+        if agnostic:  # compress what the context left, then let the question in
+            cache = output_cache(out)
+            cache.compress()
+            out = model(ids[:, split:], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
         _sync(device)
         prefill_ms = (time.perf_counter() - start) * 1e3
     densities = list(state.densities)
@@ -198,6 +216,17 @@ def run_one(job: Job, model, tokenizer, handle) -> dict:
         "peak_mem_mb": None if mem.peak_mb is None else round(mem.peak_mb, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
+
+
+def _context_tokens(tokenizer, sample, ids: torch.Tensor) -> int:
+    """How many of the prompt's tokens ``ids`` are its context: the context tokenised alone, as far as it agrees
+    with the prompt's own tokens (so both settings feed the model the same ids); the question keeps at least one."""
+    if not sample.question:
+        raise ValueError(f"kv_setting: task {sample.task!r} has no separate question; run it question-aware")
+    alone = tokenizer(sample.context, return_tensors="pt").input_ids[0].to(ids.device)
+    n = min(len(alone), ids.shape[1] - 1)
+    agree = (alone[:n] == ids[0, :n]).long()
+    return int(agree.cumprod(0).sum())
 
 
 def _perplexity_row(job: Job, model, tokenizer, state) -> dict:

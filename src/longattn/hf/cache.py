@@ -144,7 +144,9 @@ class LongattnLayer(_SeenTokensLayer):
         n = k.shape[2]
         need = int(self.lengths.max()) + n
         if need > self.capacity:
-            self._resize(need + (max(16, need // self.growth) if self.seen else 0))  # grow by ~1/8 while decoding
+            # spare room (~1/8) only for decoding steps; a prompt or a later chunk (the question after a
+            # question-agnostic compression) is stored exactly, so held bytes are what it keeps
+            self._resize(need + (max(16, need // self.growth) if self.seen and n == 1 else 0))
         idx = self.lengths[..., None] + torch.arange(n, device=self.device)  # [B, H, n]
         self.keys.scatter_(2, _ex(idx, k.shape[-1]).to(self.keys.device), k.to(self.keys.device))
         self.values.scatter_(2, _ex(idx, v.shape[-1]).to(self.values.device), v.to(self.values.device))

@@ -32,6 +32,12 @@ class Sample:
     answers: tuple[str, ...]
     max_new_tokens: int
     meta: dict = field(default_factory=dict)
+    question: str = ""  # the prompt's closing question (a suffix of it); "" when the task has none
+
+    @property
+    def context(self) -> str:
+        """The prompt before its question: what a question-agnostic KV policy compresses."""
+        return self.prompt[: len(self.prompt) - len(self.question)]
 
 
 def score(sample: Sample, output: str) -> float:
@@ -99,7 +105,7 @@ def passkey(tok, length: int, depth: float, rng: random.Random, haystack: str) -
 
     def build(n: int) -> str:
         return INTRO + _context(tok, haystack, n, [(depth, needle)], ctx) + question
-    return Sample("passkey", _fit(tok, build, length), (key,), 8)
+    return Sample("passkey", _fit(tok, build, length), (key,), 8, question=question)
 
 
 def niah_single(tok, length: int, depth: float, rng: random.Random, haystack: str) -> Sample:
@@ -111,7 +117,7 @@ def niah_single(tok, length: int, depth: float, rng: random.Random, haystack: st
 
     def build(n: int) -> str:
         return INTRO + _context(tok, haystack, n, [(depth, _needle(key, value))], ctx) + question
-    return Sample("niah_single", _fit(tok, build, length), (value,), 12)
+    return Sample("niah_single", _fit(tok, build, length), (value,), 12, question=question)
 
 
 def niah_multikey(tok, length: int, depth: float, rng: random.Random, haystack: str, distractors: int = 3) -> Sample:
@@ -126,7 +132,7 @@ def niah_multikey(tok, length: int, depth: float, rng: random.Random, haystack: 
 
     def build(n: int) -> str:
         return INTRO + _context(tok, haystack, n, needles, ctx) + question
-    return Sample("niah_multikey", _fit(tok, build, length), (values[0],), 12)
+    return Sample("niah_multikey", _fit(tok, build, length), (values[0],), 12, question=question)
 
 
 def niah_multivalue(tok, length: int, depth: float, rng: random.Random, haystack: str, n_values: int = 4) -> Sample:
@@ -140,7 +146,7 @@ def niah_multivalue(tok, length: int, depth: float, rng: random.Random, haystack
 
     def build(n: int) -> str:
         return INTRO + _context(tok, haystack, n, needles, ctx) + question
-    return Sample("niah_multivalue", _fit(tok, build, length), tuple(values), 12 * n_values)
+    return Sample("niah_multivalue", _fit(tok, build, length), tuple(values), 12 * n_values, question=question)
 
 
 def niah_multiquery(tok, length: int, depth: float, rng: random.Random, haystack: str, n_queries: int = 4) -> Sample:
@@ -156,7 +162,7 @@ def niah_multiquery(tok, length: int, depth: float, rng: random.Random, haystack
 
     def build(n: int) -> str:
         return INTRO + _context(tok, haystack, n, needles, ctx) + question
-    return Sample("niah_multiquery", _fit(tok, build, length), tuple(values), 12 * n_queries)
+    return Sample("niah_multiquery", _fit(tok, build, length), tuple(values), 12 * n_queries, question=question)
 
 
 def variable_tracking(tok, length: int, depth: float, rng: random.Random, haystack: str, hops: int = 4) -> Sample:
@@ -173,7 +179,7 @@ def variable_tracking(tok, length: int, depth: float, rng: random.Random, haysta
 
     def build(n: int) -> str:
         return INTRO + _context(tok, haystack, n, needles, ctx) + question
-    return Sample("variable_tracking", _fit(tok, build, length), tuple(names), 8 * (hops + 1))
+    return Sample("variable_tracking", _fit(tok, build, length), tuple(names), 8 * (hops + 1), question=question)
 
 
 def _word_list(tok, length: int, make_words: Callable[[int], list[str]], question: str, top: int
@@ -216,7 +222,7 @@ def common_words(tok, length: int, depth: float, rng: random.Random, haystack: s
         random.Random(seed).shuffle(out)
         return out
     prompt, answers = _word_list(tok, length, words, question, top)
-    return Sample("common_words", prompt, answers, 8 * top)
+    return Sample("common_words", prompt, answers, 8 * top, question=question)
 
 
 def frequent_words(tok, length: int, depth: float, rng: random.Random, haystack: str, top: int = 3) -> Sample:
@@ -231,7 +237,7 @@ def frequent_words(tok, length: int, depth: float, rng: random.Random, haystack:
     def words(n: int) -> list[str]:
         return random.Random(seed).choices(vocab, weights, k=n)
     prompt, answers = _word_list(tok, length, words, question, top)
-    return Sample("frequent_words", prompt, answers, 6 * top)
+    return Sample("frequent_words", prompt, answers, 6 * top, question=question)
 
 
 TASKS: dict[str, Callable[..., Sample]] = {
@@ -255,5 +261,7 @@ def make_sample(tokenizer, task: str, length: int, depth: float, *, seed: int = 
         raise ValueError(f"depth: expected a fraction in [0, 1], got {depth!r}")
     rng = random.Random(f"{task}|{length}|{depth}|{seed}|{haystack}")
     sample = TASKS[task](tokenizer, length, depth, rng, haystack)
+    if not sample.prompt.endswith(sample.question):
+        raise AssertionError(f"task {task!r}: its question is not the end of its prompt")
     return Sample(sample.task, sample.prompt, sample.answers, sample.max_new_tokens,
-                  {"depth": depth, "seed": seed, "haystack": haystack})
+                  {"depth": depth, "seed": seed, "haystack": haystack}, sample.question)
