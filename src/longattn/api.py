@@ -233,9 +233,20 @@ def _flex(q, k, v, mask, causal, scale, bias, cu_q, cu_kv, block):
             return score + (u[b, h, qi].float() * w[b, h, kv].float()).sum()
 
     fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
-    out, lse = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                  enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
-    return out, lse
+    aux = _flex_lse_request()
+    lse_kwarg = {"return_lse": True} if aux is None else {"return_aux": aux}
+    out, extra = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                    enable_gqa=q.shape[1] != k.shape[1], **lse_kwarg)
+    return out, (extra if aux is None else extra.lse)
+
+
+def _flex_lse_request():
+    """``AuxRequest(lse=True)`` where torch has it (``return_lse`` is deprecated there), else None."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return None
+    return AuxRequest(lse=True)
 
 
 # ---------------------------------------------------------------------------------------------- validation
