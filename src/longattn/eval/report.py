@@ -12,9 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 
 NEEDLE_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery")
+AGNOSTIC = " (question-agnostic)"  # marks a decode policy's rows of the question-agnostic setting
 
-
-AGNOSTIC = " (question-agnostic)"
 
 def load_rows(paths: list[Path]) -> list[dict]:
     """Rows of the JSONL files (torn lines skipped)."""
@@ -35,12 +34,16 @@ def _mean(xs: list[float]) -> float:
 def _decode(row: dict) -> str:
     """The decode policy's label (rows written before decode policies were evaluated ran on the dense cache), marked
     when it ran question-agnostic (its own entry in every table and plot)."""
-    return row.get("decode", "dense") + (AGNOSTIC if row.get("kv_setting") == "agnostic" else "")
+    return row.get("decode", "dense") + _setting_mark(row)
 
 
 def _policy(row: dict) -> str:
     """The policy's name without its knobs, kept apart by setting: one plot series each."""
-    return row.get("decode", "dense").split(":")[0] + (AGNOSTIC if row.get("kv_setting") == "agnostic" else "")
+    return row.get("decode", "dense").split(":")[0] + _setting_mark(row)
+
+
+def _setting_mark(row: dict) -> str:
+    return AGNOSTIC if row.get("kv_setting") == "agnostic" else ""
 
 
 def _name(row: dict) -> str:
