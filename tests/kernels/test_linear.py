@@ -204,6 +204,19 @@ def test_plans_cached_per_shape_and_segment_sizes(monkeypatch):
     assert lt.plan_for(1, 1000, 2, cu, 16, cpu) is not lt.plan_for(1, 1000, 2, cu, 16, cpu)
 
 
+def test_autotuning_keys_tell_small_launches_from_large():
+    """Every autotuned kernel keys on the launch's size class, and a small split call (a 2k correctness check) and
+    a 1M-token split call fall in different classes: the check no longer picks the tile the large call runs with."""
+    from longattn.kernels import linear_triton as lt
+
+    for kernel in (lt._piece_state, lt._fwd_walk, lt._dq_walk, lt._dk_walk, lt._dv_walk):
+        assert "SIZE" in kernel.keys, kernel.fn.__name__
+    cpu = torch.device("cpu")
+    small, large = lt.plan_for(1, 2048, 2, None, 64, cpu), lt.plan_for(1, 1 << 20, 16, None, 64, cpu)
+    assert small.split and large.split
+    assert small.walk_size != large.walk_size and small.state_size != large.state_size
+
+
 CU = [[0, 37], [0, 1, 17, 50], [0, 20, 20, 33, 70]]
 
 

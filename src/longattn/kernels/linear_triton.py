@@ -58,9 +58,9 @@ def _zero_dgl(nargs: dict, reset_only: bool = False) -> None:
 _PRUNE = {"early_config_prune": _prune_tiles}
 
 
-@triton.autotune(_state_configs(), key=["DK", "DV", "USE_G", "REVERSE"], prune_configs_by=_PRUNE)
-@triton.jit
-def _piece_state(X, Y, G, OUT, TOT, PIECE_B, PIECE_START, PIECE_LEN, scale, S, NH,
+@triton.autotune(_state_configs(), key=["DK", "DV", "USE_G", "REVERSE", "SIZE"], prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["SIZE"])
+def _piece_state(X, Y, G, OUT, TOT, PIECE_B, PIECE_START, PIECE_LEN, scale, S, NH, SIZE,
                DK: tl.constexpr, DV: tl.constexpr, CS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                USE_G: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr):
     """Each piece's own term from a zero state into OUT [pieces, H, DK, DV] (fp32): forward (X, Y = k, v)
@@ -126,11 +126,12 @@ def _piece_scan(LOCAL, TOT, INIT, CARRY, FINAL, SEQ_PIECE0, SEQ_NPIECE, NH, DK: 
     tl.store(FINAL + pid * DK * DV + off, state, mask=m)
 
 
-# Walk keys name the split flags too: a split call (few rows, states in and out) compiles and runs differently from
-# a whole-sequence one, and must not inherit the tile chosen for the other.
-@triton.autotune(_walk_configs("BV"), key=["DK", "DV", "C", "USE_G", "HAS_S0", "STORE_END"], prune_configs_by=_PRUNE)
-@triton.jit
-def _fwd_walk(Q, K, V, G, S0, OUT, END, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
+# Autotune keys name the split flags and SIZE (the launch's size class, see _size_class): a split call (few rows,
+# states in and out) or a small one compiles and runs differently and must not inherit another's tile.
+@triton.autotune(_walk_configs("BV"), key=["DK", "DV", "C", "USE_G", "HAS_S0", "STORE_END", "SIZE"],
+                 prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["SIZE"])
+def _fwd_walk(Q, K, V, G, S0, OUT, END, SEG_B, SEG_START, SEG_LEN, scale, S, NH, SIZE,
               DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
               USE_G: tl.constexpr, HAS_S0: tl.constexpr, STORE_END: tl.constexpr, PREC: tl.constexpr):
     """Outputs of one segment and DV slice, chunk by chunk with the state [DK, BV] in registers (fp32): attention
@@ -179,10 +180,10 @@ def _fwd_walk(Q, K, V, G, S0, OUT, END, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
         tl.store(END + pid * DK * DV + off, state, mask=mstate)
 
 
-@triton.autotune(_walk_configs("BK"), key=["DK", "DV", "C", "USE_G", "G_GRAD", "HAS_S0"], prune_configs_by=_PRUNE,
-                 pre_hook=_zero_dgl)
-@triton.jit
-def _dq_walk(Q, K, V, G, DO, S0, DQ, DGL, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
+@triton.autotune(_walk_configs("BK"), key=["DK", "DV", "C", "USE_G", "G_GRAD", "HAS_S0", "SIZE"],
+                 prune_configs_by=_PRUNE, pre_hook=_zero_dgl)
+@triton.jit(do_not_specialize=["SIZE"])
+def _dq_walk(Q, K, V, G, DO, S0, DQ, DGL, SEG_B, SEG_START, SEG_LEN, scale, S, NH, SIZE,
              DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
              USE_G: tl.constexpr, HAS_S0: tl.constexpr, G_GRAD: tl.constexpr, PREC: tl.constexpr):
     """dq of one segment and DK slice, walking forwards with the state [BK, DV] in registers (fp32); with G_GRAD,
@@ -231,10 +232,10 @@ def _dq_walk(Q, K, V, G, DO, S0, DQ, DGL, SEG_B, SEG_START, SEG_LEN, scale, S, N
         state += tl.dot(tl.trans(k_in), v, input_precision=PREC)
 
 
-@triton.autotune(_walk_configs("BK"), key=["DK", "DV", "C", "USE_G", "G_GRAD", "HAS_D0", "STORE_END"],
+@triton.autotune(_walk_configs("BK"), key=["DK", "DV", "C", "USE_G", "G_GRAD", "HAS_D0", "STORE_END", "SIZE"],
                  prune_configs_by=_PRUNE, pre_hook=_zero_dgl)
-@triton.jit
-def _dk_walk(Q, K, V, G, DO, D0, DK_, DGL, END, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
+@triton.jit(do_not_specialize=["SIZE"])
+def _dk_walk(Q, K, V, G, DO, D0, DK_, DGL, END, SEG_B, SEG_START, SEG_LEN, scale, S, NH, SIZE,
              DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
              USE_G: tl.constexpr, HAS_D0: tl.constexpr, G_GRAD: tl.constexpr, STORE_END: tl.constexpr,
              PREC: tl.constexpr):
@@ -289,9 +290,9 @@ def _dk_walk(Q, K, V, G, DO, D0, DK_, DGL, END, SEG_B, SEG_START, SEG_LEN, scale
         tl.store(END + pid * DK * DV + off, dstate, mask=mstate)
 
 
-@triton.autotune(_walk_configs("BV"), key=["DK", "DV", "C", "USE_G", "HAS_D0"], prune_configs_by=_PRUNE)
-@triton.jit
-def _dv_walk(Q, K, G, DO, D0, DV_, SEG_B, SEG_START, SEG_LEN, scale, S, NH,
+@triton.autotune(_walk_configs("BV"), key=["DK", "DV", "C", "USE_G", "HAS_D0", "SIZE"], prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["SIZE"])
+def _dv_walk(Q, K, G, DO, D0, DV_, SEG_B, SEG_START, SEG_LEN, scale, S, NH, SIZE,
              DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
              USE_G: tl.constexpr, HAS_D0: tl.constexpr, PREC: tl.constexpr):
     """dv of one segment and DV slice, walking backwards with the state gradient [DK, BV] in registers (fp32)."""
@@ -416,10 +417,19 @@ class Plan:
             self.n_pieces, self.pieces = int(npiece.sum()), [x.to(**to) for x in pieces]
             self.seqs = [x.to(**to) for x in (piece0, npiece)]
             self.first_piece, self.last_piece = first.to(device), last.to(device)
+        self.walk_size = _size_class(self.n_segs * heads, seg_chunks * chunk)
+        self.state_size = _size_class(self.n_pieces * heads, piece_chunks * chunk) if self.split else 0
         self.starts, self.lens = starts.to(device), lens.to(device)
         self.last_token = (starts + lens - 1)[lens > 0]  # per non-empty sequence, for the final-state term of dg
         self.last_rows, self.nonempty = rows[lens > 0], lens > 0
         self.chunk = chunk
+
+
+def _size_class(programs: int, tokens: int) -> int:
+    """Autotuning key for a launch's size: log2 buckets of its (part, head) programs and of the tokens each walks.
+    Without it, the first shape tuned a kernel for all later ones (a 2k check's split call picked the tile that a
+    1M-token call then ran 1.5x slower with)."""
+    return programs.bit_length() * 64 + tokens.bit_length()
 
 
 @functools.lru_cache(maxsize=32)
@@ -449,8 +459,8 @@ def _carry(x: Tensor, y: Tensor, g: Tensor | None, init: Tensor | None, plan: Pl
     local = x.new_empty(plan.n_pieces, H, DK, DV, dtype=torch.float32)
     tot = x.new_empty(plan.n_pieces, H, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(DK, meta["BK"]), triton.cdiv(DV, meta["BV"]), plan.n_pieces * H)  # noqa: E731
-    _piece_state[grid](x, y, g, local, tot, *plan.pieces, scale, S, H, DK=DK, DV=DV, USE_G=g is not None,
-                     REVERSE=reverse, PREC=_prec(x))
+    _piece_state[grid](x, y, g, local, tot, *plan.pieces, scale, S, H, plan.state_size, DK=DK, DV=DV,
+                       USE_G=g is not None, REVERSE=reverse, PREC=_prec(x))
     carry, final = torch.empty_like(local), x.new_empty(plan.n_seq, H, DK, DV, dtype=torch.float32)
     BK, BV = min(32, max(16, triton.next_power_of_2(DK))), min(32, max(16, triton.next_power_of_2(DV)))
     _piece_scan[(triton.cdiv(DK, BK), triton.cdiv(DV, BV), plan.n_seq * H)](
@@ -472,7 +482,7 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, h0: Tensor | No
     else:
         s0, ht = h0, q.new_empty(plan.n_seq, H, DK, DV, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(DV, meta["BV"]), plan.n_segs * H)  # noqa: E731
-    _fwd_walk[grid](q, k, v, g, s0, o, ht, *plan.segs, scale, S, H, DK=DK, DV=DV, C=plan.chunk,
+    _fwd_walk[grid](q, k, v, g, s0, o, ht, *plan.segs, scale, S, H, plan.walk_size, DK=DK, DV=DV, C=plan.chunk,
                     BKF=max(16, triton.next_power_of_2(DK)), USE_G=g is not None, HAS_S0=s0 is not None,
                     STORE_END=not plan.split, PREC=_prec(q))
     return o, ht, (s0 if plan.split else None)
@@ -495,11 +505,12 @@ def chunk_bwd(q, k, v, g, h0, carry, scale, plan: Plan, do, dht, g_grad: bool):
     bkf, bvf = max(16, triton.next_power_of_2(DK)), max(16, triton.next_power_of_2(DV))
     k_grid = lambda meta: (triton.cdiv(DK, meta["BK"]), plan.n_segs * H)  # noqa: E731
     v_grid = lambda meta: (triton.cdiv(DV, meta["BV"]), plan.n_segs * H)  # noqa: E731
-    _dq_walk[k_grid](q, k, v, g, do, s0, dq, dgq, *plan.segs, scale, S, H, BVF=bvf, HAS_S0=s0 is not None,
+    size = plan.walk_size
+    _dq_walk[k_grid](q, k, v, g, do, s0, dq, dgq, *plan.segs, scale, S, H, size, BVF=bvf, HAS_S0=s0 is not None,
                      G_GRAD=g_grad, **common)
-    _dk_walk[k_grid](q, k, v, g, do, d0, dk, dgk, dh0, *plan.segs, scale, S, H, BVF=bvf, HAS_D0=d0 is not None,
+    _dk_walk[k_grid](q, k, v, g, do, d0, dk, dgk, dh0, *plan.segs, scale, S, H, size, BVF=bvf, HAS_D0=d0 is not None,
                      G_GRAD=g_grad, STORE_END=not plan.split, **common)
-    _dv_walk[v_grid](q, k, g, do, d0, dv, *plan.segs, scale, S, H, BKF=bkf, HAS_D0=d0 is not None, **common)
+    _dv_walk[v_grid](q, k, g, do, d0, dv, *plan.segs, scale, S, H, size, BKF=bkf, HAS_D0=d0 is not None, **common)
     return dq, dk, dv, (dgq - dgk if g_grad else None), dh0
 
 
