@@ -137,6 +137,8 @@ def _choose(q, mask, impl, return_lse, bias, cu) -> str:
 def _sdpa(q, k, v, causal, scale):
     Sq, Skv = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if causal and Sq == 1:  # one query row aligned bottom-right sees every key: no mask (and no GQA copies)
+        causal = False
     if causal and Sq != Skv:
         from torch.nn.attention.bias import causal_lower_right
 
