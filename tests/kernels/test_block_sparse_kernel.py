@@ -104,18 +104,22 @@ def test_low_rank_bias(dtype):
     check_against_oracle(_run_block_sparse(bs), q, k, v, bias=(u, w), mask=mask)
 
 
-def test_lse_gradient_flows():
-    """d(loss)/d(lse) folds into the backward: check against autograd through the reference."""
+@pytest.mark.parametrize("used", ["lse", "out+lse"])
+def test_lse_gradient_flows(used):
+    """d(loss)/d(lse) folds into the backward, alone (no output gradient at all) or beside the output's:
+    check against autograd through the reference."""
     q, k, v = _inputs(1, 2, 2, 64, 64, 32, torch.float32 if DEVICE == "cpu" else torch.float16)
     bs = BlockSparse.from_mask_mod(masks.causal(), 1, 2, 64, 64, (32, 32), device=DEVICE)
     from longattn.kernels.reference import reference_attention
 
+    def loss(out, lse):
+        return lse.sum() + (out * out).sum() if used == "out+lse" else lse.sum()
+
     xs = [t.double().requires_grad_() for t in (q, k, v)]
-    _, rl = reference_attention(*xs, mask=masks.causal(), scale=0.3)
-    rg = torch.autograd.grad(rl.sum(), xs, materialize_grads=True)
+    rg = torch.autograd.grad(loss(*reference_attention(*xs, mask=masks.causal(), scale=0.3)), xs,
+                             materialize_grads=True)
     ys = [t.clone().requires_grad_() for t in (q, k, v)]
-    _, lse = BlockSparseAttention.apply(*ys, None, None, bs, 0.3)
-    g = torch.autograd.grad(lse.sum(), ys, materialize_grads=True)
+    g = torch.autograd.grad(loss(*BlockSparseAttention.apply(*ys, None, None, bs, 0.3)), ys, materialize_grads=True)
     for a, r in zip(g, rg, strict=True):
         assert (a.double() - r).abs().max() < 2e-2 * r.abs().max() + 1e-4
 

@@ -1,5 +1,6 @@
-"""Triton block-sparse flash attention: forward, and backward as two kernels (dQ per query block; dK/dV per
-kv block over the transposed lists, GQA heads summed in-program, so no atomics and deterministic results).
+"""Triton block-sparse flash attention: forward, and backward as a row-sum pass (delta) then two kernels (dQ per
+query block, longest rows first; dK/dV per kv block over the transposed lists, GQA heads summed in-program, so no
+atomics and deterministic results).
 
 Each program walks the block list of its (batch, head, block): *full* blocks with no masking, then *partial*
 blocks whose element mask is read from the BlockSparse's bit tiles. Tokens come from the blocks' start/length
@@ -56,6 +57,11 @@ def _prune_split(configs, named_args, **kwargs):
     wide = [c for c in out if c.kwargs.get("BLOCK_N") == 128 and c.num_warps == 8]
     if "BLOCK_N" in out[0].kwargs and args["HEAD_DIM"] >= 128 and "DQ" not in args and wide:
         return wide
+    # Backward at head_dim >= 128: every 4-warp config ran 1.4-3x slower than the 8-warp ones (H200 sweep,
+    # NOTES-kernels.md, 2026-12-03), so only 8-warp candidates are timed.
+    eight = [c for c in out if c.num_warps == 8]
+    if ("DQ" in args or "DK" in args) and args["HEAD_DIM"] >= 128 and eight:
+        return eight
     return out
 
 
@@ -90,6 +96,15 @@ def _tile_keep(TILES, tile, rows, col0, BLOCK_Q: tl.constexpr, WORDS: tl.constex
     w = tl.load(TILES + tile * (BLOCK_Q * WORDS) + rows[:, None] * WORDS + (col0 // 32 + tl.arange(0, NW))[None, :])
     bits = (w[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
     return tl.reshape(bits, [NROWS, NCOLS]) != 0
+
+
+@triton.jit
+def _tile_keep_t(TILES, tile, rows, BLOCK_Q: tl.constexpr, WORDS: tl.constexpr, NROWS: tl.constexpr):
+    """Transposed element mask [BLOCK_KV, NROWS] of a partial block for query rows ``rows``: the words are
+    loaded kv-major and expanded in that order, so no register transpose is needed (dK/dV kernel)."""
+    w = tl.load(TILES + tile * (BLOCK_Q * WORDS) + rows[None, :] * WORDS + tl.arange(0, WORDS)[:, None])
+    bits = (w[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 1
+    return tl.reshape(bits, [WORDS * 32, NROWS]) != 0
 
 
 # -------------------------------------------------------------------------------------------------- forward
@@ -275,8 +290,44 @@ def _fwd_tma_kernel(
 
 
 # -------------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_delta_kernel(OUT, DO, DLSE, DELTA, s_ob, s_oh, s_om, s_db, s_dh, s_dm, H, SEQ,
+                      HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """delta = rowsum(dO * O) - dLSE in fp32, reading O and dO once in their own dtype (delta is [B, H, S]
+    contiguous, as is dLSE)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = offs_m < SEQ
+    o = tl.load(OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], mask=valid[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=valid[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row = pid_bh.to(tl.int64) * SEQ + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row, mask=valid, other=0.0)
+    tl.store(DELTA + row, delta, mask=valid)
+
+
+def _delta(out: Tensor, do: Tensor, dlse: Tensor | None) -> Tensor:
+    """The backward's per-row correction term (float32 [B, H, S]); a gradient on the LSE output folds in."""
+    B, H, S, D = out.shape
+    delta = torch.empty((B, H, S), dtype=torch.float32, device=out.device)
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
+    block = 16 if INTERPRET else 64
+    _bwd_delta_kernel[(triton.cdiv(S, block), B * H)](
+        out, do, dlse if dlse is not None else delta, delta, *out.stride()[:3], *do.stride()[:3], H, S,
+        HAS_DLSE=dlse is not None, BLOCK_M=block, HEAD_DIM=D,
+    )
+    return delta
+
+
 @triton.autotune(
-    configs=_configs("BLOCK_N", [(32, 4, 3), (64, 8, 3), (64, 4, 3), (32, 8, 4), (64, 8, 2), (128, 8, 2)]),
+    configs=_configs("BLOCK_N", [(32, 4, 3), (64, 8, 3), (64, 4, 3), (32, 8, 4), (64, 8, 2), (128, 8, 2),
+                                  (128, 8, 3)]),
     key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_BIAS", "DTYPE_KEY", "PACKED"],
     prune_configs_by={"early_config_prune": _prune_split},
 )
@@ -295,7 +346,7 @@ def _bwd_dq_kernel(
     """dQ (and dU) for one query block; Q, DO, DQ, DU share the q strides (contiguous copies)."""
     SPLIT: tl.constexpr = BLOCK_KV // BLOCK_N
     WORDS: tl.constexpr = BLOCK_KV // 32
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # last query blocks first: longest causal rows first
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -353,7 +404,8 @@ def _bwd_dq_kernel(
 
 
 @triton.autotune(
-    configs=_configs("BLOCK_M1", [(32, 4, 3), (64, 8, 3), (32, 8, 3), (64, 4, 2), (16, 4, 3), (64, 8, 2), (32, 8, 4)]),
+    configs=_configs("BLOCK_M1", [(32, 4, 3), (64, 8, 3), (32, 8, 3), (64, 4, 2), (16, 4, 3), (64, 8, 2), (32, 8, 4),
+                                   (64, 8, 4)]),
     key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_BIAS", "DTYPE_KEY", "PACKED"],
     prune_configs_by={"early_config_prune": _prune_split},
 )
@@ -407,11 +459,11 @@ def _bwd_dkdv_kernel(
                 rows = (j % SPLIT) * BLOCK_M1 + offs_m
                 q0, qlen = _block_span(QS, QL, qb, BLOCK_Q, SEQ_Q, PACKED)
                 m_valid = rows < qlen
-                q_off = b * s_qb + h * s_qh + (q0 + rows)[None, :] * s_qm + offs_d[:, None]
-                qt = _load(Q + q_off, m_valid[None, :], phase == 1)  # [D, M1]
                 lse = tl.load(LSE + b * s_lb + h * s_lh + q0 + rows, mask=m_valid, other=float("inf"))
                 lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
                 delta = tl.load(DELTA + b * s_lb + h * s_lh + q0 + rows, mask=m_valid, other=0.0)
+                q_off = b * s_qb + h * s_qh + (q0 + rows)[None, :] * s_qm + offs_d[:, None]
+                qt = _load(Q + q_off, m_valid[None, :], phase == 1)  # [D, M1]
                 st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # [KV, M1]
                 if HAS_BIAS:
                     ut = _load(BU + b * s_ub + h * s_uh + (q0 + rows)[None, :] * s_um + offs_r[:, None],
@@ -420,8 +472,7 @@ def _bwd_dkdv_kernel(
                 pt = tl.math.exp2(st - lse[None, :])
                 if phase == 1:
                     tile = tl.load(TID + row + e).to(tl.int64)
-                    keep = _tile_keep(TILES, tile, rows, 0, BLOCK_Q, WORDS, BLOCK_M1, BLOCK_KV)
-                    pt = tl.where(tl.trans(keep), pt, 0.0)
+                    pt = tl.where(_tile_keep_t(TILES, tile, rows, BLOCK_Q, WORDS, BLOCK_M1), pt, 0.0)
                 do = _load(DO + b * s_qb + h * s_qh + (q0 + rows)[:, None] * s_qm + offs_d[None, :],
                            m_valid[:, None], phase == 1)  # [M1, D]
                 dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
@@ -555,10 +606,7 @@ def block_sparse_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     B, H, Sq, D = q.shape
     Hkv = k.shape[1]
     q, k, v, do = (t.contiguous() for t in (q, k, v, do))
-    delta = (do.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
+    delta = _delta(out, do, dlse)
     lse = lse.contiguous()
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     if bias is not None:
@@ -599,6 +647,7 @@ class BlockSparseAttention(torch.autograd.Function):
                              "the inputs require grad: call under torch.no_grad() or pass a mask without columns")
         bias = (bias_u, bias_w) if bias_u is not None else None
         out, lse = block_sparse_forward(q, k, v, bs, scale, bias)
+        ctx.set_materialize_grads(False)  # an unused LSE output gets no zero-filled gradient to subtract
         ctx.save_for_backward(q, k, v, out, lse, bias_u, bias_w)
         ctx.bs, ctx.scale = bs, scale
         return out, lse
@@ -607,6 +656,8 @@ class BlockSparseAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, bias_u, bias_w = ctx.saved_tensors
         bias = (bias_u, bias_w) if bias_u is not None else None
+        if dout is None:  # only the LSE output was used
+            dout = torch.zeros_like(out)
         dq, dk, dv, du, dw = block_sparse_backward(dout, q, k, v, out, lse, dlse, ctx.bs, ctx.scale, bias)
         return dq, dk, dv, du, dw, None, None
 
