@@ -1,7 +1,7 @@
 """Where a 128k prefill of the random-weight Llama-3-8B shape spends its GPU time: a few layers of the model under
-torch.profiler, dense cuDNN and each method given, kernels grouped into attention / estimation+sparse / GEMM /
-other, per layer. Answers how much of the model is attention (the ceiling of any sparse method's speed-up) and
-what a patched layer costs beyond its attention kernel.
+torch.profiler, dense cuDNN and each method given, kernels grouped by name into attention (ours, cuDNN, flash),
+GEMM and other (a method's estimation kernels land in other), per layer. Answers how much of the model is attention
+(the ceiling of any sparse method's speed-up) and what a patched layer costs beyond its attention kernel.
 
 Usage: python benchmarks/profile_model.py [SEQ] [LAYERS] [METHODS]   e.g. 131072 4 streaming,minference_block,dhsa
 """
