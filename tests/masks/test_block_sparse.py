@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from mask_oracles import first_mismatch
 
 from longattn import BlockSparse, masks
+from longattn.masks import block_sparse
 from longattn.masks.block_sparse import EMPTY, FULL, PARTIAL
 from longattn.masks.varlen import causal_per_sequence
 
@@ -148,6 +149,29 @@ def test_causal_tiles_are_deduplicated():
     assert torch.equal(bs.to_dense()[0, 0], torch.ones(1024, 1024, dtype=torch.bool).tril())
 
 
+@pytest.mark.parametrize("name", ["sliding", "dilated-g5-2sided", "lambda-bh"])
+def test_candidates_resolved_in_slices_equal_one_pass(name, monkeypatch):
+    """_finish resolves undecided blocks a bounded slice at a time; tiny slices give the same description."""
+    make = FACTORIES[name][0]
+    mask = make(300, 300)
+    one = BlockSparse.from_mask_mod(mask, B, H, 300, 300, (32, 32))
+    monkeypatch.setattr(block_sparse, "_EVAL_CHUNK_ELEMS", 3 * 32 * 32)  # three blocks per slice
+    sliced = BlockSparse.from_mask_mod(mask, B, H, 300, 300, (32, 32))
+    assert one.tiles.shape[0] > 3  # the slices really split the distinct tiles
+    for field in ("kv_indices", "kv_counts", "full_counts", "tile_ids", "tiles"):
+        assert torch.equal(getattr(one, field), getattr(sliced, field)), field
+
+
+def test_tile_hash_collisions_fall_back_to_exact_dedup(monkeypatch):
+    """Tiles are deduplicated by a content hash; if every hash collides the exact row sort still separates them."""
+    mask = FACTORIES["lambda-bh"][0](300, 300)
+    one = BlockSparse.from_mask_mod(mask, B, H, 300, 300, (32, 32))
+    monkeypatch.setattr(block_sparse, "_hash_coefficients", lambda n, device: torch.zeros(n, dtype=torch.long))
+    collided = BlockSparse.from_mask_mod(mask, B, H, 300, 300, (32, 32))
+    assert collided.tiles.shape == one.tiles.shape and one.tiles.shape[0] > 1
+    assert torch.equal(collided.to_dense(), one.to_dense())
+
+
 # ------------------------------------------------------------------------------------------ from_block_mask
 @given(
     bp=st.sampled_from([1, 2]), hp=st.sampled_from([1, 3]), sq=st.integers(1, 300), skv=st.integers(1, 300),
@@ -169,6 +193,22 @@ def test_from_block_mask_expands_and_clips(bp, hp, sq, skv, block, p, seed):
     want = torch.where(sel, torch.where(complete, FULL, PARTIAL), EMPTY).to(torch.int8)
     assert torch.equal(bs.block_map()[0], want)
     _check_lists(bs, got)
+
+
+def test_from_block_mask_within_is_bounded_per_batch_row():
+    """``within`` that differs by batch row (and has bounds) restricts each row's blocks by its own bounds."""
+    limit = torch.tensor([40, 200])
+
+    def below(b, h, q, kv):
+        return kv < limit[b]
+
+    def bounds(b, h, q_lo, q_hi, kv_lo, kv_hi):
+        return kv_lo < limit[b], kv_hi < limit[b]
+
+    sel = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    bs = BlockSparse.from_block_mask(sel, 256, 256, 64, within=masks.MaskMod(below, bounds=bounds))
+    ref = (torch.arange(256).view(1, 1, 1, -1) < limit.view(2, 1, 1, 1)).expand(2, 1, 256, 256)
+    assert torch.equal(bs.to_dense(), ref)
 
 
 @pytest.mark.parametrize(("bad", "exc", "pattern"), [

@@ -7,7 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from longattn.methods.prefill.dhsa import DHSA, chunk_ids
+from longattn.masks.block_sparse import BlockSparse
+from longattn.masks.core import MaskMod
+from longattn.methods.prefill.dhsa import DHSA, chunk_ids, chunk_pair_bounds
 from longattn.methods.registry import get
 from tests.methods.prefill_checks import SHAPES, check_keeps_everything, check_standard, qkv
 
@@ -67,3 +69,33 @@ def test_registered_and_bad_input():
         DHSA().estimate(q, k)
     with pytest.raises(ValueError, match=r"chunk_size: budget of 128 tokens exceeds"):
         DHSA(budget=50, chunk_size=128).estimate(q, k)
+
+
+@pytest.mark.parametrize(("Sq", "Skv", "batch", "chunk"), [(300, 300, 1, 16), (130, 300, 2, 16), (333, 333, 2, 5)])
+def test_chunk_bounds_and_tiles_are_exact(Sq, Skv, batch, chunk):
+    """Blocks classified by the chunk-pair bounds and tiles packed from the chunk structure equal token-by-token
+    evaluation of the same rule (short chunks: a block spans many)."""
+    pairs = [qkv(Sq, Skv, seed=s) for s in range(batch)]
+    q, k = (torch.cat([p[i] for p in pairs]) for i in (0, 1))
+    bs = DHSA(budget=64, chunk_size=chunk, block=32).estimate(q, k)
+    unbounded = MaskMod(bs.mask_mod.fn)  # the same predicate without bounds: every block evaluated elementwise
+    ref = BlockSparse.from_mask_mod(unbounded, batch, 4, Sq, Skv, 32, device=q.device)
+    assert torch.equal(bs.to_dense(), ref.to_dense())
+
+
+@given(n_q=st.integers(1, 6), n_k=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_chunk_pair_bounds_are_exact(n_q, n_k, seed):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(2, 3, n_q, n_k, generator=g) < 0.6
+    q_ids = torch.sort(torch.randint(0, n_q, (2, 40), generator=g), dim=1).values
+    k_ids = torch.sort(torch.randint(0, n_k, (2, 50), generator=g), dim=1).values
+    bounds = chunk_pair_bounds(keep, q_ids, k_ids)
+    q_lo, q_hi = sorted(torch.randint(0, 40, (2,), generator=g).tolist())
+    kv_lo, kv_hi = sorted(torch.randint(0, 50, (2,), generator=g).tolist())
+    b, h = torch.arange(2).view(-1, 1), torch.arange(3).view(1, -1)
+    any_, all_ = bounds(b, h, torch.tensor(q_lo), torch.tensor(q_hi), torch.tensor(kv_lo), torch.tensor(kv_hi))
+    qi, ki = torch.arange(q_lo, q_hi + 1), torch.arange(kv_lo, kv_hi + 1)
+    for bi in range(2):
+        for hi in range(3):
+            pairs = keep[bi, hi][q_ids[bi, qi].view(-1, 1), k_ids[bi, ki].view(1, -1)]
+            assert bool(any_[bi, hi]) == bool(pairs.any()) and bool(all_[bi, hi]) == bool(pairs.all())

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -30,7 +30,8 @@ from torch import Tensor
 from longattn.masks.core import MaskFn, MaskMod, as_mask_mod, evaluate
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
-_EVAL_CHUNK_ELEMS = 1 << 25  # elements of mask evaluated at once when classifying candidate blocks
+TileFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (b, h, q_block, kv_block) -> packed bit tiles
+_EVAL_CHUNK_ELEMS = 1 << 26  # elements of mask evaluated at once when resolving candidate blocks (bounds memory)
 
 
 @dataclass
@@ -171,10 +172,13 @@ class BlockSparse:
         block: int | tuple[int, int] = (128, 128),
         *,
         within: MaskFn | None = None,
+        within_tiles: TileFn | None = None,
     ) -> BlockSparse:
         """Build from a bool block map [B', H', nQB, nKB] (True = attend the block); tail blocks are clipped to
         the sequence, and ``within`` (e.g. causal) further restricts the selected blocks elementwise. This is how
-        dynamic methods hand their selection to the kernels."""
+        dynamic methods hand their selection to the kernels. ``within_tiles(b, h, q_block, kv_block)`` (1-D index
+        tensors) may return ``within``'s packed tiles on those blocks (int32 [n, block_q, block_kv // 32], zero
+        outside the sequence) when the method knows a faster way than elementwise evaluation."""
         bq, bkv = _check_block(block)
         if not isinstance(block_mask, Tensor) or block_mask.dtype != torch.bool or block_mask.dim() != 4:
             raise TypeError(f"block_mask: expected a 4-D bool tensor [B, H, nQB, nKB], got "
@@ -193,13 +197,27 @@ class BlockSparse:
 
         selected = MaskMod(in_selected_block, name="block_mask")
         if within is None:
+            if within_tiles is not None:
+                raise ValueError("within_tiles: packs the tiles of `within`, which was not given")
             return cls._finish(cls_map, selected, qb, kb)
         inner = as_mask_mod(within, "within")
-        any_, all_ = _block_bounds(inner, torch.zeros(1, 1, 1, 1, dtype=torch.long, device=table.device),
-                                   torch.arange(table.shape[1], device=table.device).view(1, -1, 1, 1), qb, kb)
-        any_, all_ = any_.expand(cls_map.shape), all_.expand(cls_map.shape)
-        cls_map = torch.where(block_mask & any_, torch.where(all_, FULL, PARTIAL), EMPTY).to(torch.int8)
-        return cls._finish(cls_map, selected & inner, qb, kb)
+        # Selected blocks are attended whole, so a selected block's elements are exactly ``within``'s: classify
+        # ``within`` once over its own batch/head extents (one causal diagonal, not one per head), restricted
+        # to blocks some row selects, and intersect.
+        device = block_mask.device
+        bi, hi = _bh_extent(inner, block_mask.shape[0], block_mask.shape[1], qb, device)
+        any_, all_ = _block_bounds(inner, torch.arange(bi, device=device).view(-1, 1, 1, 1),
+                                   torch.arange(hi, device=device).view(1, -1, 1, 1), qb, kb)
+        wanted = block_mask.any(0, keepdim=True) if bi == 1 else block_mask
+        wanted = wanted.any(1, keepdim=True) if hi == 1 else wanted
+        inner_cls = torch.where(wanted & any_, torch.where(all_, FULL, PARTIAL), EMPTY).to(torch.int8)
+        if within_tiles is None:
+            inner_cls, inner_tiles, tiles = _resolve(inner_cls, _mask_tiles(inner, qb, kb), qb, kb)
+        else:  # packed words are 1/32 of the bits elementwise evaluation holds: 8x larger slices, fewer syncs
+            inner_cls, inner_tiles, tiles = _resolve(inner_cls, within_tiles, qb, kb, 8 * _EVAL_CHUNK_ELEMS)
+        cls_map = torch.where(block_mask, inner_cls, EMPTY).to(torch.int8)
+        tile_map = torch.where(block_mask, inner_tiles, -1).int()
+        return cls(*_csr(cls_map, tile_map), tiles, qb, kb, selected & inner)
 
     @classmethod
     def from_flex(cls, block_mask) -> BlockSparse:
@@ -224,25 +242,9 @@ class BlockSparse:
 
     @classmethod
     def _finish(cls, cls_map: Tensor, mask: MaskMod, qb: Blocks1D, kb: Blocks1D) -> BlockSparse:
-        """Resolve undecided blocks elementwise, force incomplete blocks partial, dedup tiles, emit CSR."""
-        if qb.seq.max() > 0 or kb.seq.max() > 0:
-            cls_map[:, :, qb.seq.view(-1, 1) != kb.seq.view(1, -1)] = EMPTY
-        # A full block must be complete: the kernel reads it without bounds checks.
-        short = (qb.lens.view(-1, 1) < qb.block) | (kb.lens.view(1, -1) < kb.block)
-        cls_map[(cls_map == FULL) & short.view(1, 1, *short.shape)] = PARTIAL
-        bb, hh, qq, kk = torch.nonzero(cls_map == PARTIAL, as_tuple=True)
-        bits = _evaluate_blocks(mask, bb, hh, qq, kk, qb, kb)
-        n_valid = qb.lens[qq].long() * kb.lens[kk].long()
-        n_true = bits.flatten(1).sum(1)
-        complete = (qb.lens[qq] == qb.block) & (kb.lens[kk] == kb.block)
-        cls_map[bb, hh, qq, kk] = torch.where(
-            n_true == 0, EMPTY, torch.where((n_true == n_valid) & complete, FULL, PARTIAL)).to(torch.int8)
-        keep = (n_true > 0) & ~((n_true == n_valid) & complete)
-        tiles, inverse = _dedup_tiles(_pack_bits(bits[keep]))
-        tile_map = torch.full(cls_map.shape, -1, dtype=torch.int32, device=cls_map.device)
-        tile_map[bb[keep], hh[keep], qq[keep], kk[keep]] = inverse.int()
-        kv_indices, kv_counts, full_counts, tile_ids = _csr(cls_map, tile_map)
-        return cls(kv_indices, kv_counts, full_counts, tile_ids, tiles, qb, kb, mask)
+        """Resolve undecided blocks elementwise, dedup tiles, emit CSR."""
+        cls_map, tile_map, tiles = _resolve(cls_map, _mask_tiles(mask, qb, kb), qb, kb)
+        return cls(*_csr(cls_map, tile_map), tiles, qb, kb, mask)
 
     def with_columns(self, columns: Tensor) -> BlockSparse:
         """A copy that also attends the kept columns (bool [B', H', seq_kv], True = gathered for every causal query)
@@ -558,12 +560,50 @@ def _evaluate_blocks(mask: MaskMod, bb, hh, qq, kk, qb: Blocks1D, kb: Blocks1D) 
     return out
 
 
+def _mask_tiles(mask: MaskMod, qb: Blocks1D, kb: Blocks1D) -> TileFn:
+    """Packed tiles of ``mask`` on listed blocks by elementwise evaluation (the generic way)."""
+    return lambda b, h, q, k: _pack_bits(_evaluate_blocks(mask, b, h, q, k, qb, kb))
+
+
+def _resolve(cls_map: Tensor, tile_fn: TileFn, qb: Blocks1D, kb: Blocks1D,
+             elems: int = _EVAL_CHUNK_ELEMS) -> tuple[Tensor, Tensor, Tensor]:
+    """Settle the PARTIAL candidates of ``cls_map`` (in place) from their packed tiles and force incomplete blocks
+    partial; returns the class map, the tile map (-1 where no tile) and the deduplicated bit tiles. ``elems``
+    bounds the tile elements built per slice."""
+    if qb.seq.max() > 0 or kb.seq.max() > 0:
+        cls_map[:, :, qb.seq.view(-1, 1) != kb.seq.view(1, -1)] = EMPTY
+    # A full block must be complete: the kernel reads it without bounds checks.
+    short = (qb.lens.view(-1, 1) < qb.block) | (kb.lens.view(1, -1) < kb.block)
+    cls_map[(cls_map == FULL) & short.view(1, 1, *short.shape)] = PARTIAL
+    bb, hh, qq, kk = torch.nonzero(cls_map == PARTIAL, as_tuple=True)
+    tile_map = torch.full(cls_map.shape, -1, dtype=torch.int32, device=cls_map.device)
+    # Candidates are resolved a bounded slice at a time (token-exact masks at 128k have millions of them).
+    step = max(1, elems // (qb.block * kb.block))
+    parts = [torch.zeros(0, qb.block, kb.block // 32, dtype=torch.int32, device=cls_map.device)]
+    n_tiles = 0
+    for lo in range(0, bb.numel(), step):
+        b, h, q, k = (x[lo:lo + step] for x in (bb, hh, qq, kk))
+        words = tile_fn(b, h, q, k).flatten(1)  # bits outside the valid rows/columns are zero
+        empty = (words == 0).all(1)
+        full = (words == -1).all(1) & (qb.lens[q] == qb.block) & (kb.lens[k] == kb.block)
+        cls_map[b, h, q, k] = torch.where(empty, EMPTY, torch.where(full, FULL, PARTIAL)).to(torch.int8)
+        keep = ~empty & ~full
+        tiles, inverse = _dedup_tiles(words[keep].view(-1, qb.block, kb.block // 32))
+        tile_map[b[keep], h[keep], q[keep], k[keep]] = (inverse + n_tiles).int()
+        parts.append(tiles)
+        n_tiles += tiles.shape[0]
+    tiles, remap = _dedup_tiles(torch.cat(parts)) if len(parts) > 2 else (parts[-1], None)
+    if remap is not None:
+        tile_map = torch.where(tile_map >= 0, remap.int()[tile_map.clamp(min=0).long()], -1).int()
+    return cls_map, tile_map, tiles
+
+
 def _pack_bits(bits: Tensor) -> Tensor:
-    """bool [n, R, C] -> int32 [n, R, C // 32] (bit j of word w = column 32 w + j)."""
+    """bool [n, R, C] -> int32 [n, R, C // 32] (bit j of word w = column 32 w + j). In int32 bit 31 is -2**31
+    and the other bits sum to at most 2**31 - 1, so the sum is exact without widening."""
     n, r, c = bits.shape
-    weights = torch.tensor([1 << j for j in range(32)], dtype=torch.int64, device=bits.device)
-    words = (bits.view(n, r, c // 32, 32).long() * weights).sum(-1)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).int()
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    return (bits.view(n, r, c // 32, 32).int() << shifts).sum(-1, dtype=torch.int32)
 
 
 def _unpack_bits(tiles: Tensor, cols: int) -> Tensor:
@@ -574,25 +614,46 @@ def _unpack_bits(tiles: Tensor, cols: int) -> Tensor:
 
 
 def _dedup_tiles(packed: Tensor) -> tuple[Tensor, Tensor]:
-    if packed.shape[0] == 0:
+    """Distinct tiles (ordered by a content hash) and each input tile's index among them. Hashing turns the
+    dedup into a sort of one int64 per tile instead of a row sort of whole tiles (seconds per layer at 128k for
+    token-exact masks); every tile is then compared with its representative, and a collision (never seen, but
+    possible) falls back to the exact row sort."""
+    n = packed.shape[0]
+    if n == 0:
         return packed, torch.zeros(0, dtype=torch.long, device=packed.device)
-    flat = packed.view(packed.shape[0], -1)
-    uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    flat = packed.view(n, -1)
+    halves = torch.stack([flat & 0xFFFF, (flat >> 16) & 0xFFFF], -1).flatten(1).long()  # each < 2**16
+    coef = _hash_coefficients(halves.shape[1], packed.device)  # each < 2**31: the sum stays below 2**63
+    keys, inverse = torch.unique((halves * coef).sum(1), return_inverse=True)
+    first = torch.full((keys.numel(),), n, dtype=torch.long, device=packed.device).scatter_reduce_(
+        0, inverse, torch.arange(n, device=packed.device), "amin")
+    uniq = flat[first]
+    if not torch.equal(uniq[inverse], flat):
+        uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
     return uniq.view(-1, *packed.shape[1:]).contiguous(), inverse
 
 
+@functools.cache
+def _hash_coefficients(n: int, device: torch.device) -> Tensor:
+    return torch.randint(1, 2**31 - 1, (n,), generator=torch.Generator().manual_seed(0x7E57)).to(device)
+
+
 def _csr(cls_map: Tensor, tile_map: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per row: full blocks (ascending), then partial blocks (ascending); padded to the longest row."""
-    n = cls_map.shape[-1]
-    col = torch.arange(n, device=cls_map.device, dtype=torch.int32)
-    key = torch.where(cls_map == FULL, col, torch.where(cls_map == PARTIAL, col + n, col + 2 * n))
-    order = torch.argsort(key, dim=-1).int()
-    kv_counts = (cls_map != EMPTY).sum(-1, dtype=torch.int32)
-    full_counts = (cls_map == FULL).sum(-1, dtype=torch.int32)
+    """Per row: full blocks (ascending), then partial blocks (ascending); padded to the longest row with kv
+    block 0 / tile -1. Each entry's slot is a running count, so this is two scans and a scatter, not a sort."""
+    full, part = cls_map == FULL, cls_map == PARTIAL
+    full_counts = full.sum(-1, dtype=torch.int32)
+    kv_counts = full_counts + part.sum(-1, dtype=torch.int32)
     width = max(1, int(kv_counts.max())) if kv_counts.numel() else 1
-    kv_indices = order[..., :width].contiguous()
-    tile_ids = torch.gather(tile_map, -1, kv_indices.long()).contiguous()
-    return kv_indices, kv_counts.contiguous(), full_counts.contiguous(), tile_ids
+    slot = torch.where(full, full.cumsum(-1) - 1,
+                       torch.where(part, full_counts[..., None] + part.cumsum(-1) - 1, width))  # width: dropped
+    col = torch.arange(cls_map.shape[-1], device=cls_map.device, dtype=torch.int32).expand(cls_map.shape)
+    lead = cls_map.shape[:-1]
+    kv_indices = torch.zeros(*lead, width + 1, dtype=torch.int32, device=cls_map.device).scatter_(-1, slot, col)
+    tile_ids = torch.full((*lead, width + 1), -1, dtype=torch.int32, device=cls_map.device).scatter_(
+        -1, slot, tile_map.expand(cls_map.shape).int())
+    return (kv_indices[..., :width].contiguous(), kv_counts.contiguous(), full_counts.contiguous(),
+            tile_ids[..., :width].contiguous())
 
 
 def _token_positions(blocks: Blocks1D, lo: int, hi: int, block: int) -> Tensor:

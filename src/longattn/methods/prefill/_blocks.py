@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from longattn import masks
-from longattn.masks.block_sparse import BlockSparse
+from longattn.masks.block_sparse import BlockSparse, TileFn
 from longattn.masks.core import MaskMod
 from longattn.methods.prefill._select import check_block
 
@@ -66,23 +66,23 @@ def geometry(seq_q: int, seq_kv: int, block: tuple[int, int], device: torch.devi
     return Geometry(q_first + off, q_last + off, kv_first, kv_last, area, block, seq_q, seq_kv)
 
 
-def to_block_sparse(selected: Tensor, geo: Geometry, rule: MaskMod | None = None) -> tuple[BlockSparse, float]:
+def to_block_sparse(selected: Tensor, geo: Geometry, rule: MaskMod | None = None,
+                    tiles: TileFn | None = None) -> tuple[BlockSparse, float]:
     """One BlockSparse from per-head selections [B, H, nQB, nKB] (diagonal blocks added, unreachable dropped);
-    inside the blocks, causal & (``rule`` | own key). Returns it with the retained density of the block map."""
+    inside the blocks, causal & (``rule`` | own key), whose packed tiles ``tiles`` may build directly (see
+    ``BlockSparse.from_block_mask``). Returns it with the retained density of the block map."""
     selected = (selected | geo.diagonal()) & geo.reachable()
     within = masks.causal(offset=geo.offset)
     if rule is not None:
-        within = within & (rule | _own_key(geo.offset))
-    bs = BlockSparse.from_block_mask(selected, geo.seq_q, geo.seq_kv, geo.block, within=within)
+        within = within & (rule | own_key(geo.offset))
+    bs = BlockSparse.from_block_mask(selected, geo.seq_q, geo.seq_kv, geo.block, within=within, within_tiles=tiles)
     density = float((selected * geo.area).sum() / (geo.area.sum() * selected.shape[0] * selected.shape[1]))
     return bs, density
 
 
-def _own_key(off: int) -> MaskMod:
-    def fn(b, h, q_idx, kv_idx):
-        return kv_idx == q_idx + off
-
-    return MaskMod(fn, name="own_key")
+def own_key(offset: int) -> MaskMod:
+    """Each query's own key (absolute position q + offset), the pair every method keeps."""
+    return masks.sliding_window(1, offset=offset)
 
 
 def square_block(block: object) -> tuple[int, int]:
