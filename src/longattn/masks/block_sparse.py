@@ -466,15 +466,20 @@ class BlockSparse:
         return BlockSparse._finish(cls_map, MaskMod(blocks_or_columns, name="blocks_or_columns"), self.q_blocks,
                                    self.kv_blocks)
 
-    def _element_lookup(self) -> tuple[Tensor, Tensor]:
-        """Per-block code [B', H', nQB, nKB] into a tile table [T + 2, bq, bkv] (0 empty, 1 full, 2+ tiles)."""
+    def packed_lookup(self) -> tuple[Tensor, Tensor]:
+        """Per-block code [B', H', nQB, nKB] into a packed tile table [T + 2, bq, bkv // 32] (row 0 empty, 1 full,
+        2+ the partial tiles): every block's element mask as packed bits, for lookups and for combining masks."""
         cls_map, tile_map = self.block_map()
         code = torch.where(cls_map == FULL, 1, torch.where(cls_map == PARTIAL, tile_map.long() + 2, 0))
         bq, bkv = self.block_size
-        table = torch.cat([torch.zeros(1, bq, bkv, dtype=torch.bool, device=self.device),
-                           torch.ones(1, bq, bkv, dtype=torch.bool, device=self.device),
-                           _unpack_bits(self.tiles, bkv)])
-        return code, table
+        words = torch.zeros(2, bq, bkv // 32, dtype=torch.int32, device=self.device)
+        words[1] = -1
+        return code, torch.cat([words, self.tiles])
+
+    def _element_lookup(self) -> tuple[Tensor, Tensor]:
+        """``packed_lookup`` with the table unpacked to bool [T + 2, bq, bkv]."""
+        code, table = self.packed_lookup()
+        return code, _unpack_bits(table, self.kv_blocks.block)
 
     def _tile_lookup_mask_mod(self) -> MaskMod:
         code, table = self._element_lookup()

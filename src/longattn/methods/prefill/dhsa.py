@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from longattn import masks
-from longattn.masks.block_sparse import FULL, PARTIAL, BlockSparse, TileFn
+from longattn.masks.block_sparse import BlockSparse, TileFn
 from longattn.masks.core import MaskMod
 from longattn.methods.prefill._blocks import Geometry, geometry, own_key, presence, square_block, to_block_sparse
 from longattn.methods.prefill._select import check_budget, check_int
@@ -154,11 +154,7 @@ def _block_chunks(ids: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _tile_table(mask: MaskMod, geo: Geometry) -> tuple[Tensor, Tensor]:
-    """A fixed mask's packed tile for every block: a table [T + 2, bq, bkv // 32] (0 = empty, 1 = full, 2+ its
-    partial tiles) and each block's row in it [nQB, nKB]."""
+    """A fixed mask's packed tile table and each block's row in it [nQB, nKB] (``BlockSparse.packed_lookup``)."""
     bs = BlockSparse.from_mask_mod(mask, 1, 1, geo.seq_q, geo.seq_kv, geo.block, device=geo.q_first.device)
-    cls_map, tile_map = (x[0, 0] for x in bs.block_map())
-    ones = torch.full_like(bs.tiles[:1], -1)
-    table = torch.cat([torch.zeros_like(ones), ones, bs.tiles])
-    code = torch.where(cls_map == FULL, 1, torch.where(cls_map == PARTIAL, tile_map.long() + 2, 0))
-    return table, code
+    code, table = bs.packed_lookup()
+    return table, code[0, 0]
