@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from longattn.kernels.reference import softmax_attend
-from longattn.masks.block_sparse import BlockSparse, _unpack_bits
+from longattn.masks.block_sparse import BlockSparse, unpack_bits
 
 _CHUNK_ELEMS = 1 << 23  # score elements (q rows × gathered keys × heads) held at once
 _PREFIX_SHARE = 0.6  # kept blocks / key-prefix blocks above which the masked-prefix strategy is used (CPU: a
@@ -63,7 +63,7 @@ def _gathered(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, dtype: torch.dty
     group = Hq // k.shape[1]
     bq, bkv = bs.block_size
     kx, vx = _wide_for_grad(k, dtype), _wide_for_grad(v, dtype)
-    tiles = torch.cat([torch.ones(1, bq, bkv, dtype=torch.bool, device=q.device), _unpack_bits(bs.tiles, bkv)])
+    tiles = torch.cat([torch.ones(1, bq, bkv, dtype=torch.bool, device=q.device), unpack_bits(bs.tiles, bkv)])
     shape = (B, Hq, len(bs.q_blocks))
     idx = bs.kv_indices.expand(*shape, -1).long()
     counts = bs.kv_counts.expand(shape)
@@ -122,7 +122,7 @@ def masked_prefix_attention(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, sc
     nkb = -(-Skv // bkv)
     # tile 0: not kept, 1: full, 2..: the partial bit tiles
     tiles = torch.cat([torch.zeros(1, bq, bkv, dtype=torch.bool, device=q.device),
-                       torch.ones(1, bq, bkv, dtype=torch.bool, device=q.device), _unpack_bits(bs.tiles, bkv)])
+                       torch.ones(1, bq, bkv, dtype=torch.bool, device=q.device), unpack_bits(bs.tiles, bkv)])
     shape = (B, Hq, len(bs.q_blocks))
     live = torch.arange(bs.kv_indices.shape[-1], device=q.device) < bs.kv_counts.expand(shape).long().unsqueeze(-1)
     idx = torch.where(live, bs.kv_indices.expand(*shape, -1).long(), nkb)  # padding -> a dummy block, dropped

@@ -394,7 +394,7 @@ class BlockSparse:
     def _mask_density(self) -> float:
         cls_map, tile_map = self.block_map()
         area = self._block_area()
-        ones_per_tile = _unpack_bits(self.tiles, self.kv_blocks.block).flatten(1).sum(1).double()
+        ones_per_tile = unpack_bits(self.tiles, self.kv_blocks.block).flatten(1).sum(1).double()
         kept = ((cls_map == FULL) * area).sum()
         kept += ones_per_tile[tile_map[cls_map == PARTIAL].long()].sum()
         bh = self.shape[:2]
@@ -479,7 +479,7 @@ class BlockSparse:
     def _element_lookup(self) -> tuple[Tensor, Tensor]:
         """``packed_lookup`` with the table unpacked to bool [T + 2, bq, bkv]."""
         code, table = self.packed_lookup()
-        return code, _unpack_bits(table, self.kv_blocks.block)
+        return code, unpack_bits(table, self.kv_blocks.block)
 
     def _tile_lookup_mask_mod(self) -> MaskMod:
         code, table = self._element_lookup()
@@ -567,7 +567,7 @@ def _evaluate_blocks(mask: MaskMod, bb, hh, qq, kk, qb: Blocks1D, kb: Blocks1D) 
 
 def _mask_tiles(mask: MaskMod, qb: Blocks1D, kb: Blocks1D) -> TileFn:
     """Packed tiles of ``mask`` on listed blocks by elementwise evaluation (the generic way)."""
-    return lambda b, h, q, k: _pack_bits(_evaluate_blocks(mask, b, h, q, k, qb, kb))
+    return lambda b, h, q, k: pack_bits(_evaluate_blocks(mask, b, h, q, k, qb, kb))
 
 
 def _resolve(cls_map: Tensor, tile_fn: TileFn, qb: Blocks1D, kb: Blocks1D,
@@ -603,7 +603,7 @@ def _resolve(cls_map: Tensor, tile_fn: TileFn, qb: Blocks1D, kb: Blocks1D,
     return cls_map, tile_map, tiles
 
 
-def _pack_bits(bits: Tensor) -> Tensor:
+def pack_bits(bits: Tensor) -> Tensor:
     """bool [n, R, C] -> int32 [n, R, C // 32] (bit j of word w = column 32 w + j). In int32 bit 31 is -2**31
     and the other bits sum to at most 2**31 - 1, so the sum is exact without widening."""
     n, r, c = bits.shape
@@ -611,7 +611,7 @@ def _pack_bits(bits: Tensor) -> Tensor:
     return (bits.view(n, r, c // 32, 32).int() << shifts).sum(-1, dtype=torch.int32)
 
 
-def _unpack_bits(tiles: Tensor, cols: int) -> Tensor:
+def unpack_bits(tiles: Tensor, cols: int) -> Tensor:
     """int32 [T, R, C // 32] -> bool [T, R, C]."""
     shifts = torch.arange(32, device=tiles.device, dtype=torch.int32)
     bits = (tiles.unsqueeze(-1) >> shifts) & 1

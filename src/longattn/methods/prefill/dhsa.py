@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from longattn import masks
-from longattn.masks.block_sparse import BlockSparse, TileFn
-from longattn.masks.core import MaskMod
+from longattn.masks.block_sparse import BlockSparse, TileFn, pack_bits
+from longattn.masks.core import BoundsFn, MaskMod
 from longattn.methods.prefill._blocks import Geometry, geometry, own_key, presence, square_block, to_block_sparse
 from longattn.methods.prefill._select import check_budget, check_int
 from longattn.methods.prefill.base import PrefillMethod
@@ -99,7 +99,7 @@ def _chunk_rep(x: Tensor, ids: Tensor, n_chunks: int) -> Tensor:
     return sums / count.clamp(min=1) * count.sqrt()
 
 
-def chunk_pair_bounds(keep: Tensor, q_ids: Tensor, k_ids: Tensor):
+def chunk_pair_bounds(keep: Tensor, q_ids: Tensor, k_ids: Tensor) -> BoundsFn:
     """Exact block bounds of the rule ``keep[b, h, q_ids[b, q], k_ids[b, kv]]``: a rectangle of tokens covers a
     rectangle of chunk pairs (ids are non-decreasing), whose kept count comes from a 2-D prefix sum. This lets the
     block builder settle most blocks without evaluating them token by token (millions of blocks at 128k)."""
@@ -126,8 +126,7 @@ def chunk_pair_tiles(keep: Tensor, q_ids: Tensor, k_ids: Tensor, geo: Geometry) 
     k_first, k_local, k_valid = _block_chunks(k_ids, bkv)
     n_rows, n_cols = int(q_local.max()) + 1, int(k_local.max()) + 1  # most chunks one block spans, per axis
     in_chunk = (k_local.unsqueeze(2) == torch.arange(n_cols, device=keep.device).view(1, 1, -1, 1)) & k_valid[:, None]
-    shifts = torch.arange(bkv, device=keep.device, dtype=torch.int32) % 32
-    col_words = (in_chunk.int() << shifts).view(B, -1, n_cols, bkv // 32, 32).sum(-1, dtype=torch.int32)
+    col_words = pack_bits(in_chunk.flatten(0, 1)).view(B, -1, n_cols, bkv // 32)  # [B, nKB, Jk, words]
     causal = _tile_table(masks.causal(offset=geo.offset), geo)
     own = _tile_table(own_key(geo.offset), geo)
 
