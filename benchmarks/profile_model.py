@@ -65,8 +65,12 @@ def main() -> None:
         _profile(model, ids)
     for m in METHODS:
         print(f"== {m}", flush=True)
-        with applied(model, parse_method(m)):
+        with applied(model, parse_method(m)) as handle:
             _profile(model, ids)
+            densities = handle.state.densities
+            if densities:
+                print(f"  block density {sum(densities) / len(densities):.4f} (mean of {len(densities)} calls)",
+                      flush=True)
         torch.cuda.empty_cache()
 
 

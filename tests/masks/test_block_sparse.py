@@ -155,18 +155,37 @@ def test_candidates_resolved_in_slices_equal_one_pass(name, monkeypatch):
     make = FACTORIES[name][0]
     mask = make(300, 300)
     one = BlockSparse.from_mask_mod(mask, B, H, 300, 300, (32, 32))
+    density = one.mask_density()
     monkeypatch.setattr(block_sparse, "_EVAL_CHUNK_ELEMS", 3 * 32 * 32)  # three blocks per slice
     sliced = BlockSparse.from_mask_mod(mask, B, H, 300, 300, (32, 32))
-    assert one.tiles.shape[0] > 3  # the slices really split the distinct tiles
+    assert one.tiles.shape[0] > 3  # the slices really split the distinct tiles (dedup and bit counts too)
     for field in ("kv_indices", "kv_counts", "full_counts", "tile_ids", "tiles"):
         assert torch.equal(getattr(one, field), getattr(sliced, field)), field
+    assert sliced.mask_density() == density
 
 
-def test_tile_hash_collisions_fall_back_to_exact_dedup(monkeypatch):
-    """Tiles are deduplicated by a content hash; if every hash collides the exact row sort still separates them."""
+def test_ones_per_tile_counts_packed_bits_including_the_sign_bit():
+    g = torch.Generator().manual_seed(3)
+    tiles = torch.randint(-2**31, 2**31 - 1, (37, 16, 4), generator=g, dtype=torch.int64).int()
+    tiles[0] = -1  # every bit set
+    tiles[1] = 0
+    want = block_sparse.unpack_bits(tiles, 128).flatten(1).sum(1)
+    got = block_sparse._ones_per_tile(tiles)
+    assert torch.equal(got, want) and int(got[0]) == 16 * 128 and int(got[1]) == 0
+
+
+@pytest.mark.parametrize("broken", ["both", "first"])
+def test_tile_hash_collisions_fall_back_to_exact_dedup(broken, monkeypatch):
+    """Tiles are deduplicated by two content hashes; if one collides everywhere the other separates the tiles, if
+    both do the exact row sort still does."""
     mask = FACTORIES["lambda-bh"][0](300, 300)
     one = BlockSparse.from_mask_mod(mask, B, H, 300, 300, (32, 32))
-    monkeypatch.setattr(block_sparse, "_hash_coefficients", lambda n, device: torch.zeros(n, dtype=torch.long))
+    real = block_sparse._hash_coefficients
+
+    def coefficients(n, device):
+        return torch.zeros(2, n, dtype=torch.long) if broken == "both" else real(n, device) * torch.tensor([[0], [1]])
+
+    monkeypatch.setattr(block_sparse, "_hash_coefficients", coefficients)
     collided = BlockSparse.from_mask_mod(mask, B, H, 300, 300, (32, 32))
     assert collided.tiles.shape == one.tiles.shape and one.tiles.shape[0] > 1
     assert torch.equal(collided.to_dense(), one.to_dense())
@@ -209,6 +228,60 @@ def test_from_block_mask_within_is_bounded_per_batch_row():
     bs = BlockSparse.from_block_mask(sel, 256, 256, 64, within=masks.MaskMod(below, bounds=bounds))
     ref = (torch.arange(256).view(1, 1, 1, -1) < limit.view(2, 1, 1, 1)).expand(2, 1, 256, 256)
     assert torch.equal(bs.to_dense(), ref)
+
+
+# ------------------------------------------------------------------------------------------ from_block_lists
+def _limit_mask(limit: torch.Tensor) -> masks.MaskMod:
+    """kv < limit[b, h] (batch/head dependent, with bounds)."""
+    return masks.MaskMod(lambda b, h, q, kv: kv < limit[b, h],
+                         bounds=lambda b, h, q_lo, q_hi, kv_lo, kv_hi: (kv_lo < limit[b, h], kv_hi < limit[b, h]))
+
+
+WITHIN = {
+    "none": lambda sq, skv, bp, hp: None,
+    "causal": lambda sq, skv, bp, hp: masks.causal(offset=skv - sq),
+    "sinks": lambda sq, skv, bp, hp: masks.sinks(3, 40, offset=skv - sq),
+    "bh-limit": lambda sq, skv, bp, hp: _limit_mask(torch.arange(bp * hp).view(bp, hp) * 37 + 20),
+    "unbounded": lambda sq, skv, bp, hp: (lambda b, h, q, kv: (q + kv) % 3 != 0),
+}
+
+
+@given(
+    bp=st.sampled_from([1, 2]), hp=st.sampled_from([1, 3]), sq=st.integers(1, 300), skv=st.integers(1, 300),
+    block=st.sampled_from([(16, 32), (32, 64), (64, 32), (32, 32)]), k=st.integers(0, 6),
+    within=st.sampled_from(sorted(WITHIN)), seed=st.integers(0, 2**16),
+)
+def test_from_block_lists_equals_the_block_map_build(bp, hp, sq, skv, block, k, within, seed):
+    """Lists with repeats and -1 padding give the same description as from_block_mask on the equivalent map."""
+    bq, bkv = block
+    nq, nk = -(-sq // bq), -(-skv // bkv)
+    g = torch.Generator().manual_seed(seed)
+    lists = torch.randint(-1, nk, (bp, hp, nq, k), generator=g)
+    spill = torch.where(lists < 0, nk, lists)  # -1 entries land in a dropped extra column
+    sel = torch.zeros(bp, hp, nq, nk + 1, dtype=torch.bool).scatter_(-1, spill, True)[..., :nk]
+    w = WITHIN[within](sq, skv, bp, hp)
+    got = BlockSparse.from_block_lists(lists, sq, skv, block, within=w)
+    want = BlockSparse.from_block_mask(sel, sq, skv, block, within=w)
+    for field in ("kv_counts", "full_counts"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    width = want.kv_indices.shape[-1]
+    used = torch.arange(width) < want.kv_counts[..., None]
+    assert torch.equal(torch.where(used, got.kv_indices[..., :width], 0), torch.where(used, want.kv_indices, 0))
+    assert torch.equal(got.block_map()[0], want.block_map()[0])
+    assert torch.equal(got.to_dense(), want.to_dense())
+    _check_lists(got, got.to_dense())
+    assert got.density() == want.density() and got.mask_density() == want.mask_density()
+
+
+@pytest.mark.parametrize(("bad", "exc", "pattern"), [
+    (torch.zeros(1, 1, 4, 2), TypeError, r"^kv_blocks: expected a 4-D int32/int64 tensor"),
+    (torch.zeros(1, 4, 2, dtype=torch.long), TypeError, r"^kv_blocks: expected a 4-D int32/int64 tensor"),
+    (torch.zeros(1, 1, 3, 2, dtype=torch.long), ValueError, r"^kv_blocks: expected 4 query blocks"),
+    (torch.full((1, 1, 4, 2), 4), ValueError, r"^kv_blocks: entries must be < 4"),
+], ids=["float", "3d", "rows", "range"])
+def test_from_block_lists_bad_input(bad, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        BlockSparse.from_block_lists(bad, 256, 256, 64)
 
 
 @pytest.mark.parametrize(("bad", "exc", "pattern"), [

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from longattn.masks.core import MaskMod
+from longattn.methods.prefill import anchor
 from longattn.methods.prefill.anchor import AnchorAttention
 from longattn.methods.registry import get
 from tests.methods.prefill_checks import SHAPES, check_keeps_everything, check_standard, qkv
@@ -49,3 +51,16 @@ def test_registered_and_bad_input():
         AnchorAttention(block=64, local=128).estimate(q, k)
     with pytest.raises(ValueError, match="k: query heads"):
         AnchorAttention().estimate(q[:, :3], k)
+
+
+@pytest.mark.parametrize(("Sq", "Skv", "theta"), [(300, 300, 2.0), (130, 300, 2.0), (300, 300, 50.0)])
+def test_stripe_bounds_only_skip_work(Sq, Skv, theta, monkeypatch):
+    """The stripe mask's block bounds settle whole blocks; without them every block is evaluated token by token.
+    Both builds must give the same mask and block classes (theta=50 keeps nearly every stripe: many whole blocks)."""
+    q, k, _ = qkv(Sq, Skv)
+    bounded = AnchorAttention(theta=theta, block=32).estimate(q, k)
+    with_bounds = anchor._stripe_mask
+    monkeypatch.setattr(anchor, "_stripe_mask", lambda *args: MaskMod(with_bounds(*args).fn))
+    plain = AnchorAttention(theta=theta, block=32).estimate(q, k)
+    assert torch.equal(bounded.to_dense(), plain.to_dense())
+    assert torch.equal(bounded.block_map()[0], plain.block_map()[0])

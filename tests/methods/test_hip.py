@@ -3,11 +3,13 @@ whole-context budget is dense, bad knobs."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from longattn.masks.block_sparse import EMPTY
-from longattn.methods.prefill import _select
+from longattn.methods.prefill import _select, hip
 from longattn.methods.prefill.hip import HiP
 from longattn.methods.registry import get
 from tests.methods.prefill_checks import (
@@ -71,3 +73,34 @@ def test_bad_input():
         HiP(block_q=48)
     with pytest.raises(ValueError, match="block_kv: expected a power of two >= 32"):
         HiP(block_kv=16)
+
+
+def _halving_reference(qp, kp, reach, k):
+    """The search scored on the fly: each half's first pooled key against the pooled query (sorted picks)."""
+    out = torch.full((*qp.shape[:3], k), -1, dtype=torch.long)
+    for b, h, i in itertools.product(*(range(n) for n in qp.shape[:3])):
+        n = int(reach[i])
+        chunks = [(j * n // k, (j + 1) * n // k) for j in range(k)]
+        while any(e - s > 1 for s, e in chunks):
+            halves = [(s, (s + e + 1) // 2) for s, e in chunks] + [((s + e + 1) // 2, e) for s, e in chunks]
+            score = torch.stack([kp[b, h, min(s, kp.shape[2] - 1)] @ qp[b, h, i] if e > s
+                                 else torch.tensor(float("-inf"), dtype=qp.dtype) for s, e in halves])
+            chunks = [halves[t] for t in score.topk(k).indices.tolist()]
+        picks = sorted(s for s, e in chunks if e > s)
+        out[b, h, i, : len(picks)] = torch.tensor(picks, dtype=torch.long)
+    return out
+
+
+@pytest.mark.parametrize(("nq", "nk", "k", "chunk"), [(9, 40, 4, 1 << 27), (9, 40, 4, 3 * 40), (5, 7, 6, 40)])
+def test_hierarchical_topk_equals_the_search_scored_on_the_fly(nq, nk, k, chunk, monkeypatch):
+    """Scores gathered from the pooled score matrix (in query-block slices) pick what scoring each half's
+    representative key directly picks (fp64, so no near-ties)."""
+    monkeypatch.setattr(hip, "_SCORE_CHUNK_ELEMS", chunk)
+    g = torch.Generator().manual_seed(11)
+    qp, kp = torch.randn(2, 3, nq, 16, generator=g, dtype=torch.float64), torch.randn(2, 3, nk, 16, generator=g,
+                                                                                     dtype=torch.float64)
+    reach = torch.linspace(1, nk, nq).long()
+    got = hip.hierarchical_topk(qp, kp, reach, k)
+    got = torch.where(got < 0, nk, got).sort(-1).values
+    want = _halving_reference(qp, kp, reach, k)
+    assert torch.equal(got, torch.where(want < 0, nk, want).sort(-1).values)

@@ -220,10 +220,18 @@ def _fwd_kernel(
 def _tma_configs() -> list[triton.Config]:
     """Candidates for the TMA forward (warps, stages); the interpreter gets one. A warp-specialised kv loop
     (``tl.range(warp_specialize=True)``) was no faster on H100 with Triton 3.6 and sometimes 12% slower."""
-    sizes = [(8, 2), (8, 3)]
+    sizes = [(8, 2), (8, 3), (4, 2), (4, 3), (2, 2), (2, 3)]
     if INTERPRET:
         sizes = sizes[:1]
     return [triton.Config({}, num_warps=w, num_stages=st) for w, st in sizes]
+
+
+def _prune_tma(configs, named_args, **kwargs):
+    """8 warps for 128-row query tiles (every sweep's winner); fewer warps (more programs per SM to hide load
+    latency on short rows) only for smaller tiles: 4 from 64 rows, 2 from 32 (HiP's 32x32 blocks)."""
+    rows = {**named_args, **kwargs}["BLOCK_Q"]
+    least = 8 if rows >= 128 else 4 if rows >= 64 else 2
+    return [c for c in configs if c.num_warps >= least] or configs
 
 
 @triton.jit
@@ -233,7 +241,8 @@ def _tile(desc, b, h, row0, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
     return desc.load([b, h, row0, 0]).reshape(BLOCK, HEAD_DIM)
 
 
-@triton.autotune(configs=_tma_configs(), key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "DTYPE_KEY"])
+@triton.autotune(configs=_tma_configs(), key=["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "DTYPE_KEY"],
+                 prune_configs_by={"early_config_prune": _prune_tma})
 @triton.jit
 def _fwd_tma_kernel(
     desc_q, desc_k, desc_v, desc_o, LSE, s_lb, s_lh,

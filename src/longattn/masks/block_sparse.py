@@ -34,6 +34,13 @@ TileFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (b, h, q_block, k
 _EVAL_CHUNK_ELEMS = 1 << 26  # elements of mask evaluated at once when resolving candidate blocks (bounds memory)
 
 
+def _ones(*t: Tensor) -> Tensor:
+    return torch.ones(torch.broadcast_shapes(*(x.shape for x in t)), dtype=torch.bool, device=t[-1].device)
+
+
+_ALL = MaskMod(lambda b, h, q, kv: _ones(q, kv), bounds=lambda *r: (_ones(*r), _ones(*r)), name="all")
+
+
 @dataclass
 class Blocks1D:
     """Token ranges of the virtual blocks along one axis, and the sequence (document) each belongs to."""
@@ -220,6 +227,74 @@ class BlockSparse:
         return cls(*_csr(cls_map, tile_map), tiles, qb, kb, selected & inner)
 
     @classmethod
+    def from_block_lists(
+        cls,
+        kv_blocks: Tensor,
+        seq_q: int,
+        seq_kv: int,
+        block: int | tuple[int, int] = (128, 128),
+        *,
+        within: MaskFn | None = None,
+    ) -> BlockSparse:
+        """Build from per-query-block lists of kv blocks, int [B', H', nQB, K] (any order; duplicates and negative
+        entries are ignored): what top-k methods select. Same result as ``from_block_mask`` on the equivalent map,
+        but the work grows with the listed blocks, not with the nQB x nKB grid (at 128k with 32-token blocks the
+        grid has 0.5 G entries per layer, a top-16 list 2 M). ``within`` restricts the listed blocks elementwise."""
+        bq, bkv = _check_block(block)
+        if not isinstance(kv_blocks, Tensor) or kv_blocks.dtype not in (torch.int32, torch.int64) \
+                or kv_blocks.dim() != 4:
+            raise TypeError(f"kv_blocks: expected a 4-D int32/int64 tensor [B, H, nQB, K], got "
+                            f"{getattr(kv_blocks, 'dtype', type(kv_blocks).__name__)} "
+                            f"{tuple(getattr(kv_blocks, 'shape', ()))}")
+        device = kv_blocks.device
+        qb, kb = Blocks1D.plain(seq_q, bq, device), Blocks1D.plain(seq_kv, bkv, device)
+        if kv_blocks.shape[2] != len(qb):
+            raise ValueError(f"kv_blocks: expected {len(qb)} query blocks for seq_q={seq_q} and block {bq}, got "
+                             f"{kv_blocks.shape[2]}")
+        if kv_blocks.numel() and int(kv_blocks.max()) >= len(kb):
+            raise ValueError(f"kv_blocks: entries must be < {len(kb)} (kv blocks of seq_kv={seq_kv}, block {bkv}), "
+                             f"got {int(kv_blocks.max())}")
+        if kv_blocks.shape[-1] == 0:
+            kv_blocks = torch.full((*kv_blocks.shape[:3], 1), -1, dtype=torch.long, device=device)
+        lists = kv_blocks.long().sort(-1).values
+        valid = lists >= 0
+        valid[..., 1:] &= lists[..., 1:] != lists[..., :-1]
+        grid = [torch.arange(n, device=device).view([-1 if d == i else 1 for d in range(4)])
+                for i, n in enumerate(lists.shape[:3])]
+        bb, hh, qq = (g.expand(lists.shape)[valid] for g in grid)
+        kk = lists[valid]
+        complete = (qb.lens[qq] == bq) & (kb.lens[kk] == bkv)
+        inner = _ALL if within is None else as_mask_mod(within, "within")
+        any_, all_ = inner.block_bounds(bb, hh, qb.local[qq], qb.local[qq] + qb.lens[qq] - 1,
+                                        kb.local[kk], kb.local[kk] + kb.lens[kk] - 1)
+        classes = torch.where(any_, torch.where(all_ & complete, FULL, PARTIAL), EMPTY).to(torch.int8)
+        tile_ids = torch.full(classes.shape, -1, dtype=torch.int32, device=device)
+        part = (classes == PARTIAL).nonzero().squeeze(1)
+        # a mask that ignores batch/head resolves each (query block, kv block) pair once, not once per head
+        bi, hi = _bh_extent(inner, lists.shape[0], lists.shape[1], qb, device)
+        key = ((bb[part] % bi) * hi + hh[part] % hi) * (len(qb) * len(kb)) + qq[part] * len(kb) + kk[part]
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        pairs = len(qb) * len(kb)
+        u_cls, u_tid, tiles = _resolve_entries(uniq // pairs // hi, uniq // pairs % hi, uniq % pairs // len(kb),
+                                               uniq % len(kb), _mask_tiles(inner, qb, kb), qb, kb,
+                                               _EVAL_CHUNK_ELEMS)
+        classes[part], tile_ids[part] = u_cls[inverse], u_tid[inverse]
+        slot_cls = torch.full(lists.shape, EMPTY, dtype=torch.int8, device=device)
+        slot_cls[valid] = classes
+        slot_tid = torch.full(lists.shape, -1, dtype=torch.int32, device=device)
+        slot_tid[valid] = tile_ids
+        # CSR rows: full entries (ascending), then partial (ascending); empty slots sort last and are cut
+        rank = torch.where(slot_cls == FULL, 0, torch.where(slot_cls == PARTIAL, 1, 2))
+        order = (rank * (len(kb) + 1) + lists.clamp(min=0)).argsort(-1)
+        used = slot_cls != EMPTY
+        kv_counts = used.sum(-1, dtype=torch.int32)
+        width = max(1, int(kv_counts.max())) if kv_counts.numel() else 1
+        order = order[..., :width]
+        kv_indices = torch.where(used.gather(-1, order), lists.gather(-1, order), 0).int()
+        return cls(kv_indices.contiguous(), kv_counts, (slot_cls == FULL).sum(-1, dtype=torch.int32),
+                   slot_tid.gather(-1, order).contiguous(), tiles, qb, kb, None)
+
+    @classmethod
     def from_flex(cls, block_mask) -> BlockSparse:
         """Convert a torch FlexAttention ``BlockMask``; its partial blocks are evaluated with its mask_mod."""
         bq, bkv = block_mask.BLOCK_SIZE
@@ -376,32 +451,43 @@ class BlockSparse:
 
     def density(self) -> float:
         """Fraction of the query × key area the kernels compute (full + partial blocks): the retained work."""
-        cls_map, _ = self.block_map()
-        area = self._block_area()
-        bh = self.shape[:2]
-        kept = ((cls_map != EMPTY) * area).sum() * (bh[0] * bh[1] / (cls_map.shape[0] * cls_map.shape[1]))
+        area, used, _ = self._slot_areas()
+        kept = (area * used).sum() * self._bh_scale()
         if self.columns is not None:
             kept = kept + self._column_pairs().sum()
-        return float(kept / (area.sum() * bh[0] * bh[1]))
+        return float(kept / (self._block_area().sum() * self.shape[0] * self.shape[1]))
 
     def mask_density(self) -> float:
         """Fraction of query × key pairs the mask keeps (exact: full blocks plus set bits of partial tiles).
-        Computed once per instance: a static pattern's one BlockSparse serves every layer of a forward, and the
-        count (dense block maps, every tile's bits, a read-back) is not free at long lengths."""
+        Computed once per instance: a static pattern's one BlockSparse serves every layer of a forward."""
         return self._mask_density
 
     @functools.cached_property
     def _mask_density(self) -> float:
-        cls_map, tile_map = self.block_map()
-        area = self._block_area()
-        ones_per_tile = unpack_bits(self.tiles, self.kv_blocks.block).flatten(1).sum(1).double()
-        kept = ((cls_map == FULL) * area).sum()
-        kept += ones_per_tile[tile_map[cls_map == PARTIAL].long()].sum()
-        bh = self.shape[:2]
-        kept = kept * (bh[0] * bh[1] / (cls_map.shape[0] * cls_map.shape[1]))
+        area, used, full = self._slot_areas()
+        part = used & ~full
+        kept = (area * full).sum() + _ones_per_tile(self.tiles)[self.tile_ids[part].long()].double().sum()
+        kept = kept * self._bh_scale()
         if self.columns is not None:
             kept = kept + self._column_pairs().sum()
-        return float(kept / (area.sum() * bh[0] * bh[1]))
+        return float(kept / (self._block_area().sum() * self.shape[0] * self.shape[1]))
+
+    def _slot_areas(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Per CSR slot [B', H', nQB, maxK]: its block's valid pairs (fp64), whether it is in use, whether full.
+        Read off the lists (work ~ listed blocks), never the dense block map."""
+        pos = torch.arange(self.kv_indices.shape[-1], device=self.device)
+        used = pos < self.kv_counts[..., None]
+        full = pos < self.full_counts[..., None]
+        kv = self.kv_indices.long().clamp(0, len(self.kv_blocks) - 1)
+        area = self.q_blocks.lens.view(-1, 1).double() * self.kv_blocks.lens[kv].double()
+        if self.varlen:
+            area = area * (self.q_blocks.seq.view(-1, 1) == self.kv_blocks.seq[kv])
+        return area, used, full
+
+    def _bh_scale(self) -> float:
+        """Lists shared over batch/heads (B', H' = 1) stand for every (b, h) of the shape."""
+        bh = self.shape[:2]
+        return bh[0] * bh[1] / (self.kv_counts.shape[0] * self.kv_counts.shape[1])
 
     def to(self, device: torch.device | str) -> BlockSparse:
         """Copy to another device."""
@@ -582,25 +668,41 @@ def _resolve(cls_map: Tensor, tile_fn: TileFn, qb: Blocks1D, kb: Blocks1D,
     cls_map[(cls_map == FULL) & short.view(1, 1, *short.shape)] = PARTIAL
     bb, hh, qq, kk = torch.nonzero(cls_map == PARTIAL, as_tuple=True)
     tile_map = torch.full(cls_map.shape, -1, dtype=torch.int32, device=cls_map.device)
-    # Candidates are resolved a bounded slice at a time (token-exact masks at 128k have millions of them).
+    classes, tile_ids, tiles = _resolve_entries(bb, hh, qq, kk, tile_fn, qb, kb, elems)
+    cls_map[bb, hh, qq, kk] = classes
+    tile_map[bb, hh, qq, kk] = tile_ids
+    return cls_map, tile_map, tiles
+
+
+def _resolve_entries(bb: Tensor, hh: Tensor, qq: Tensor, kk: Tensor, tile_fn: TileFn, qb: Blocks1D, kb: Blocks1D,
+                     elems: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Class (int8) of each listed candidate block from its packed tile, its tile id (-1 unless PARTIAL) and the
+    deduplicated tiles. Candidates are resolved a bounded slice at a time (token-exact masks at 128k have millions
+    of them)."""
+    n = bb.numel()
+    classes = torch.empty(n, dtype=torch.int8, device=bb.device)
+    tile_ids = torch.full((n,), -1, dtype=torch.int32, device=bb.device)
     step = max(1, elems // (qb.block * kb.block))
-    parts = [torch.zeros(0, qb.block, kb.block // 32, dtype=torch.int32, device=cls_map.device)]
+    parts = [torch.zeros(0, qb.block, kb.block // 32, dtype=torch.int32, device=bb.device)]
     n_tiles = 0
-    for lo in range(0, bb.numel(), step):
-        b, h, q, k = (x[lo:lo + step] for x in (bb, hh, qq, kk))
-        words = tile_fn(b, h, q, k).flatten(1)  # bits outside the valid rows/columns are zero
+    for lo in range(0, n, step):
+        sl = slice(lo, lo + step)
+        q, k = qq[sl], kk[sl]
+        words = tile_fn(bb[sl], hh[sl], q, k).flatten(1)  # bits outside the valid rows/columns are zero
         empty = (words == 0).all(1)
         full = (words == -1).all(1) & (qb.lens[q] == qb.block) & (kb.lens[k] == kb.block)
-        cls_map[b, h, q, k] = torch.where(empty, EMPTY, torch.where(full, FULL, PARTIAL)).to(torch.int8)
+        classes[sl] = torch.where(empty, EMPTY, torch.where(full, FULL, PARTIAL)).to(torch.int8)
         keep = ~empty & ~full
         tiles, inverse = _dedup_tiles(words[keep].view(-1, qb.block, kb.block // 32))
-        tile_map[b[keep], h[keep], q[keep], k[keep]] = (inverse + n_tiles).int()
+        ids = torch.full((words.shape[0],), -1, dtype=torch.int32, device=bb.device)
+        ids[keep] = (inverse + n_tiles).int()
+        tile_ids[sl] = ids
         parts.append(tiles)
         n_tiles += tiles.shape[0]
     tiles, remap = _dedup_tiles(torch.cat(parts)) if len(parts) > 2 else (parts[-1], None)
     if remap is not None:
-        tile_map = torch.where(tile_map >= 0, remap.int()[tile_map.clamp(min=0).long()], -1).int()
-    return cls_map, tile_map, tiles
+        tile_ids = torch.where(tile_ids >= 0, remap.int()[tile_ids.clamp(min=0).long()], -1).int()
+    return classes, tile_ids, tiles
 
 
 def pack_bits(bits: Tensor) -> Tensor:
@@ -620,27 +722,54 @@ def unpack_bits(tiles: Tensor, cols: int) -> Tensor:
 
 def _dedup_tiles(packed: Tensor) -> tuple[Tensor, Tensor]:
     """Distinct tiles (ordered by a content hash) and each input tile's index among them. Hashing turns the
-    dedup into a sort of one int64 per tile instead of a row sort of whole tiles (seconds per layer at 128k for
-    token-exact masks); every tile is then compared with its representative, and a collision (never seen, but
-    possible) falls back to the exact row sort."""
+    dedup into sorts of two int64 per tile instead of a row sort of whole tiles (seconds per layer at 128k for
+    token-exact masks). Two independent hashes: one collides for ~1 pair in 2**31, which millions of tiles at
+    128k do hit; every tile is still compared with its representative, and a collision falls back to the exact
+    row sort. Hashing and checking go a bounded slice of tiles at a time (the 16-bit halves are 4x the tiles'
+    bytes: tens of GB for millions of tiles at 128k)."""
     n = packed.shape[0]
     if n == 0:
         return packed, torch.zeros(0, dtype=torch.long, device=packed.device)
     flat = packed.view(n, -1)
-    halves = torch.stack([flat & 0xFFFF, (flat >> 16) & 0xFFFF], -1).flatten(1).long()  # each < 2**16
-    coef = _hash_coefficients(halves.shape[1], packed.device)  # each < 2**31: the sum stays below 2**63
-    keys, inverse = torch.unique((halves * coef).sum(1), return_inverse=True)
-    first = torch.full((keys.numel(),), n, dtype=torch.long, device=packed.device).scatter_reduce_(
-        0, inverse, torch.arange(n, device=packed.device), "amin")
-    uniq = flat[first]
-    if not torch.equal(uniq[inverse], flat):
+    coef = _hash_coefficients(2 * flat.shape[1], packed.device)  # [2, halves], each < 2**31: sums stay < 2**63
+    step = max(1, _EVAL_CHUNK_ELEMS // (2 * flat.shape[1]))
+    hashes = torch.empty(2, n, dtype=torch.long, device=packed.device)
+    for lo in range(0, n, step):
+        part = flat[lo:lo + step]
+        halves = torch.stack([part & 0xFFFF, (part >> 16) & 0xFFFF], -1).flatten(1).long()  # each < 2**16
+        for i in range(2):
+            hashes[i, lo:lo + step] = (halves * coef[i]).sum(1)
+    order = torch.argsort(hashes[1], stable=True)
+    order = order[torch.argsort(hashes[0, order], stable=True)]
+    srt = hashes[:, order]
+    new = torch.ones(n, dtype=torch.bool, device=packed.device)
+    new[1:] = (srt[:, 1:] != srt[:, :-1]).any(0)
+    inverse = torch.empty(n, dtype=torch.long, device=packed.device)
+    inverse[order] = new.cumsum(0) - 1
+    uniq = flat[order[new]]  # each group's first tile in input order (stable sorts)
+    if not all(torch.equal(uniq[inverse[lo:lo + step]], flat[lo:lo + step]) for lo in range(0, n, step)):
         uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
     return uniq.view(-1, *packed.shape[1:]).contiguous(), inverse
 
 
+def _ones_per_tile(tiles: Tensor) -> Tensor:
+    """int64 [T]: set bits of each packed tile, counted on the words (SWAR popcount) a bounded slice at a time,
+    never unpacked (a token-exact 128k mask has millions of tiles: unpacked, ~100 GB)."""
+    flat = tiles.reshape(tiles.shape[0], math.prod(tiles.shape[1:]))
+    out = torch.empty(flat.shape[0], dtype=torch.long, device=tiles.device)
+    step = max(1, _EVAL_CHUNK_ELEMS // max(1, flat.shape[1]))
+    for lo in range(0, flat.shape[0], step):
+        x = flat[lo:lo + step].long() & 0xFFFFFFFF
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        out[lo:lo + step] = (((x * 0x01010101) & 0xFFFFFFFF) >> 24).sum(1)
+    return out
+
+
 @functools.cache
 def _hash_coefficients(n: int, device: torch.device) -> Tensor:
-    return torch.randint(1, 2**31 - 1, (n,), generator=torch.Generator().manual_seed(0x7E57)).to(device)
+    return torch.randint(1, 2**31 - 1, (2, n), generator=torch.Generator().manual_seed(0x7E57)).to(device)
 
 
 def _csr(cls_map: Tensor, tile_map: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -9,6 +9,7 @@ import math
 import torch
 from torch import Tensor
 
+from longattn import masks
 from longattn.masks.block_sparse import BlockSparse
 from longattn.masks.core import MaskMod
 from longattn.methods.prefill._blocks import geometry, square_block, to_block_sparse
@@ -67,13 +68,27 @@ class AnchorAttention(PrefillMethod):
         stripes = est >= (anchor - self.theta).unsqueeze(-1)
         stripes &= torch.arange(Skv, device=q.device).view(1, -1) <= geo.q_last.view(-1, 1)
         pad = torch.nn.functional.pad(stripes, (0, n_kv * bkv - Skv))
-        selected = pad.view(B, Hq, n_q, n_kv, bkv).any(-1)
+        counts = pad.view(B, Hq, n_q, n_kv, bkv).sum(-1, dtype=torch.int32)  # kept stripes per block
+        selected = counts > 0
         selected[..., 0] = True
         selected |= geo.window(torch.tensor(self.local, device=q.device))
-        n_sink, local, off = bkv, self.local, geo.offset
-
-        def anchor_rule(b, h, q_idx, kv_idx):
-            return stripes[b, h, q_idx // bq, kv_idx] | (kv_idx < n_sink) | (q_idx + off - kv_idx < local)
-
-        bs, self.last_density = to_block_sparse(selected, geo, MaskMod(anchor_rule, name="anchor_stripes"))
+        rule = _stripe_mask(stripes, counts, bq, bkv) | masks.sinks(bkv, self.local, offset=geo.offset)
+        bs, self.last_density = to_block_sparse(selected, geo, rule)
         return bs
+
+
+def _stripe_mask(stripes: Tensor, counts: Tensor, bq: int, bkv: int) -> MaskMod:
+    """Key stripes per query block (``stripes`` bool [B, H, nQB, Skv]) as a mask whose block bounds come from
+    the per-block stripe counts: a block with every stripe kept is settled whole instead of token by token."""
+    n_q, n_kv = counts.shape[-2:]
+
+    def fn(b, h, q_idx, kv_idx):
+        return stripes[b, h, q_idx // bq, kv_idx]
+
+    def bounds(b, h, q_lo, q_hi, kv_lo, kv_hi):
+        i, j = q_lo // bq, kv_lo // bkv
+        inside = (q_hi // bq == i) & (kv_hi // bkv == j)  # the rectangle lies in one method block
+        n = counts[b, h, i.clamp(max=n_q - 1), j.clamp(max=n_kv - 1)]
+        return ~inside | (n > 0), inside & (n == bkv)
+
+    return MaskMod(fn, bounds=bounds, name="anchor_stripes")

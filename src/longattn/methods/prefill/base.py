@@ -38,8 +38,8 @@ def pooled_block_scores(q: Tensor, k: Tensor, block: tuple[int, int]) -> Tensor:
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     bq, bkv = block
-    qp = _mean_pool(q.float(), bq)
-    kp = _mean_pool(k.float(), bkv).repeat_interleave(Hq // Hkv, dim=1)
+    qp = _mean_pool(q, bq)
+    kp = _mean_pool(k, bkv).repeat_interleave(Hq // Hkv, dim=1)
     s = qp @ kp.transpose(-1, -2) / math.sqrt(D)
     q_last = (torch.arange(qp.shape[2], device=q.device) * bq).clamp(max=Sq - 1) + (Skv - Sq)
     kv_first = torch.arange(kp.shape[2], device=q.device) * bkv
@@ -48,9 +48,13 @@ def pooled_block_scores(q: Tensor, k: Tensor, block: tuple[int, int]) -> Tensor:
 
 
 def _mean_pool(x: Tensor, block: int) -> Tensor:
+    """float32 [B, H, ceil(S / block), D]: mean of each block of ``block`` positions (the tail block over its
+    valid ones), accumulated in float32 straight from x's dtype (no float32 copy of x at long lengths)."""
     B, H, S, D = x.shape
-    n = math.ceil(S / block)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, n * block - S))
-    counts = torch.full((n,), float(block), device=x.device)
-    counts[-1] = S - (n - 1) * block
-    return padded.view(B, H, n, block, D).sum(3) / counts.view(1, 1, n, 1)
+    whole = S // block
+    sums = x[:, :, : whole * block].unflatten(2, (whole, block)).sum(3, dtype=torch.float32)
+    counts = torch.full((whole,), float(block), device=x.device)
+    if whole * block < S:
+        sums = torch.cat([sums, x[:, :, whole * block:].sum(2, keepdim=True, dtype=torch.float32)], 2)
+        counts = torch.cat([counts, counts.new_full((1,), float(S - whole * block))])
+    return sums / counts.view(1, 1, -1, 1)

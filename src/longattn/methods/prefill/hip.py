@@ -1,7 +1,7 @@
 """HiP attention (Lee et al., ICLR 2025, "A training-free, sub-quadratic attention by hierarchical pruning"): each
 query block starts from k equal chunks of its causal key range and repeatedly halves them, keeping the k halves
-whose representative key scores highest, until the chunks are single key blocks: O(S · k · log S) work, never
-the full score map."""
+whose representative key scores highest, until the chunks are single key blocks. The representatives' scores
+are read from the pooled (block-level) score matrix, computed a slice of query blocks at a time."""
 
 from __future__ import annotations
 
@@ -10,33 +10,45 @@ import math
 import torch
 from torch import Tensor
 
+from longattn import masks
 from longattn.masks.block_sparse import BlockSparse
 from longattn.methods.prefill import _select
 from longattn.methods.prefill.base import PrefillMethod, _mean_pool
 from longattn.methods.registry import register
 
+_SCORE_CHUNK_ELEMS = 1 << 27  # pooled scores held at once (fp32): bounds memory at long contexts
+
 
 def hierarchical_topk(qp: Tensor, kp: Tensor, reach: Tensor, k: int) -> Tensor:
-    """bool [B, H, nQB, nKB]: per query block (pooled query qp [B, H, nQB, D]), the k key blocks (pooled keys kp
+    """int64 [B, H, nQB, k]: per query block (pooled query qp [B, H, nQB, D]), the k key blocks (pooled keys kp
     [B, H, nKB, D], causally reachable ones are [0, reach[i])) found by halving chunks and keeping the top k
-    (each half scored by its first block)."""
+    (each half scored by its first block); -1 where fewer than k blocks are reachable.
+
+    The scores a halving step reads are entries of the pooled score matrix qp · kp^T, so a slice of query blocks
+    gets that matrix from one GEMM and the steps gather from it: the same selection as scoring each half's
+    representative on the fly, without gathering k key vectors per query block per step (2 GB per step at 128k)."""
     B, H, nQB, _ = qp.shape
-    nKB = kp.shape[2]
-    j = torch.arange(k, device=qp.device)
+    rows = max(1, _SCORE_CHUNK_ELEMS // (B * H * kp.shape[2]))
+    picks = [_halve(qp[:, :, lo:lo + rows] @ kp.transpose(-1, -2), reach[lo:lo + rows], k)
+             for lo in range(0, nQB, rows)]
+    return torch.cat(picks, 2)
+
+
+def _halve(scores: Tensor, reach: Tensor, k: int) -> Tensor:
+    """The halving search of ``hierarchical_topk`` over precomputed scores [B, H, rows, nKB]."""
+    B, H, rows, nKB = scores.shape
+    j = torch.arange(k, device=scores.device)
     n = reach.view(-1, 1)
-    starts = (j * n // k).expand(B, H, nQB, k)
-    ends = ((j + 1) * n // k).expand(B, H, nQB, k)
+    starts = (j * n // k).expand(B, H, rows, k)
+    ends = ((j + 1) * n // k).expand(B, H, rows, k)
     while bool(((ends - starts) > 1).any()):
         mid = (starts + ends + 1) // 2
         s2, e2 = torch.cat([starts, mid], -1), torch.cat([mid, ends], -1)
-        rep = s2.clamp(0, nKB - 1)  # each half is represented by its first block (the release's 'first' sampling)
-        keys = kp.gather(2, rep.view(B, H, -1, 1).expand(-1, -1, -1, kp.shape[-1])).view(B, H, nQB, 2 * k, -1)
-        score = (keys @ qp.unsqueeze(-1)).squeeze(-1).masked_fill(e2 <= s2, float("-inf"))
+        # each half is represented by its first block (the release's 'first' sampling)
+        score = scores.gather(-1, s2.clamp(0, nKB - 1)).masked_fill(e2 <= s2, float("-inf"))
         top = score.topk(k, dim=-1).indices
         starts, ends = s2.gather(-1, top), e2.gather(-1, top)
-    selected = torch.zeros(B, H, nQB, nKB + 1, dtype=torch.bool, device=qp.device)
-    selected.scatter_(-1, torch.where(ends > starts, starts, nKB), True)  # empty chunks land in a spill column
-    return selected[..., :nKB]
+    return torch.where(ends > starts, starts, -1)
 
 
 @register("hip", "prefill", paper="HiP attention (Lee et al., ICLR 2025), hierarchical top-k block pruning")
@@ -56,11 +68,13 @@ class HiP(PrefillMethod):
         self.check(q, k)
         H, Sq, Skv = q.shape[1], q.shape[2], k.shape[2]
         _select.check_budget("top_k", self.top_k, Skv)
-        diag = _select.diagonal_blocks(Sq, Skv, self.block, q.device)
-        reach = diag.int().argmax(-1) + 1
-        qp = _mean_pool(q.float(), self.block[0])
-        kp = _mean_pool(_select.repeat_kv(k, H).float(), self.block[1])
-        kblocks = math.ceil(self.top_k / self.block[1])
-        selected = hierarchical_topk(qp, kp, reach, kblocks) | diag
-        bs, self.last_density = _select.build(selected, Sq, Skv, self.block)
+        B, Hkv = q.shape[0], k.shape[1]
+        _, q_hi, _, _ = _select.geometry(Sq, Skv, self.block, q.device)
+        diag = q_hi // self.block[1]  # [nQB] kv block of each query block's last query
+        qp = _mean_pool(q, self.block[0])
+        kp = _mean_pool(k, self.block[1]).repeat_interleave(H // Hkv, dim=1)
+        picks = hierarchical_topk(qp, kp, diag + 1, math.ceil(self.top_k / self.block[1]))
+        lists = torch.cat([picks, diag.view(1, 1, -1, 1).expand(B, H, -1, 1)], -1)
+        bs = BlockSparse.from_block_lists(lists, Sq, Skv, self.block, within=masks.causal(offset=Skv - Sq))
+        self.last_density = bs.density()
         return bs

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from longattn import masks
 from longattn.masks.block_sparse import BlockSparse
-from longattn.masks.core import MaskMod
 from longattn.methods.prefill._blocks import geometry, square_block, to_block_sparse
 from longattn.methods.prefill._select import check_budget, check_fraction, check_int
 from longattn.methods.prefill.base import PrefillMethod, pooled_block_scores
@@ -62,12 +62,13 @@ class LServePrefill(PrefillMethod):
             top = scores.topk(self.top_k, dim=-1).indices
             dense_blocks = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
         selected = torch.where(streaming.view(1, Hq, 1, 1), streaming_blocks, dense_blocks)
-        dense_head, ns, w, off = ~streaming, self.num_sinks, self.window, geo.offset
-
-        def lserve_rule(b, h, q_idx, kv_idx):
-            return dense_head[h] | (kv_idx < ns) | (q_idx + off - kv_idx < w)
-
-        bs, self.last_density = to_block_sparse(selected, geo, MaskMod(lserve_rule, name="lserve_heads"))
+        # Dense heads: a window longer than the context; streaming heads: sinks + window. Both masks have block
+        # bounds, so the builder settles whole blocks without evaluating them token by token (at 128k an
+        # unbounded rule meant ~10^11 evaluations per layer).
+        windows = torch.where(streaming, self.window, Skv + 1)
+        rule = masks.per_head_window(windows, offset=geo.offset) | masks.sinks(self.num_sinks, self.window,
+                                                                                offset=geo.offset)
+        bs, self.last_density = to_block_sparse(selected, geo, rule)
         self.last_streaming = streaming
         return bs
 

@@ -30,11 +30,9 @@ class MInferenceBlockSparse(PrefillMethod):
         scores = pooled_block_scores(q, k, self.block)
         n_kv = scores.shape[-1]
         top = scores.topk(min(self.top_k, n_kv), dim=-1).indices
-        selected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
         n_q = scores.shape[2]
         q_last = (torch.arange(n_q, device=q.device) * self.block[0] + self.block[0] - 1).clamp(max=Sq - 1) + Skv - Sq
-        diagonal = (q_last // self.block[1]).clamp(max=n_kv - 1)
-        selected[..., torch.arange(n_q, device=q.device), diagonal] = True
-        reachable = torch.arange(n_kv, device=q.device).view(1, -1) <= diagonal.view(-1, 1)
-        selected &= reachable  # top-k can pick masked (zero-score) blocks when fewer than k are reachable
-        return BlockSparse.from_block_mask(selected, Sq, Skv, self.block, within=masks.causal(offset=Skv - Sq))
+        diagonal = (q_last // self.block[1]).clamp(max=n_kv - 1).view(-1, 1)
+        top = torch.where(top <= diagonal, top, -1)  # top-k picks masked (zero-score) blocks when fewer are reachable
+        lists = torch.cat([top, diagonal.expand(*top.shape[:-1], 1)], -1)
+        return BlockSparse.from_block_lists(lists, Sq, Skv, self.block, within=masks.causal(offset=Skv - Sq))
