@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from longattn.masks.block_sparse import EMPTY
-from longattn.methods.prefill import _select, hip
+from longattn.methods.prefill import hip
+from longattn.methods.prefill._blocks import geometry
 from longattn.methods.prefill.hip import HiP
 from longattn.methods.registry import get
 from tests.methods.prefill_checks import (
@@ -25,7 +26,7 @@ from tests.methods.prefill_checks import (
 @pytest.mark.parametrize(("Sq", "Skv", "Hkv", "dtype", "D"), ORACLE_GRID, ids=ORACLE_IDS)
 def test_oracle_rule_and_density(Sq, Skv, Hkv, dtype, D):
     q, k, v = qkv(Sq, Skv, Hkv=Hkv, D=D, dtype=dtype)
-    m = HiP(top_k=64)
+    m = HiP(top_k=64, window=64)
     bs = m.estimate(q, k)
     check_oracle(bs, q, k, v)
     check_density(bs, m.last_density)
@@ -33,16 +34,31 @@ def test_oracle_rule_and_density(Sq, Skv, Hkv, dtype, D):
 
 @pytest.mark.parametrize(("Sq", "Skv", "top_k"), [(1000, 1000, 96), (300, 1000, 160), (127, 127, 32)])
 def test_every_query_block_keeps_k_blocks_plus_its_diagonal(Sq, Skv, top_k):
+    """Without sinks and window: the k searched blocks plus every kv block holding one of the block's own keys
+    (two when the query block straddles kv blocks, as with Sq=300 of Skv=1000)."""
     q, k, _ = qkv(Sq, Skv)
     block = (32, 32)
-    selected = HiP(top_k=top_k).estimate(q, k).block_map()[0] != EMPTY
-    diag = _select.diagonal_blocks(Sq, Skv, block, "cpu")
-    reach = diag.int().argmax(-1) + 1
+    selected = HiP(top_k=top_k, block_q=32, sink_tokens=0, window=0).estimate(q, k).block_map()[0] != EMPTY
+    geo = geometry(Sq, Skv, block, "cpu")
+    diag = geo.diagonal()
+    reach = (geo.q_last // 32 + 1).view(1, 1, -1)
     kept = selected.sum(-1)
     k_blocks = top_k // 32
-    lo, hi = torch.minimum(reach, torch.tensor(k_blocks)), torch.minimum(reach, torch.tensor(k_blocks + 1))
+    lo = torch.minimum(reach, torch.tensor(k_blocks))
+    hi = torch.minimum(reach, k_blocks + diag.sum(-1).view(1, 1, -1))
     assert ((kept >= lo) & (kept <= hi)).all()
-    assert (selected & diag).sum(-1).eq(1).all()
+    assert torch.equal(selected & diag, diag.expand_as(selected))
+
+
+@pytest.mark.parametrize(("Sq", "Skv", "sinks", "window"), [(1000, 1000, 16, 256), (300, 1000, 40, 100)])
+def test_sinks_and_window_blocks_are_always_kept(Sq, Skv, sinks, window):
+    """The key blocks holding the first ``sink_tokens`` tokens and each query block's window are kept (causal)."""
+    q, k, _ = qkv(Sq, Skv)
+    selected = HiP(top_k=64, block_q=64, sink_tokens=sinks, window=window).estimate(q, k).block_map()[0] != EMPTY
+    geo = geometry(Sq, Skv, (64, 32), "cpu")
+    sink = (geo.kv_first < sinks).view(1, -1) & geo.reachable()
+    win = geo.window(torch.tensor(window)) | geo.diagonal()
+    assert (selected >= (sink | win)).all()
 
 
 def test_planted_hot_region_is_found():
@@ -51,7 +67,7 @@ def test_planted_hot_region_is_found():
     u = torch.nn.functional.normalize(torch.randn(D, generator=torch.Generator().manual_seed(7)), dim=0)
     q[:, :, -32:] += 3 * u
     k[:, :, 256:512] += 3 * u  # a smooth hot region of 8 key blocks, far from the last query block
-    selected = HiP(top_k=64).estimate(q, k).block_map()[0][0, :, -1] != EMPTY
+    selected = HiP(top_k=64, block_q=32, sink_tokens=0, window=0).estimate(q, k).block_map()[0][0, :, -1] != EMPTY
     chosen = [set(torch.nonzero(row).flatten().tolist()) - {31} for row in selected]
     assert all(len(c) == 2 and c <= set(range(8, 16)) for c in chosen), chosen
 
@@ -73,6 +89,10 @@ def test_bad_input():
         HiP(block_q=48)
     with pytest.raises(ValueError, match="block_kv: expected a power of two >= 32"):
         HiP(block_kv=16)
+    with pytest.raises(ValueError, match="window: expected an int >= 0"):
+        HiP(window=-1)
+    with pytest.raises(ValueError, match="sink_tokens: budget of 400 tokens exceeds the context of 300 tokens"):
+        HiP(top_k=64, sink_tokens=400).estimate(q, k)
 
 
 def _halving_reference(qp, kp, reach, k):

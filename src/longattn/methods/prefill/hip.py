@@ -53,28 +53,45 @@ def _halve(scores: Tensor, reach: Tensor, k: int) -> Tensor:
 
 @register("hip", "prefill", paper="HiP attention (Lee et al., ICLR 2025), hierarchical top-k block pruning")
 class HiP(PrefillMethod):
-    """Hierarchically pruned top-k key blocks per query block. Defaults follow the authors' ``hip_attention``:
-    top_k=512 key tokens (mask_k) per 32-query block (block_size_q); their 1-2-token key blocks are coarsened to
-    32-token key blocks (the smallest our kernels take), so top_k=512 keeps 16 key blocks. Halves are scored by their
-    first block's mean key against the query block's mean query. The diagonal block is always kept (standing in for
-    the release's sliding window); top_k larger than the context raises."""
+    """Hierarchically pruned top-k key blocks per query block, plus attention sinks and a sliding window. Defaults
+    follow the authors' release (``hip_attn`` v1.1 ``HiPAttentionArgs``): mask_k=512 key tokens per 64-query block,
+    16 sink tokens, a 256-token sliding window. Their 2-token key blocks are coarsened to 32-token key blocks (the
+    smallest our kernels take), so top_k=512 keeps 16 key blocks, and the sinks and the window are kept as the key
+    blocks that hold them (plus every block on the query block's diagonal, so no row is empty). Halves are scored
+    by their first block's mean key against the query block's mean query. Budgets larger than the context raise."""
 
-    def __init__(self, top_k: int = 512, block_q: int = 32, block_kv: int = 32):
+    def __init__(self, top_k: int = 512, block_q: int = 64, block_kv: int = 32, sink_tokens: int = 16,
+                 window: int = 256):
         self.top_k = _select.check_int("top_k", top_k)
         self.block = (_select.check_block("block_q", block_q), _select.check_block("block_kv", block_kv))
+        self.sink_tokens = _select.check_int("sink_tokens", sink_tokens, low=0)
+        self.window = _select.check_int("window", window, low=0)
         self.last_density: float | None = None
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
         self.check(q, k)
-        H, Sq, Skv = q.shape[1], q.shape[2], k.shape[2]
-        _select.check_budget("top_k", self.top_k, Skv)
-        B, Hkv = q.shape[0], k.shape[1]
-        _, q_hi, _, _ = _select.geometry(Sq, Skv, self.block, q.device)
-        diag = q_hi // self.block[1]  # [nQB] kv block of each query block's last query
-        qp = _mean_pool(q, self.block[0])
-        kp = _mean_pool(k, self.block[1]).repeat_interleave(H // Hkv, dim=1)
-        picks = hierarchical_topk(qp, kp, diag + 1, math.ceil(self.top_k / self.block[1]))
-        lists = torch.cat([picks, diag.view(1, 1, -1, 1).expand(B, H, -1, 1)], -1)
+        B, H, Sq, _ = q.shape
+        Hkv, Skv = k.shape[1], k.shape[2]
+        for name, budget in (("top_k", self.top_k), ("sink_tokens", self.sink_tokens), ("window", self.window)):
+            _select.check_budget(name, budget, Skv)
+        bq, bkv = self.block
+        q_lo, q_hi, _, _ = _select.geometry(Sq, Skv, self.block, q.device)
+        qp = _mean_pool(q, bq)
+        kp = _mean_pool(k, bkv).repeat_interleave(H // Hkv, dim=1)
+        picks = hierarchical_topk(qp, kp, q_hi // bkv + 1, math.ceil(self.top_k / bkv))
+        lists = torch.cat([picks, self._fixed_blocks(q_lo, q_hi).expand(B, H, -1, -1)], -1)
         bs = BlockSparse.from_block_lists(lists, Sq, Skv, self.block, within=masks.causal(offset=Skv - Sq))
         self.last_density = bs.density()
         return bs
+
+    def _fixed_blocks(self, q_lo: Tensor, q_hi: Tensor) -> Tensor:
+        """int64 [1, 1, nQB, n]: per query block, the key blocks holding the sink tokens and the window (from the
+        first query's window start to the last query's own key); -1 pads."""
+        bkv = self.block[1]
+        sinks = torch.arange(math.ceil(self.sink_tokens / bkv), device=q_lo.device)
+        reach = max(self.window, 1)  # window 0 still keeps each query's own key
+        first = ((q_lo - reach + 1).clamp(min=0) // bkv).view(-1, 1)
+        last = (q_hi // bkv).view(-1, 1)
+        span = first + torch.arange(math.ceil((reach + self.block[0] - 1) / bkv) + 1, device=q_lo.device)
+        window = torch.where(span <= last, span, -1)
+        return torch.cat([sinks.expand(len(q_lo), -1), window], -1).view(1, 1, len(q_lo), -1)
