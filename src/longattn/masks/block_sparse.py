@@ -28,17 +28,11 @@ import torch
 from torch import Tensor
 
 from longattn.masks.core import MaskFn, MaskMod, as_mask_mod, evaluate
+from longattn.masks.patterns import full
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 TileFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (b, h, q_block, kv_block) -> packed bit tiles
 _EVAL_CHUNK_ELEMS = 1 << 26  # elements of mask evaluated at once when resolving candidate blocks (bounds memory)
-
-
-def _ones(*t: Tensor) -> Tensor:
-    return torch.ones(torch.broadcast_shapes(*(x.shape for x in t)), dtype=torch.bool, device=t[-1].device)
-
-
-_ALL = MaskMod(lambda b, h, q, kv: _ones(q, kv), bounds=lambda *r: (_ones(*r), _ones(*r)), name="all")
 
 
 @dataclass
@@ -264,7 +258,7 @@ class BlockSparse:
         bb, hh, qq = (g.expand(lists.shape)[valid] for g in grid)
         kk = lists[valid]
         complete = (qb.lens[qq] == bq) & (kb.lens[kk] == bkv)
-        inner = _ALL if within is None else as_mask_mod(within, "within")
+        inner = full() if within is None else as_mask_mod(within, "within")
         any_, all_ = inner.block_bounds(bb, hh, qb.local[qq], qb.local[qq] + qb.lens[qq] - 1,
                                         kb.local[kk], kb.local[kk] + kb.lens[kk] - 1)
         classes = torch.where(any_, torch.where(all_ & complete, FULL, PARTIAL), EMPTY).to(torch.int8)
