@@ -8,6 +8,7 @@ from torch import Tensor
 
 from longattn import masks
 from longattn.masks.block_sparse import BlockSparse
+from longattn.methods.prefill import _select
 from longattn.methods.prefill.base import PrefillMethod, pooled_block_scores
 from longattn.methods.registry import register
 
@@ -30,9 +31,8 @@ class MInferenceBlockSparse(PrefillMethod):
         scores = pooled_block_scores(q, k, self.block)
         n_kv = scores.shape[-1]
         top = scores.topk(min(self.top_k, n_kv), dim=-1).indices
-        n_q = scores.shape[2]
-        q_last = (torch.arange(n_q, device=q.device) * self.block[0] + self.block[0] - 1).clamp(max=Sq - 1) + Skv - Sq
-        diagonal = (q_last // self.block[1]).clamp(max=n_kv - 1).view(-1, 1)
+        _, q_last, _, _ = _select.geometry(Sq, Skv, self.block, q.device)
+        diagonal = (q_last // self.block[1]).view(-1, 1)  # kv block of each query block's last query
         top = torch.where(top <= diagonal, top, -1)  # top-k picks masked (zero-score) blocks when fewer are reachable
         lists = torch.cat([top, diagonal.expand(*top.shape[:-1], 1)], -1)
         return BlockSparse.from_block_lists(lists, Sq, Skv, self.block, within=masks.causal(offset=Skv - Sq))
