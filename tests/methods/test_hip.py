@@ -38,7 +38,7 @@ def test_every_query_block_keeps_k_blocks_plus_its_diagonal(Sq, Skv, top_k):
     (two when the query block straddles kv blocks, as with Sq=300 of Skv=1000)."""
     q, k, _ = qkv(Sq, Skv)
     block = (32, 32)
-    selected = HiP(top_k=top_k, block_q=32, sink_tokens=0, window=0).estimate(q, k).block_map()[0] != EMPTY
+    selected = HiP(top_k=top_k, block_q=32, sink_tokens=0, window=0).estimate(q, k).block_map()[0].cpu() != EMPTY
     geo = geometry(Sq, Skv, block, "cpu")
     diag = geo.diagonal()
     reach = (geo.q_last // 32 + 1).view(1, 1, -1)
@@ -54,7 +54,7 @@ def test_every_query_block_keeps_k_blocks_plus_its_diagonal(Sq, Skv, top_k):
 def test_sinks_and_window_blocks_are_always_kept(Sq, Skv, sinks, window):
     """The key blocks holding the first ``sink_tokens`` tokens and each query block's window are kept (causal)."""
     q, k, _ = qkv(Sq, Skv)
-    selected = HiP(top_k=64, block_q=64, sink_tokens=sinks, window=window).estimate(q, k).block_map()[0] != EMPTY
+    selected = HiP(top_k=64, block_q=64, sink_tokens=sinks, window=window).estimate(q, k).block_map()[0].cpu() != EMPTY
     geo = geometry(Sq, Skv, (64, 32), "cpu")
     sink = (geo.kv_first < sinks).view(1, -1) & geo.reachable()
     win = geo.window(torch.tensor(window)) | geo.diagonal()
@@ -64,7 +64,7 @@ def test_sinks_and_window_blocks_are_always_kept(Sq, Skv, sinks, window):
 def test_planted_hot_region_is_found():
     S, D = 1024, 32
     q, k, _ = qkv(S, Hq=2, Hkv=2, D=D)
-    u = torch.nn.functional.normalize(torch.randn(D, generator=torch.Generator().manual_seed(7)), dim=0)
+    u = torch.nn.functional.normalize(torch.randn(D, generator=torch.Generator().manual_seed(7)), dim=0).to(q.device)
     q[:, :, -32:] += 3 * u
     k[:, :, 256:512] += 3 * u  # a smooth hot region of 8 key blocks, far from the last query block
     selected = HiP(top_k=64, block_q=32, sink_tokens=0, window=0).estimate(q, k).block_map()[0][0, :, -1] != EMPTY
@@ -115,7 +115,7 @@ def _halving_reference(qp, kp, reach, k):
 def test_hierarchical_topk_equals_the_search_scored_on_the_fly(nq, nk, k, chunk, monkeypatch):
     """Scores gathered from the pooled score matrix (in query-block slices) pick what scoring each half's
     representative key directly picks (fp64, so no near-ties)."""
-    monkeypatch.setattr(hip, "_SCORE_CHUNK_ELEMS", chunk)
+    monkeypatch.setattr(hip, "_SCORE_CHUNK_BYTES", chunk * 8)
     g = torch.Generator().manual_seed(11)
     qp, kp = torch.randn(2, 3, nq, 16, generator=g, dtype=torch.float64), torch.randn(2, 3, nk, 16, generator=g,
                                                                                      dtype=torch.float64)

@@ -160,7 +160,7 @@ def run_one(job: Job, model, tokenizer, handle) -> dict:
         except ValueError as e:
             return {"family": job.method.family, "config": job.method.knobs, "decode_config": job.decode.knobs,
                     "tokens": ids.shape[1], "correct": None, "skipped": str(e)}
-    state.densities.clear()
+    state.clear_densities()
     with PeakMemory(device) as mem:
         start = time.perf_counter()
         kwargs = cache_kwargs(model, cache) if cache is not None else {}
@@ -232,7 +232,7 @@ def _context_tokens(tokenizer, sample, ids: torch.Tensor) -> int:
 def _perplexity_row(job: Job, model, tokenizer, state) -> dict:
     device = next(model.parameters()).device
     ids = text_ids(tokenizer, job.length, job.haystack).to(device)
-    state.densities.clear()
+    state.clear_densities()
     with PeakMemory(device) as mem:
         start = time.perf_counter()
         ppl = perplexity(model, ids)

@@ -32,14 +32,23 @@ class PatchState:
     method: PrefillMethod | None = None  # a dynamic method estimates blocks from each layer's real q and k
     policy: object | None = None  # a decode policy (methods/decode), used through a LongattnCache
     _shifted: tuple[int, MaskMod | None] = (0, None)
-    densities: list[float] = field(default_factory=list)  # per prefill layer call: kept pairs / causal pairs
+    _kept: list[Tensor] = field(default_factory=list)  # per prefill layer call, on the device (read when asked)
     last_blocks: BlockSparse | None = None  # the last prefill layer's blocks (attention fidelity reads them)
 
     def record(self, bs: BlockSparse, Sq: int, Skv: int) -> None:
-        """Note one prefill layer's kept query-key pairs as a fraction of causal attention's (eval reports it)."""
+        """Note one prefill layer's kept query-key pairs as a fraction of causal attention's (eval reports it).
+        Kept as a device scalar: reading it here would stall the layer on the device."""
         causal_pairs = Sq * (Skv - Sq) + Sq * (Sq + 1) / 2
         self.last_blocks = bs
-        self.densities.append(bs.mask_density() * Sq * Skv / causal_pairs)
+        self._kept.append(bs.kept_fraction * (Sq * Skv / causal_pairs))
+
+    @property
+    def densities(self) -> list[float]:
+        """Kept pairs / causal pairs of every prefill layer call since the last ``clear_densities``."""
+        return [float(x) for x in self._kept]
+
+    def clear_densities(self) -> None:
+        self._kept.clear()
 
     def pattern_at(self, offset: int) -> MaskMod | None:
         """The prefill pattern for queries starting at absolute position ``offset``; one object per offset so

@@ -45,6 +45,7 @@ class Blocks1D:
     seq: Tensor  # int64 [n] sequence index (0 for a plain batch)
     block: int
     total: int  # tokens along the axis
+    multi_seq: bool = False  # blocks of more than one sequence (known on the host: checking seq never syncs)
 
     @staticmethod
     def plain(total: int, block: int, device) -> Blocks1D:
@@ -61,7 +62,8 @@ class Blocks1D:
         first = torch.cumsum(nblk, 0) - nblk
         local = (torch.arange(int(nblk.sum()), device=cu.device) - first[seq]) * block
         lens = (lens_seq[seq] - local).clamp(max=block)
-        return Blocks1D((cu[seq] + local).int(), lens.int(), local, seq, block, int(cu[-1]))
+        return Blocks1D((cu[seq] + local).int(), lens.int(), local, seq, block, int(cu[-1]),
+                        bool((nblk[1:] > 0).any()))
 
     def __len__(self) -> int:
         return self.starts.numel()
@@ -118,11 +120,10 @@ class BlockSparse:
     def device(self) -> torch.device:
         return self.kv_indices.device
 
-    @functools.cached_property
+    @property
     def varlen(self) -> bool:
-        """Packed variable-length batch; read once per instance (a device sync), not on every kernel launch."""
-        return bool((self.q_blocks.seq.numel() and int(self.q_blocks.seq.max()) > 0)
-                    or (self.kv_blocks.seq.numel() and int(self.kv_blocks.seq.max()) > 0))
+        """Packed variable-length batch (blocks of more than one sequence on either axis)."""
+        return self.q_blocks.multi_seq or self.kv_blocks.multi_seq
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -155,7 +156,7 @@ class BlockSparse:
         bi, hi = _bh_extent(mask, B, H, qb, device)
         b_idx = torch.arange(bi, device=device).view(-1, 1, 1, 1)
         h_idx = torch.arange(hi, device=device).view(1, -1, 1, 1)
-        if qb.seq.max() > 0 or kb.seq.max() > 0:  # packed: b is the sequence of the block
+        if qb.multi_seq or kb.multi_seq:  # packed: b is the sequence of the block
             b_idx = qb.seq.view(1, 1, -1, 1)
         any_, all_ = _block_bounds(mask, b_idx, h_idx, qb, kb)
         shape = (bi, hi, len(qb), len(kb))
@@ -253,10 +254,8 @@ class BlockSparse:
         lists = kv_blocks.long().sort(-1).values
         valid = lists >= 0
         valid[..., 1:] &= lists[..., 1:] != lists[..., :-1]
-        grid = [torch.arange(n, device=device).view([-1 if d == i else 1 for d in range(4)])
-                for i, n in enumerate(lists.shape[:3])]
-        bb, hh, qq = (g.expand(lists.shape)[valid] for g in grid)
-        kk = lists[valid]
+        bb, hh, qq, slot = valid.nonzero(as_tuple=True)  # one device sync for every coordinate
+        kk = lists[bb, hh, qq, slot]
         complete = (qb.lens[qq] == bq) & (kb.lens[kk] == bkv)
         inner = full() if within is None else as_mask_mod(within, "within")
         any_, all_ = inner.block_bounds(bb, hh, qb.local[qq], qb.local[qq] + qb.lens[qq] - 1,
@@ -274,9 +273,9 @@ class BlockSparse:
                                                _EVAL_CHUNK_ELEMS)
         classes[part], tile_ids[part] = u_cls[inverse], u_tid[inverse]
         slot_cls = torch.full(lists.shape, EMPTY, dtype=torch.int8, device=device)
-        slot_cls[valid] = classes
+        slot_cls[bb, hh, qq, slot] = classes
         slot_tid = torch.full(lists.shape, -1, dtype=torch.int32, device=device)
-        slot_tid[valid] = tile_ids
+        slot_tid[bb, hh, qq, slot] = tile_ids
         # CSR rows: full entries (ascending), then partial (ascending); empty slots sort last and are cut
         rank = torch.where(slot_cls == FULL, 0, torch.where(slot_cls == PARTIAL, 1, 2))
         order = (rank * (len(kb) + 1) + lists.clamp(min=0)).argsort(-1)
@@ -454,17 +453,19 @@ class BlockSparse:
     def mask_density(self) -> float:
         """Fraction of query × key pairs the mask keeps (exact: full blocks plus set bits of partial tiles).
         Computed once per instance: a static pattern's one BlockSparse serves every layer of a forward."""
-        return self._mask_density
+        return float(self.kept_fraction)
 
     @functools.cached_property
-    def _mask_density(self) -> float:
+    def kept_fraction(self) -> Tensor:
+        """``mask_density`` as a 0-dim float64 tensor on the mask's device, computed without waiting on the
+        device (a patched layer records it before its attention kernel; the number is read after the forward)."""
         area, used, full = self._slot_areas()
-        part = used & ~full
-        kept = (area * full).sum() + _ones_per_tile(self.tiles)[self.tile_ids[part].long()].double().sum()
-        kept = kept * self._bh_scale()
+        ones = torch.cat([_ones_per_tile(self.tiles), self.tiles.new_zeros(1, dtype=torch.long)]).double()
+        partial = torch.where(used & ~full, self.tile_ids.long(), len(self.tiles))  # other slots count 0 ones
+        kept = ((area * full).sum() + ones[partial].sum()) * self._bh_scale()
         if self.columns is not None:
             kept = kept + self._column_pairs().sum()
-        return float(kept / (self._block_area().sum() * self.shape[0] * self.shape[1]))
+        return kept / (self._block_area().sum() * self.shape[0] * self.shape[1])
 
     def _slot_areas(self) -> tuple[Tensor, Tensor, Tensor]:
         """Per CSR slot [B', H', nQB, maxK]: its block's valid pairs (fp64), whether it is in use, whether full.
@@ -487,7 +488,7 @@ class BlockSparse:
         """Copy to another device."""
         def move(x: Blocks1D) -> Blocks1D:
             return Blocks1D(x.starts.to(device), x.lens.to(device), x.local.to(device), x.seq.to(device),
-                            x.block, x.total)
+                            x.block, x.total, x.multi_seq)
         return BlockSparse(self.kv_indices.to(device), self.kv_counts.to(device), self.full_counts.to(device),
                            self.tile_ids.to(device), self.tiles.to(device), move(self.q_blocks),
                            move(self.kv_blocks), self.mask_mod,
@@ -613,7 +614,7 @@ def _bh_extent(mask: MaskMod, B: int, H: int, qb: Blocks1D, device) -> tuple[int
                      torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device))
     bi = B if probe.dim() == 4 and probe.shape[0] == B else 1
     hi = H if probe.dim() == 4 and probe.shape[1] == H else 1
-    if qb.seq.max() > 0:
+    if qb.multi_seq:
         bi = 1
     return bi, hi
 
@@ -631,7 +632,7 @@ def _evaluate_blocks(mask: MaskMod, bb, hh, qq, kk, qb: Blocks1D, kb: Blocks1D) 
     out = torch.zeros(n, bq, bkv, dtype=torch.bool, device=bb.device)
     r = torch.arange(bq, device=bb.device).view(1, bq, 1)
     c = torch.arange(bkv, device=bb.device).view(1, 1, bkv)
-    packed = bool(qb.seq.max() > 0 or kb.seq.max() > 0)
+    packed = qb.multi_seq or kb.multi_seq
     step = max(1, _EVAL_CHUNK_ELEMS // (bq * bkv))
     for lo in range(0, n, step):
         sl = slice(lo, lo + step)
@@ -655,7 +656,7 @@ def _resolve(cls_map: Tensor, tile_fn: TileFn, qb: Blocks1D, kb: Blocks1D,
     """Settle the PARTIAL candidates of ``cls_map`` (in place) from their packed tiles and force incomplete blocks
     partial; returns the class map, the tile map (-1 where no tile) and the deduplicated bit tiles. ``elems``
     bounds the tile elements built per slice."""
-    if qb.seq.max() > 0 or kb.seq.max() > 0:
+    if qb.multi_seq or kb.multi_seq:
         cls_map[:, :, qb.seq.view(-1, 1) != kb.seq.view(1, -1)] = EMPTY
     # A full block must be complete: the kernel reads it without bounds checks.
     short = (qb.lens.view(-1, 1) < qb.block) | (kb.lens.view(1, -1) < kb.block)

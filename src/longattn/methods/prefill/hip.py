@@ -11,12 +11,14 @@ import torch
 from torch import Tensor
 
 from longattn import masks
+from longattn.kernels.halving import halving_search
 from longattn.masks.block_sparse import BlockSparse
 from longattn.methods.prefill import _select
 from longattn.methods.prefill.base import PrefillMethod, _mean_pool
 from longattn.methods.registry import register
 
-_SCORE_CHUNK_ELEMS = 1 << 27  # pooled scores held at once (fp32): bounds memory at long contexts
+_SCORE_CHUNK_BYTES = 1 << 29  # pooled scores held at once: bounds memory at long contexts (128k, 32 heads and
+# bf16 scores fit in one slice)
 
 
 def hierarchical_topk(qp: Tensor, kp: Tensor, reach: Tensor, k: int) -> Tensor:
@@ -28,27 +30,10 @@ def hierarchical_topk(qp: Tensor, kp: Tensor, reach: Tensor, k: int) -> Tensor:
     gets that matrix from one GEMM and the steps gather from it: the same selection as scoring each half's
     representative on the fly, without gathering k key vectors per query block per step (2 GB per step at 128k)."""
     B, H, nQB, _ = qp.shape
-    rows = max(1, _SCORE_CHUNK_ELEMS // (B * H * kp.shape[2]))
-    picks = [_halve(qp[:, :, lo:lo + rows] @ kp.transpose(-1, -2), reach[lo:lo + rows], k)
+    rows = max(1, _SCORE_CHUNK_BYTES // (B * H * kp.shape[2] * qp.element_size()))
+    picks = [halving_search(qp[:, :, lo:lo + rows] @ kp.transpose(-1, -2), reach[lo:lo + rows], k)
              for lo in range(0, nQB, rows)]
     return torch.cat(picks, 2)
-
-
-def _halve(scores: Tensor, reach: Tensor, k: int) -> Tensor:
-    """The halving search of ``hierarchical_topk`` over precomputed scores [B, H, rows, nKB]."""
-    B, H, rows, nKB = scores.shape
-    j = torch.arange(k, device=scores.device)
-    n = reach.view(-1, 1)
-    starts = (j * n // k).expand(B, H, rows, k)
-    ends = ((j + 1) * n // k).expand(B, H, rows, k)
-    while bool(((ends - starts) > 1).any()):
-        mid = (starts + ends + 1) // 2
-        s2, e2 = torch.cat([starts, mid], -1), torch.cat([mid, ends], -1)
-        # each half is represented by its first block (the release's 'first' sampling)
-        score = scores.gather(-1, s2.clamp(0, nKB - 1)).masked_fill(e2 <= s2, float("-inf"))
-        top = score.topk(k, dim=-1).indices
-        starts, ends = s2.gather(-1, top), e2.gather(-1, top)
-    return torch.where(ends > starts, starts, -1)
 
 
 @register("hip", "prefill", paper="HiP attention (Lee et al., ICLR 2025), hierarchical top-k block pruning")
@@ -66,7 +51,13 @@ class HiP(PrefillMethod):
         self.block = (_select.check_block("block_q", block_q), _select.check_block("block_kv", block_kv))
         self.sink_tokens = _select.check_int("sink_tokens", sink_tokens, low=0)
         self.window = _select.check_int("window", window, low=0)
-        self.last_density: float | None = None
+        self.last_blocks: BlockSparse | None = None
+
+    @property
+    def last_density(self) -> float | None:
+        """Density of the last estimate's blocks, read off them when asked (computing it in ``estimate`` would
+        make every patched layer wait on the device)."""
+        return None if self.last_blocks is None else self.last_blocks.density()
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
         self.check(q, k)
@@ -76,13 +67,16 @@ class HiP(PrefillMethod):
             _select.check_budget(name, budget, Skv)
         bq, bkv = self.block
         q_lo, q_hi, _, _ = _select.geometry(Sq, Skv, self.block, q.device)
-        qp = _mean_pool(q, bq)
-        kp = _mean_pool(k, bkv).repeat_interleave(H // Hkv, dim=1)
+        # 16-bit inputs are scored in bfloat16 (the release scores in the inputs' precision; fp32 scoring was 4 ms
+        # per layer at 128k on an H200), fp32/fp64 inputs in fp32
+        score_dtype = torch.bfloat16 if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        qp = _mean_pool(q, bq).to(score_dtype)
+        kp = _mean_pool(k, bkv).to(score_dtype).repeat_interleave(H // Hkv, dim=1)
         picks = hierarchical_topk(qp, kp, q_hi // bkv + 1, math.ceil(self.top_k / bkv))
         lists = torch.cat([picks, self._fixed_blocks(q_lo, q_hi).expand(B, H, -1, -1)], -1)
-        bs = BlockSparse.from_block_lists(lists, Sq, Skv, self.block, within=masks.causal(offset=Skv - Sq))
-        self.last_density = bs.density()
-        return bs
+        self.last_blocks = BlockSparse.from_block_lists(lists, Sq, Skv, self.block,
+                                                        within=masks.causal(offset=Skv - Sq))
+        return self.last_blocks
 
     def _fixed_blocks(self, q_lo: Tensor, q_hi: Tensor) -> Tensor:
         """int64 [1, 1, nQB, n]: per query block, the key blocks holding the sink tokens and the window (from the
