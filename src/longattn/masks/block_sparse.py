@@ -254,31 +254,31 @@ class BlockSparse:
         lists = kv_blocks.long().sort(-1).values
         valid = lists >= 0
         valid[..., 1:] &= lists[..., 1:] != lists[..., :-1]
-        bb, hh, qq, slot = valid.nonzero(as_tuple=True)  # one device sync for every coordinate
-        kk = lists[bb, hh, qq, slot]
-        complete = (qb.lens[qq] == bq) & (kb.lens[kk] == bkv)
+        # classify on the padded [B', H', nQB, K] grid itself (no compaction: query-side bounds broadcast, only the
+        # listed kv blocks are gathered); the few PARTIAL slots are then resolved to tiles
+        kk = lists.clamp(min=0)
+        b = torch.arange(lists.shape[0], device=device).view(-1, 1, 1, 1)
+        h = torch.arange(lists.shape[1], device=device).view(1, -1, 1, 1)
+        q_lo, q_len = qb.local.view(1, 1, -1, 1), qb.lens.view(1, 1, -1, 1)
+        kv_lo, kv_len = kb.local[kk], kb.lens[kk]
+        complete = (q_len == bq) & (kv_len == bkv)
         inner = full() if within is None else as_mask_mod(within, "within")
-        any_, all_ = inner.block_bounds(bb, hh, qb.local[qq], qb.local[qq] + qb.lens[qq] - 1,
-                                        kb.local[kk], kb.local[kk] + kb.lens[kk] - 1)
-        classes = torch.where(any_, torch.where(all_ & complete, FULL, PARTIAL), EMPTY).to(torch.int8)
-        tile_ids = torch.full(classes.shape, -1, dtype=torch.int32, device=device)
-        part = (classes == PARTIAL).nonzero().squeeze(1)
+        any_, all_ = inner.block_bounds(b, h, q_lo, q_lo + q_len - 1, kv_lo, kv_lo + kv_len - 1)
+        slot_cls = torch.where(valid & any_, torch.where(all_ & complete, FULL, PARTIAL), EMPTY).to(torch.int8)
+        slot_tid = torch.full(lists.shape, -1, dtype=torch.int32, device=device)
+        bb, hh, qq, slot = (slot_cls == PARTIAL).nonzero(as_tuple=True)
         # a mask that ignores batch/head resolves each (query block, kv block) pair once, not once per head
         bi, hi = _bh_extent(inner, lists.shape[0], lists.shape[1], qb, device)
-        key = ((bb[part] % bi) * hi + hh[part] % hi) * (len(qb) * len(kb)) + qq[part] * len(kb) + kk[part]
-        uniq, inverse = torch.unique(key, return_inverse=True)
         pairs = len(qb) * len(kb)
+        key = ((bb % bi) * hi + hh % hi) * pairs + qq * len(kb) + kk[bb, hh, qq, slot]
+        uniq, inverse = torch.unique(key, return_inverse=True)
         u_cls, u_tid, tiles = _resolve_entries(uniq // pairs // hi, uniq // pairs % hi, uniq % pairs // len(kb),
                                                uniq % len(kb), _mask_tiles(inner, qb, kb), qb, kb,
                                                _EVAL_CHUNK_ELEMS)
-        classes[part], tile_ids[part] = u_cls[inverse], u_tid[inverse]
-        slot_cls = torch.full(lists.shape, EMPTY, dtype=torch.int8, device=device)
-        slot_cls[bb, hh, qq, slot] = classes
-        slot_tid = torch.full(lists.shape, -1, dtype=torch.int32, device=device)
-        slot_tid[bb, hh, qq, slot] = tile_ids
+        slot_cls[bb, hh, qq, slot], slot_tid[bb, hh, qq, slot] = u_cls[inverse], u_tid[inverse]
         # CSR rows: full entries (ascending), then partial (ascending); empty slots sort last and are cut
-        rank = torch.where(slot_cls == FULL, 0, torch.where(slot_cls == PARTIAL, 1, 2))
-        order = (rank * (len(kb) + 1) + lists.clamp(min=0)).argsort(-1)
+        rank = torch.where(slot_cls == FULL, 0, torch.where(slot_cls == PARTIAL, 1, 2)).to(torch.int8)
+        order = rank.argsort(dim=-1, stable=True)  # lists are ascending already
         used = slot_cls != EMPTY
         kv_counts = used.sum(-1, dtype=torch.int32)
         width = max(1, int(kv_counts.max())) if kv_counts.numel() else 1
