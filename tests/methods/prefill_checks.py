@@ -56,9 +56,15 @@ def check_oracle(bs: BlockSparse, q, k, v, impls: tuple[str, ...] = ("reference"
 
 
 def check_density(bs: BlockSparse, reported: float) -> None:
-    """The density a method reports is the BlockSparse's own."""
+    """The density a method reports is its BlockSparse's own, and (without gathered columns) equals a recount from
+    the dense block map: the area of the non-empty blocks over B · H · Sq · Skv."""
     assert reported is not None
     assert abs(bs.density() - reported) <= 1e-12, (bs.density(), reported)
+    if bs.columns is None:
+        kept = (bs.block_map()[0] != 0).cpu().double().expand(*bs.shape[:2], -1, -1)
+        area = bs.q_blocks.lens.cpu().double().view(-1, 1) * bs.kv_blocks.lens.cpu().double().view(1, -1)
+        recount = float((kept * area).sum() / (area.sum() * bs.shape[0] * bs.shape[1]))
+        assert abs(recount - reported) <= 1e-12, (recount, reported)
 
 
 def check_keeps_everything(bs: BlockSparse, q, k, v) -> None:

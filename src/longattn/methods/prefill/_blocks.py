@@ -67,17 +67,15 @@ def geometry(seq_q: int, seq_kv: int, block: tuple[int, int], device: torch.devi
 
 
 def to_block_sparse(selected: Tensor, geo: Geometry, rule: MaskMod | None = None,
-                    tiles: TileFn | None = None) -> tuple[BlockSparse, float]:
+                    tiles: TileFn | None = None) -> BlockSparse:
     """One BlockSparse from per-head selections [B, H, nQB, nKB] (diagonal blocks added, unreachable dropped);
     inside the blocks, causal & (``rule`` | own key), whose packed tiles ``tiles`` may build directly (see
-    ``BlockSparse.from_block_mask``). Returns it with the retained density of the block map."""
+    ``BlockSparse.from_block_mask``)."""
     selected = (selected | geo.diagonal()) & geo.reachable()
     within = masks.causal(offset=geo.offset)
     if rule is not None:
         within = within & (rule | own_key(geo.offset))
-    bs = BlockSparse.from_block_mask(selected, geo.seq_q, geo.seq_kv, geo.block, within=within, within_tiles=tiles)
-    density = float((selected * geo.area).sum() / (geo.area.sum() * selected.shape[0] * selected.shape[1]))
-    return bs, density
+    return BlockSparse.from_block_mask(selected, geo.seq_q, geo.seq_kv, geo.block, within=within, within_tiles=tiles)
 
 
 def own_key(offset: int) -> MaskMod:

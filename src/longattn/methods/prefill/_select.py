@@ -170,9 +170,9 @@ def token_mask_mod(columns: Tensor, diagonals: Tensor, offset: int) -> MaskMod:
 
 def build(selected: Tensor, Sq: int, Skv: int, block: tuple[int, int], *, columns: Tensor | None = None,
           diagonals: Tensor | None = None, token_level: bool | None = None,
-          gather: Tensor | None = None) -> tuple[BlockSparse, float]:
-    """The BlockSparse for a selection and the density it reports (pairs the kernels compute: area of the non-empty
-    blocks plus the gathered column pairs outside them).
+          gather: Tensor | None = None) -> BlockSparse:
+    """The BlockSparse for a selection (its ``density()`` counts the pairs the kernels compute: area of the
+    non-empty blocks plus the gathered column pairs outside them).
 
     ``selected`` [B, H, nQB, nKB] is intersected with the causal blocks. With ``columns`` / ``diagonals`` the
     selection is token-level inside its blocks; ``token_level=None`` keeps token granularity unless the partly kept
@@ -193,16 +193,4 @@ def build(selected: Tensor, Sq: int, Skv: int, block: tuple[int, int], *, column
         if token_level:
             within = within & token_mask_mod(columns, diagonals, Skv - Sq)
     bs = BlockSparse.from_block_mask(selected, Sq, Skv, block, within=within)
-    density = selected_density(selected, Sq, Skv, block)
-    if gather is not None:
-        bs = bs.with_columns(gather)
-        bh = bs.shape[:2]
-        density += float(bs._column_pairs().sum() / (bh[0] * bh[1] * Sq * Skv))
-    return bs, density
-
-
-def selected_density(selected: Tensor, Sq: int, Skv: int, block: tuple[int, int]) -> float:
-    """Area of the selected blocks over B · H · Sq · Skv (BlockSparse.density's definition)."""
-    q_lo, q_hi, kv_lo, kv_hi = geometry(Sq, Skv, block, selected.device)
-    area = (q_hi - q_lo + 1).view(-1, 1).double() * (kv_hi - kv_lo + 1).view(1, -1).double()
-    return float((selected * area).sum() / (selected.shape[0] * selected.shape[1] * Sq * Skv))
+    return bs if gather is None else bs.with_columns(gather)

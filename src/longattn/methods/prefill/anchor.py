@@ -35,7 +35,6 @@ class AnchorAttention(PrefillMethod):
             raise ValueError(f"theta: expected a positive number (logit gap to the anchor), got {theta!r}")
         self.theta, self.block = float(theta), square_block(block)
         self.local = check_int("local", block if local is None else local)
-        self.last_density: float | None = None
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
         self.check(q, k)
@@ -73,8 +72,8 @@ class AnchorAttention(PrefillMethod):
         selected[..., 0] = True
         selected |= geo.window(torch.tensor(self.local, device=q.device))
         rule = _stripe_mask(stripes, counts, bq, bkv) | masks.sinks(bkv, self.local, offset=geo.offset)
-        bs, self.last_density = to_block_sparse(selected, geo, rule)
-        return bs
+        self.last_blocks = to_block_sparse(selected, geo, rule)
+        return self.last_blocks
 
 
 def _stripe_mask(stripes: Tensor, counts: Tensor, bq: int, bkv: int) -> MaskMod:

@@ -15,9 +15,17 @@ from longattn.masks.block_sparse import BlockSparse
 
 
 class PrefillMethod(ABC):
-    """Base class: subclasses implement ``estimate`` and expose their knobs as constructor arguments."""
+    """Base class: subclasses implement ``estimate`` (keeping its result as ``last_blocks``) and expose their knobs
+    as constructor arguments."""
 
     block: tuple[int, int] = (64, 64)
+    last_blocks: BlockSparse | None = None  # the last estimate's blocks
+
+    @property
+    def last_density(self) -> float | None:
+        """Density of the last estimate (``BlockSparse.density``: the area the kernels compute), read off its blocks
+        when asked: computing it inside ``estimate`` would make every patched layer wait on the device."""
+        return None if self.last_blocks is None else self.last_blocks.density()
 
     @abstractmethod
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:

@@ -34,7 +34,6 @@ class DHSA(PrefillMethod):
         self.budget = check_int("budget", budget)
         self.chunk_size = check_int("chunk_size", chunk_size, low=2)
         self.block = square_block(block)
-        self.last_density: float | None = None
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
         self.check(q, k)
@@ -70,8 +69,8 @@ class DHSA(PrefillMethod):
             return keep[b, h, q_ids[b, q_idx], ids[b, kv_idx]]
 
         rule = MaskMod(dhsa_rule, bounds=chunk_pair_bounds(keep, q_ids, ids), name="dhsa_chunks")
-        bs, self.last_density = to_block_sparse(selected, geo, rule, tiles=chunk_pair_tiles(keep, q_ids, ids, geo))
-        return bs
+        self.last_blocks = to_block_sparse(selected, geo, rule, tiles=chunk_pair_tiles(keep, q_ids, ids, geo))
+        return self.last_blocks
 
 
 def chunk_ids(k: Tensor, chunk_size: int) -> tuple[Tensor, int]:

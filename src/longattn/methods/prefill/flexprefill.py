@@ -46,7 +46,6 @@ class FlexPrefill(PrefillMethod):
         self.tau = _select.check_fraction("tau", tau, low_open=False)
         b = _select.check_block("block", block)
         self.block = (b, b)
-        self.last_density: float | None = None
         self.last_query_aware: Tensor | None = None  # bool [B, Hq]: which heads took the query-aware pattern
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
@@ -68,6 +67,6 @@ class FlexPrefill(PrefillMethod):
         selected = torch.where(query_aware.view(B, H, 1, 1), aware, vs)
         selected |= _select.diagonal_blocks(Sq, Skv, self.block, q.device)
         gather = cols & ~query_aware.view(B, H, 1)  # vertical lines of vertical-slash heads: gathered by index
-        bs, self.last_density = _select.build(selected, Sq, Skv, self.block, gather=gather)
+        self.last_blocks = _select.build(selected, Sq, Skv, self.block, gather=gather)
         self.last_query_aware = query_aware
-        return bs
+        return self.last_blocks

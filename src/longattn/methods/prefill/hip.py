@@ -51,13 +51,6 @@ class HiP(PrefillMethod):
         self.block = (_select.check_block("block_q", block_q), _select.check_block("block_kv", block_kv))
         self.sink_tokens = _select.check_int("sink_tokens", sink_tokens, low=0)
         self.window = _select.check_int("window", window, low=0)
-        self.last_blocks: BlockSparse | None = None
-
-    @property
-    def last_density(self) -> float | None:
-        """Density of the last estimate's blocks, read off them when asked (computing it in ``estimate`` would
-        make every patched layer wait on the device)."""
-        return None if self.last_blocks is None else self.last_blocks.density()
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
         self.check(q, k)

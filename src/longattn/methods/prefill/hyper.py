@@ -45,7 +45,6 @@ class HyperAttention(PrefillMethod):
         self.sample_size = check_int("sample_size", sample_size, low=0)
         self.min_seq_len = check_int("min_seq_len", min_seq_len)
         self.block, self.seed = square_block(block), check_int("seed", seed, low=0)
-        self.last_density: float | None = None
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
         self.check(q, k)
@@ -75,8 +74,8 @@ class HyperAttention(PrefillMethod):
             exact = (q_idx + off) // piece == kv_idx // piece
             return (q_lab[b, h, q_idx] == k_lab[b, h, kv_idx]) | sampled[h, kv_idx] | exact
 
-        bs, self.last_density = to_block_sparse(selected, geo, MaskMod(hyper_rule, name="hyper_groups"))
-        return bs
+        self.last_blocks = to_block_sparse(selected, geo, MaskMod(hyper_rule, name="hyper_groups"))
+        return self.last_blocks
 
 
 def exact_piece(seq: int, min_seq_len: int) -> int:

@@ -40,7 +40,6 @@ class LServePrefill(PrefillMethod):
         self.window = check_int("window", window)
         self.top_k = None if top_k is None else check_int("top_k", top_k)
         self.block = square_block(block)
-        self.last_density: float | None = None
         self.last_streaming: Tensor | None = None  # bool [Hq] head types of the last estimate
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
@@ -68,9 +67,9 @@ class LServePrefill(PrefillMethod):
         windows = torch.where(streaming, self.window, Skv + 1)
         rule = masks.per_head_window(windows, offset=geo.offset) | masks.sinks(self.num_sinks, self.window,
                                                                                 offset=geo.offset)
-        bs, self.last_density = to_block_sparse(selected, geo, rule)
+        self.last_blocks = to_block_sparse(selected, geo, rule)
         self.last_streaming = streaming
-        return bs
+        return self.last_blocks
 
     def _streaming(self, layer: int, Hq: int, scores: Tensor | None, streaming_blocks: Tensor, device) -> Tensor:
         """bool [Hq]: which query heads are streaming heads in this layer."""

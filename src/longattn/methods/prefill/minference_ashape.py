@@ -30,7 +30,6 @@ class MInferenceAShape(PrefillMethod):
         self.n_local = _select.check_int("n_local", n_local)
         b = _select.check_block("block", block)
         self.block, self.token_level = (b, b), token_level
-        self.last_density: float | None = None
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
         self.check(q, k)
@@ -39,6 +38,6 @@ class MInferenceAShape(PrefillMethod):
         cols, diags = ashape_tokens(B, H, Skv, self.n_init, self.n_local, q.device)
         every = torch.ones(B, H, *_select.causal_blocks(Sq, Skv, self.block, q.device).shape, dtype=torch.bool,
                            device=q.device)
-        bs, self.last_density = _select.build(every, Sq, Skv, self.block, columns=cols, diagonals=diags,
-                                              token_level=self.token_level)
-        return bs
+        self.last_blocks = _select.build(every, Sq, Skv, self.block, columns=cols, diagonals=diags,
+                                         token_level=self.token_level)
+        return self.last_blocks

@@ -35,4 +35,6 @@ class MInferenceBlockSparse(PrefillMethod):
         diagonal = (q_last // self.block[1]).view(-1, 1)  # kv block of each query block's last query
         top = torch.where(top <= diagonal, top, -1)  # top-k picks masked (zero-score) blocks when fewer are reachable
         lists = torch.cat([top, diagonal.expand(*top.shape[:-1], 1)], -1)
-        return BlockSparse.from_block_lists(lists, Sq, Skv, self.block, within=masks.causal(offset=Skv - Sq))
+        self.last_blocks = BlockSparse.from_block_lists(lists, Sq, Skv, self.block,
+                                                        within=masks.causal(offset=Skv - Sq))
+        return self.last_blocks

@@ -65,7 +65,7 @@ def head_selection(spec: dict, q: Tensor, k: Tensor, block: int, last_q: int) ->
 
 
 def layer_block_sparse(specs: list[dict], q: Tensor, k: Tensor, block: int, last_q: int,
-                       token_level: bool | None = None) -> tuple[BlockSparse, float]:
+                       token_level: bool | None = None) -> BlockSparse:
     """One BlockSparse for a layer whose query heads follow ``specs`` (one per head); heads sharing a spec are
     estimated together."""
     B, H, Sq, Skv = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
@@ -111,7 +111,7 @@ def search_layer(q: Tensor, k: Tensor, candidates: Iterable[dict] = DEFAULT_CAND
     if not candidates:
         raise ValueError("candidates: expected at least one pattern spec, got none")
     H = q.shape[1]
-    scores = torch.stack([recall(layer_block_sparse([c] * H, q, k, block, last_q)[0], q, k) for c in candidates])
+    scores = torch.stack([recall(layer_block_sparse([c] * H, q, k, block, last_q), q, k) for c in candidates])
     best = scores.argmax(0)
     return [{**candidates[int(best[h])], "recall": float(scores[best[h], h])} for h in range(H)]
 
@@ -161,7 +161,6 @@ class MInference(PrefillMethod):
         self.block = (_select.check_block("config block", block),) * 2
         self.last_q = _select.check_int("config last_q", self.config["last_q"] if self.config else 64)
         self.token_level = token_level
-        self.last_density: float | None = None
 
     def specs(self, layer: int, heads: int) -> list[dict]:
         """The per-head specs of one layer (defaults where the config has none)."""
@@ -172,6 +171,6 @@ class MInference(PrefillMethod):
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
         self.check(q, k)
-        bs, self.last_density = layer_block_sparse(self.specs(layer, q.shape[1]), q, k, self.block[0], self.last_q,
-                                                   self.token_level)
-        return bs
+        self.last_blocks = layer_block_sparse(self.specs(layer, q.shape[1]), q, k, self.block[0], self.last_q,
+                                              self.token_level)
+        return self.last_blocks

@@ -45,7 +45,6 @@ class MInferenceVerticalSlash(PrefillMethod):
         self.forced_diagonals = _select.check_int("forced_diagonals", forced_diagonals, low=0)
         b = _select.check_block("block", block)
         self.block, self.token_level = (b, b), token_level
-        self.last_density: float | None = None
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
         self.check(q, k)
@@ -55,6 +54,6 @@ class MInferenceVerticalSlash(PrefillMethod):
         cols, diags = vertical_slash_tokens(q, k, self.last_q, self.vertical_size, self.slash_size,
                                             self.forced_columns, self.forced_diagonals)
         every = cols.new_ones(*cols.shape[:2], *_select.causal_blocks(Sq, Skv, self.block, q.device).shape)
-        bs, self.last_density = _select.build(every, Sq, Skv, self.block, columns=cols, diagonals=diags,
-                                              token_level=self.token_level, gather=cols)
-        return bs
+        self.last_blocks = _select.build(every, Sq, Skv, self.block, columns=cols, diagonals=diags,
+                                         token_level=self.token_level, gather=cols)
+        return self.last_blocks

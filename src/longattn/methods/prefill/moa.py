@@ -68,7 +68,6 @@ class MoA(PrefillMethod):
         if not isinstance(config, MoAConfig):
             raise TypeError(f"config: expected a MoAConfig or a JSON path, got {type(config).__name__}")
         self.config, self.block = config, square_block(block)
-        self.last_density: float | None = None
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
         self.check(q, k)
@@ -80,8 +79,8 @@ class MoA(PrefillMethod):
         geo = geometry(Sq, Skv, self.block, q.device)
         selected = geo.window(torch.tensor(windows, device=q.device)).expand(B, Hq, *geo.area.shape)
         rule = masks.per_head_window(windows, offset=geo.offset)
-        bs, self.last_density = to_block_sparse(selected, geo, rule)
-        return bs
+        self.last_blocks = to_block_sparse(selected, geo, rule)
+        return self.last_blocks
 
 
 def window_density(window: int, length: int) -> float:

@@ -43,7 +43,6 @@ class RoutingAttention(PrefillMethod):
         self.iters = check_int("iters", iters, low=0)
         self.local_window = check_int("local_window", local_window)
         self.block = square_block(block)
-        self.last_density: float | None = None
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
         self.check(q, k)
@@ -70,5 +69,5 @@ class RoutingAttention(PrefillMethod):
         def routing_rule(b, h, q_idx, kv_idx):
             return (q_lab[b, h, q_idx] == k_lab[b, h, kv_idx]) | (q_idx + off - kv_idx < local)
 
-        bs, self.last_density = to_block_sparse(selected, geo, MaskMod(routing_rule, name="routing_clusters"))
-        return bs
+        self.last_blocks = to_block_sparse(selected, geo, MaskMod(routing_rule, name="routing_clusters"))
+        return self.last_blocks

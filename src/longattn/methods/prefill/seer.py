@@ -61,7 +61,6 @@ class SeerAttention(PrefillMethod):
         self.threshold, self.top_k = check_gate_knobs(threshold, top_k)
         b = _select.check_block("block", block)
         self.block = (b, b)
-        self.last_density: float | None = None
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
         self.check(q, k)
@@ -77,5 +76,5 @@ class SeerAttention(PrefillMethod):
         bound = (qp.clamp(min=0) @ kmax.transpose(-1, -2) + qp.clamp(max=0) @ kmin.transpose(-1, -2)) / math.sqrt(D)
         gate = causal_log_softmax(bound, Sq, Skv, self.block).exp()
         selected = gate_select(gate, self.threshold, self.top_k, Sq, Skv, self.block)
-        bs, self.last_density = _select.build(selected, Sq, Skv, self.block)
-        return bs
+        self.last_blocks = _select.build(selected, Sq, Skv, self.block)
+        return self.last_blocks

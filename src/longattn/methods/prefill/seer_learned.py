@@ -150,7 +150,6 @@ class SeerLearned(PrefillMethod):
         if self.gates is None:
             self.gates = SeerGates({}, _select.check_block("block", block))
         self.block = self.gates.block
-        self.last_density: float | None = None
 
     def estimate(self, q: Tensor, k: Tensor, *, layer: int = 0) -> BlockSparse:
         self.check(q, k)
@@ -160,8 +159,8 @@ class SeerLearned(PrefillMethod):
         with torch.no_grad():
             gate = self._gates(q, layer)(q, k, layer).exp()
         selected = gate_select(gate, self.threshold, self.top_k, Sq, Skv, self.block)
-        bs, self.last_density = _select.build(selected, Sq, Skv, self.block)
-        return bs
+        self.last_blocks = _select.build(selected, Sq, Skv, self.block)
+        return self.last_blocks
 
     def _gates(self, q: Tensor, layer: int) -> SeerGates:
         """The gates on q's device; untrained gates gain a layer on first use (trained ones must have it)."""
