@@ -687,7 +687,7 @@ def _resolve_entries(bb: Tensor, hh: Tensor, qq: Tensor, kk: Tensor, tile_fn: Ti
         empty = (words == 0).all(1)
         full = (words == -1).all(1) & (qb.lens[q] == qb.block) & (kb.lens[k] == kb.block)
         classes[sl] = torch.where(empty, EMPTY, torch.where(full, FULL, PARTIAL)).to(torch.int8)
-        keep = ~empty & ~full
+        keep = (~empty & ~full).nonzero().squeeze(1)  # one device sync serves the gather and the scatter
         tiles, inverse = _dedup_tiles(words[keep].view(-1, qb.block, kb.block // 32))
         ids = torch.full((words.shape[0],), -1, dtype=torch.int32, device=bb.device)
         ids[keep] = (inverse + n_tiles).int()
