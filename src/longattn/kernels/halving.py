@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -88,6 +89,9 @@ def halving_search(scores: Tensor, reach: Tensor, k: int, *, impl: str = "auto")
     if impl == "triton" and k > _MAX_TRITON_K:
         raise ValueError(f"k: the Triton search takes k <= {_MAX_TRITON_K}, got {k}")
     use_triton = impl == "triton" or (impl == "auto" and scores.device.type == "cuda" and k <= _MAX_TRITON_K)
+    if impl == "auto" and scores.device.type == "cuda" and not use_triton:  # a slow path on a GPU is never silent
+        warnings.warn(f"halving_search: k={k} > {_MAX_TRITON_K} runs the torch search (~12 launches per step)",
+                      RuntimeWarning, stacklevel=2)
     if not use_triton:
         return halving_search_reference(scores, reach, k)
     B, H, rows, nKB = scores.shape
