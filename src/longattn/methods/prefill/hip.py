@@ -60,8 +60,8 @@ class HiP(PrefillMethod):
             _select.check_budget(name, budget, Skv)
         bq, bkv = self.block
         q_lo, q_hi, _, _ = _select.geometry(Sq, Skv, self.block, q.device)
-        # 16-bit inputs are scored in bfloat16 (the release scores in the inputs' precision; fp32 scoring was 4 ms
-        # per layer at 128k on an H200), fp32/fp64 inputs in fp32
+        # 16-bit inputs are scored in bfloat16 (fp32 accumulation, bf16 scores: fp32 scoring took 4 ms per layer at
+        # 128k on an H200), fp32/fp64 inputs in fp32
         score_dtype = torch.bfloat16 if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
         qp = _mean_pool(q, bq).to(score_dtype)
         kp = _mean_pool(k, bkv).to(score_dtype).repeat_interleave(H // Hkv, dim=1)
