@@ -55,7 +55,7 @@ class FlexPrefill(PrefillMethod):
         L = min(self.block[0], Sq)
         p = _select.last_q_attention(q, k, L)  # [B, H, L, Skv]
         true_blocks = block_sums(p, bkv).mean(2)
-        kp = _mean_pool(_select.repeat_kv(k, H).float(), bkv)
+        kp = _select.repeat_kv(_mean_pool(k, bkv), H)  # pool the kv heads, then repeat: no fp32 copy of k
         est = torch.softmax(kp @ q[:, :, -L:].float().mean(2, keepdim=True).transpose(-1, -2) / math.sqrt(D), dim=-2)
         query_aware = js_distance(true_blocks, est.squeeze(-1)) < self.tau
 
