@@ -32,6 +32,23 @@ def test_kernel_picks_what_the_torch_search_picks(B, H, rows, n_blocks, k, seed)
     assert torch.equal(_canonical(got, n_blocks), _canonical(want, n_blocks))
 
 
+@given(rows=st.integers(1, 6), n_blocks=st.integers(1, 200), k=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_search_range_with_a_start(rows, n_blocks, k, seed):
+    """Rows searching [start, reach) (HiP skips the sink and window blocks): the kernel picks what torch picks,
+    every pick lies in the range, and a range of at most k blocks is kept whole (empty ranges pick nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(2, 2, rows, n_blocks, generator=g)
+    start = torch.randint(0, n_blocks + 1, (rows,), generator=g)
+    reach = torch.minimum(start + torch.randint(-2, n_blocks + 1, (rows,), generator=g), torch.tensor(n_blocks))
+    got = halving_search(scores.to(DEVICE), reach.to(DEVICE), k, start=start.to(DEVICE), impl="triton").cpu()
+    want = halving_search_reference(scores, reach, k, start)
+    assert torch.equal(_canonical(got, n_blocks), _canonical(want, n_blocks))
+    lo, hi = start.view(1, 1, -1, 1), reach.view(1, 1, -1, 1)
+    assert ((want < 0) | ((want >= lo) & (want < hi))).all()
+    size = (reach - start).clamp(min=0)
+    assert torch.equal((want >= 0).sum(-1), torch.minimum(size, torch.tensor(k)).view(1, 1, -1).expand(2, 2, -1))
+
+
 def test_kernel_reads_bfloat16_scores():
     """GEMM output in bf16 (how HiP scores 16-bit inputs): same picks as torch on the same bf16 values; values
     spaced so bf16 keeps them distinct."""
@@ -51,6 +68,8 @@ def test_step_count_brings_every_chunk_to_one_block(n_blocks, k, steps):
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="scores/reach"):
         halving_search(torch.zeros(1, 1, 4, 8), torch.ones(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"^start: expected \[rows\]"):
+        halving_search(torch.zeros(1, 1, 4, 8), torch.ones(4, dtype=torch.long), 2, start=torch.zeros(3))
     with pytest.raises(ValueError, match="impl"):
         halving_search(torch.zeros(1, 1, 4, 8), torch.ones(4, dtype=torch.long), 2, impl="cuda")
     with pytest.raises(ValueError, match="k: the Triton search"):

@@ -17,7 +17,7 @@ from mask_oracles import first_mismatch
 
 from longattn import BlockSparse, masks
 from longattn.masks import block_sparse
-from longattn.masks.block_sparse import EMPTY, FULL, PARTIAL
+from longattn.masks.block_sparse import EMPTY, FULL, PARTIAL, ResolvedMask
 from longattn.masks.varlen import causal_per_sequence
 
 B, H = 2, 3  # builder extents: the stored B'/H' must shrink to 1 where a mask ignores b/h
@@ -244,23 +244,26 @@ WITHIN = {
     "bh-limit": lambda sq, skv, bp, hp: _limit_mask(torch.arange(bp * hp).view(bp, hp) * 37 + 20),
     "unbounded": lambda sq, skv, bp, hp: (lambda b, h, q, kv: (q + kv) % 3 != 0),
 }
+RESOLVED = {"resolved causal": "causal", "resolved sinks": "sinks", "resolved unbounded": "unbounded"}
 
 
 @given(
     bp=st.sampled_from([1, 2]), hp=st.sampled_from([1, 3]), sq=st.integers(1, 300), skv=st.integers(1, 300),
     block=st.sampled_from([(16, 32), (32, 64), (64, 32), (32, 32)]), k=st.integers(0, 6),
-    within=st.sampled_from(sorted(WITHIN)), seed=st.integers(0, 2**16),
+    within=st.sampled_from(sorted(WITHIN) + sorted(RESOLVED)), seed=st.integers(0, 2**16),
 )
 def test_from_block_lists_equals_the_block_map_build(bp, hp, sq, skv, block, k, within, seed):
-    """Lists with repeats and -1 padding give the same description as from_block_mask on the equivalent map."""
+    """Lists with repeats and -1 padding give the same description as from_block_mask on the equivalent map;
+    a ResolvedMask (classification by lookup) gives what its mask gives."""
     bq, bkv = block
     nq, nk = -(-sq // bq), -(-skv // bkv)
     g = torch.Generator().manual_seed(seed)
     lists = torch.randint(-1, nk, (bp, hp, nq, k), generator=g)
     spill = torch.where(lists < 0, nk, lists)  # -1 entries land in a dropped extra column
     sel = torch.zeros(bp, hp, nq, nk + 1, dtype=torch.bool).scatter_(-1, spill, True)[..., :nk]
-    w = WITHIN[within](sq, skv, bp, hp)
-    got = BlockSparse.from_block_lists(lists, sq, skv, block, within=w)
+    w = WITHIN[RESOLVED.get(within, within)](sq, skv, bp, hp)
+    resolved = ResolvedMask.build(w, sq, skv, block) if within in RESOLVED else w
+    got = BlockSparse.from_block_lists(lists, sq, skv, block, within=resolved)
     want = BlockSparse.from_block_mask(sel, sq, skv, block, within=w)
     for field in ("kv_counts", "full_counts"):
         assert torch.equal(getattr(got, field), getattr(want, field)), field
@@ -271,6 +274,15 @@ def test_from_block_lists_equals_the_block_map_build(bp, hp, sq, skv, block, k, 
     assert torch.equal(got.to_dense(), want.to_dense())
     _check_lists(got, got.to_dense())
     assert got.density() == want.density() and got.mask_density() == want.mask_density()
+
+
+def test_resolved_mask_rejects_batch_head_masks_and_other_grids():
+    with pytest.raises(ValueError, match=r"^mask: a resolved mask must not depend on batch or head"):
+        ResolvedMask.build(_limit_mask(torch.arange(4).view(2, 2) * 37 + 20), 256, 256, 64)
+    resolved = ResolvedMask.build(masks.causal(), 256, 256, 64)
+    lists = torch.zeros(1, 1, 4, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^within: resolved for \(seq_q, seq_kv, block, device\) = \(256, 256"):
+        BlockSparse.from_block_lists(lists, 256, 300, 64, within=resolved)
 
 
 @pytest.mark.parametrize(("bad", "exc", "pattern"), [

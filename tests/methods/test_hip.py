@@ -61,6 +61,26 @@ def test_sinks_and_window_blocks_are_always_kept(Sq, Skv, sinks, window):
     assert (selected >= (sink | win)).all()
 
 
+@pytest.mark.parametrize(("Sq", "Skv", "sinks", "window", "top_k"),
+                         [(1000, 1000, 32, 128, 64), (300, 1000, 40, 100, 96), (1000, 1000, 0, 0, 128)])
+def test_top_k_budget_is_spent_outside_sinks_and_window(Sq, Skv, sinks, window, top_k):
+    """As in the release, the searched blocks never overlap the kept sink and window blocks: each query block
+    keeps its sink and window blocks plus min(k, blocks between them) more."""
+    q, k, _ = qkv(Sq, Skv)
+    block = (64, 32)
+    selected = HiP(top_k=top_k, block_q=64, sink_tokens=sinks, window=window).estimate(q, k).block_map()[0].cpu()
+    selected = selected != EMPTY
+    geo = geometry(Sq, Skv, block, "cpu")
+    n_sinks = -(-sinks // 32)
+    fixed = ((geo.kv_first < sinks).view(1, -1) & geo.reachable()) | geo.window(torch.tensor(max(window, 1)))
+    fixed |= geo.diagonal()
+    first = (geo.q_first - max(window, 1) + 1).clamp(min=0) // 32  # first window block of each query block
+    between = (first - n_sinks).clamp(min=0)
+    want = fixed.sum(-1) + torch.minimum(between, torch.tensor(top_k // 32))
+    assert torch.equal(selected.sum(-1), want.view(1, 1, -1).expand_as(selected.sum(-1)))
+    assert (selected >= fixed).all()
+
+
 def test_planted_hot_region_is_found():
     S, D = 1024, 32
     q, k, _ = qkv(S, Hq=2, Hkv=2, D=D)
@@ -95,12 +115,13 @@ def test_bad_input():
         HiP(top_k=64, sink_tokens=400).estimate(q, k)
 
 
-def _halving_reference(qp, kp, reach, k):
+def _halving_reference(qp, kp, reach, k, start):
     """The search scored on the fly: each half's first pooled key against the pooled query (sorted picks)."""
     out = torch.full((*qp.shape[:3], k), -1, dtype=torch.long)
     for b, h, i in itertools.product(*(range(n) for n in qp.shape[:3])):
-        n = int(reach[i])
-        chunks = [(j * n // k, (j + 1) * n // k) for j in range(k)]
+        lo = int(start[i])
+        n = max(int(reach[i]) - lo, 0)
+        chunks = [(lo + j * n // k, lo + (j + 1) * n // k) for j in range(k)]
         while any(e - s > 1 for s, e in chunks):
             halves = [(s, (s + e + 1) // 2) for s, e in chunks] + [((s + e + 1) // 2, e) for s, e in chunks]
             score = torch.stack([kp[b, h, min(s, kp.shape[2] - 1)] @ qp[b, h, i] if e > s
@@ -120,7 +141,8 @@ def test_hierarchical_topk_equals_the_search_scored_on_the_fly(nq, nk, k, chunk,
     qp, kp = torch.randn(2, 3, nq, 16, generator=g, dtype=torch.float64), torch.randn(2, 3, nk, 16, generator=g,
                                                                                      dtype=torch.float64)
     reach = torch.linspace(1, nk, nq).long()
-    got = hip.hierarchical_topk(qp, kp, reach, k)
+    start = reach // 4
+    got = hip.hierarchical_topk(qp, kp, reach, k, start)
     got = torch.where(got < 0, nk, got).sort(-1).values
-    want = _halving_reference(qp, kp, reach, k)
+    want = _halving_reference(qp, kp, reach, k, start)
     assert torch.equal(got, torch.where(want < 0, nk, want).sort(-1).values)

@@ -25,14 +25,17 @@ def halving_steps(n_blocks: int, k: int) -> int:
     return (math.ceil(n_blocks / k) - 1).bit_length()
 
 
-def halving_search_reference(scores: Tensor, reach: Tensor, k: int) -> Tensor:
+def halving_search_reference(scores: Tensor, reach: Tensor, k: int, start: Tensor | None = None) -> Tensor:
     """int64 [B, H, rows, k]: the search in torch over scores [B, H, rows, nKB] (row i may pick blocks
-    [0, reach[i])); chunk starts that survive, -1 for chunks left empty (fewer than k reachable blocks)."""
+    [start[i], reach[i]), start 0 by default); chunk starts that survive, -1 for chunks left empty (fewer than k
+    blocks in range)."""
     B, H, rows, nKB = scores.shape
     j = torch.arange(k, device=scores.device)
-    n = reach.view(-1, 1)
-    starts = (j * n // k).expand(B, H, rows, k)
-    ends = ((j + 1) * n // k).expand(B, H, rows, k)
+    lo = torch.zeros_like(reach) if start is None else start
+    lo = lo.view(-1, 1).long()
+    n = (reach.view(-1, 1).long() - lo).clamp(min=0)
+    starts = (lo + j * n // k).expand(B, H, rows, k)
+    ends = (lo + (j + 1) * n // k).expand(B, H, rows, k)
     # a host-known step count, so the search never waits on the device (steps after every chunk is one block
     # long keep the same k blocks)
     for _ in range(halving_steps(nKB, k)):
@@ -46,16 +49,17 @@ def halving_search_reference(scores: Tensor, reach: Tensor, k: int) -> Tensor:
 
 
 @triton.jit
-def _halving_kernel(S, REACH, OUT, rows, n_kb, k, KP: tl.constexpr):
+def _halving_kernel(S, START, REACH, OUT, rows, n_kb, k, KP: tl.constexpr):
     """One row of scores: chunk bounds live in registers; each step ranks the 2k halves pairwise (score, then
     candidate position) and the k best become the next chunks. A row stops once its longest chunk is one block
     (rows with a short reach need fewer steps than the longest row)."""
     row = tl.program_id(0)
-    n = tl.load(REACH + row % rows).to(tl.int64)
+    lo = tl.load(START + row % rows).to(tl.int64)
+    n = tl.maximum(tl.load(REACH + row % rows).to(tl.int64) - lo, 0)
     j = tl.arange(0, KP)
     live = j < k
-    starts = tl.where(live, j * n // k, 0)
-    ends = tl.where(live, (j + 1) * n // k, 0)
+    starts = tl.where(live, lo + j * n // k, 0)
+    ends = tl.where(live, lo + (j + 1) * n // k, 0)
     pos = tl.arange(0, 2 * KP)
     base = S + row.to(tl.int64) * n_kb
     longest = (n + k - 1) // k
@@ -75,12 +79,16 @@ def _halving_kernel(S, REACH, OUT, rows, n_kb, k, KP: tl.constexpr):
     tl.store(OUT + row.to(tl.int64) * k + j, tl.where(ends > starts, starts, -1), mask=live)
 
 
-def halving_search(scores: Tensor, reach: Tensor, k: int, *, impl: str = "auto") -> Tensor:
+def halving_search(scores: Tensor, reach: Tensor, k: int, *, start: Tensor | None = None,
+                   impl: str = "auto") -> Tensor:
     """int64 [B, H, rows, k]: ``halving_search_reference``'s selection (ties between equal scores may resolve
-    differently). ``impl``: "auto" (Triton on CUDA when k <= 128, torch otherwise), "triton", "reference"."""
+    differently); row i searches blocks [start[i], reach[i]). ``impl``: "auto" (Triton on CUDA when k <= 128,
+    torch otherwise), "triton", "reference"."""
     if scores.dim() != 4 or reach.shape != (scores.shape[2],):
         raise ValueError(f"scores/reach: expected [B, H, rows, nKB] and [rows], got {tuple(scores.shape)} and "
                          f"{tuple(reach.shape)}")
+    if start is not None and start.shape != reach.shape:
+        raise ValueError(f"start: expected [rows] = {tuple(reach.shape)} like reach, got {tuple(start.shape)}")
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"impl: got {impl!r}, expected 'auto', 'triton' or 'reference'")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -93,10 +101,11 @@ def halving_search(scores: Tensor, reach: Tensor, k: int, *, impl: str = "auto")
         warnings.warn(f"halving_search: k={k} > {_MAX_TRITON_K} runs the torch search (~12 launches per step)",
                       RuntimeWarning, stacklevel=2)
     if not use_triton:
-        return halving_search_reference(scores, reach, k)
+        return halving_search_reference(scores, reach, k, start)
     B, H, rows, nKB = scores.shape
     out = torch.empty(B, H, rows, k, dtype=torch.int64, device=scores.device)
     kp = triton.next_power_of_2(k)
-    _halving_kernel[(B * H * rows,)](scores.contiguous(), reach.contiguous(), out, rows, nKB, k, KP=kp,
+    lo = torch.zeros_like(reach) if start is None else start
+    _halving_kernel[(B * H * rows,)](scores.contiguous(), lo.contiguous(), reach.contiguous(), out, rows, nKB, k, KP=kp,
                                      num_warps=1 if kp <= 16 else 4)
     return out

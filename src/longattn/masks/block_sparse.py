@@ -229,12 +229,16 @@ class BlockSparse:
         seq_kv: int,
         block: int | tuple[int, int] = (128, 128),
         *,
-        within: MaskFn | None = None,
+        within: MaskFn | ResolvedMask | None = None,
+        trusted: bool = False,
     ) -> BlockSparse:
         """Build from per-query-block lists of kv blocks, int [B', H', nQB, K] (any order; duplicates and negative
         entries are ignored): what top-k methods select. Same result as ``from_block_mask`` on the equivalent map,
         but the work grows with the listed blocks, not with the nQB x nKB grid (at 128k with 32-token blocks the
-        grid has 0.5 G entries per layer, a top-16 list 2 M). ``within`` restricts the listed blocks elementwise."""
+        grid has 0.5 G entries per layer, a top-16 list 2 M). ``within`` restricts the listed blocks elementwise;
+        as a ``ResolvedMask`` of this grid the listed blocks are classified by lookup, without reading anything
+        back from the device. ``trusted`` skips the entry range check (one read-back) for lists the caller built.
+        The CSR rows keep width K (entries past ``kv_counts`` are padding)."""
         bq, bkv = _check_block(block)
         if not isinstance(kv_blocks, Tensor) or kv_blocks.dtype not in (torch.int32, torch.int64) \
                 or kv_blocks.dim() != 4:
@@ -246,46 +250,44 @@ class BlockSparse:
         if kv_blocks.shape[2] != len(qb):
             raise ValueError(f"kv_blocks: expected {len(qb)} query blocks for seq_q={seq_q} and block {bq}, got "
                              f"{kv_blocks.shape[2]}")
-        if kv_blocks.numel() and int(kv_blocks.max()) >= len(kb):
+        if not trusted and kv_blocks.numel() and int(kv_blocks.max()) >= len(kb):
             raise ValueError(f"kv_blocks: entries must be < {len(kb)} (kv blocks of seq_kv={seq_kv}, block {bkv}), "
                              f"got {int(kv_blocks.max())}")
+        if isinstance(within, ResolvedMask):
+            within.check_grid(seq_q, seq_kv, (bq, bkv), device)
         if kv_blocks.shape[-1] == 0:
             kv_blocks = torch.full((*kv_blocks.shape[:3], 1), -1, dtype=torch.long, device=device)
         lists = kv_blocks.long().sort(-1).values
         valid = lists >= 0
         valid[..., 1:] &= lists[..., 1:] != lists[..., :-1]
         # classify on the padded [B', H', nQB, K] grid itself (no compaction: query-side bounds broadcast, only the
-        # listed kv blocks are gathered); the few PARTIAL slots are then resolved to tiles
+        # listed kv blocks are gathered); the few undecided slots are then resolved to tiles
         kk = lists.clamp(min=0)
         b = torch.arange(lists.shape[0], device=device).view(-1, 1, 1, 1)
         h = torch.arange(lists.shape[1], device=device).view(1, -1, 1, 1)
         q_lo, q_len = qb.local.view(1, 1, -1, 1), qb.lens.view(1, 1, -1, 1)
         kv_lo, kv_len = kb.local[kk], kb.lens[kk]
         complete = (q_len == bq) & (kv_len == bkv)
-        inner = full() if within is None else as_mask_mod(within, "within")
+        inner = within.mask if isinstance(within, ResolvedMask) else \
+            full() if within is None else as_mask_mod(within, "within")
         any_, all_ = inner.block_bounds(b, h, q_lo, q_lo + q_len - 1, kv_lo, kv_lo + kv_len - 1)
-        slot_cls = torch.where(valid & any_, torch.where(all_ & complete, FULL, PARTIAL), EMPTY).to(torch.int8)
-        slot_tid = torch.full(lists.shape, -1, dtype=torch.int32, device=device)
-        bb, hh, qq, slot = (slot_cls == PARTIAL).nonzero(as_tuple=True)
-        # a mask that ignores batch/head resolves each (query block, kv block) pair once, not once per head
-        bi, hi = _bh_extent(inner, lists.shape[0], lists.shape[1], qb, device)
-        pairs = len(qb) * len(kb)
-        key = ((bb % bi) * hi + hh % hi) * pairs + qq * len(kb) + kk[bb, hh, qq, slot]
-        uniq, inverse = torch.unique(key, return_inverse=True)
-        u_cls, u_tid, tiles = _resolve_entries(uniq // pairs // hi, uniq // pairs % hi, uniq % pairs // len(kb),
-                                               uniq % len(kb), _mask_tiles(inner, qb, kb), qb, kb,
-                                               _EVAL_CHUNK_ELEMS)
-        slot_cls[bb, hh, qq, slot], slot_tid[bb, hh, qq, slot] = u_cls[inverse], u_tid[inverse]
-        # CSR rows: full entries (ascending), then partial (ascending); empty slots sort last and are cut
+        decided = all_ & complete
+        if isinstance(within, ResolvedMask):
+            undecided_cls, slot_tid = within.lookup(torch.arange(len(qb), device=device).view(1, 1, -1, 1), kk)
+            slot_cls = torch.where(valid & any_, torch.where(decided, FULL, undecided_cls), EMPTY).to(torch.int8)
+            slot_tid = torch.where(valid & any_ & ~decided, slot_tid, -1)
+            tiles = within.tiles
+        else:
+            slot_cls = torch.where(valid & any_, torch.where(decided, FULL, PARTIAL), EMPTY).to(torch.int8)
+            slot_cls, slot_tid, tiles = _resolve_slots(slot_cls, kk, inner, qb, kb)
+        # CSR rows: full entries (ascending), then partial (ascending); empty slots sort last
         rank = torch.where(slot_cls == FULL, 0, torch.where(slot_cls == PARTIAL, 1, 2)).to(torch.int8)
         order = rank.argsort(dim=-1, stable=True)  # lists are ascending already
         used = slot_cls != EMPTY
-        kv_counts = used.sum(-1, dtype=torch.int32)
-        width = max(1, int(kv_counts.max())) if kv_counts.numel() else 1
-        order = order[..., :width]
         kv_indices = torch.where(used.gather(-1, order), lists.gather(-1, order), 0).int()
-        return cls(kv_indices.contiguous(), kv_counts, (slot_cls == FULL).sum(-1, dtype=torch.int32),
-                   slot_tid.gather(-1, order).contiguous(), tiles, qb, kb, None)
+        return cls(kv_indices.contiguous(), used.sum(-1, dtype=torch.int32),
+                   (slot_cls == FULL).sum(-1, dtype=torch.int32), slot_tid.gather(-1, order).contiguous(), tiles,
+                   qb, kb, None)
 
     @classmethod
     def from_flex(cls, block_mask) -> BlockSparse:
@@ -574,6 +576,85 @@ class BlockSparse:
 
 
 # ---------------------------------------------------------------------- helpers
+@dataclass(frozen=True)
+class ResolvedMask:
+    """A batch- and head-independent mask whose undecided blocks (those its bounds cannot settle, and incomplete
+    tail blocks) are resolved once for one block grid, so ``BlockSparse.from_block_lists`` classifies listed
+    blocks by lookup instead of evaluating, deduplicating and compacting them on every call (ten device
+    read-backs per call; the causal mask at 128k has ~6 k such blocks, reused by every layer). Build with
+    ``ResolvedMask.build``."""
+
+    mask: MaskMod
+    seq_q: int
+    seq_kv: int
+    block: tuple[int, int]
+    keys: Tensor  # int64 [n + 1]: ascending q_block * nKB + kv_block of the undecided blocks, then a sentinel
+    classes: Tensor  # int8 [n + 1]: their class after elementwise evaluation (sentinel EMPTY)
+    tile_ids: Tensor  # int32 [n + 1]: their bit tile, -1 unless PARTIAL
+    tiles: Tensor  # int32 [T, block_q, block_kv // 32]
+
+    @staticmethod
+    def build(mask: MaskFn, seq_q: int, seq_kv: int, block: int | tuple[int, int] = (128, 128), *,
+              device: torch.device | str = "cpu") -> ResolvedMask:
+        """Resolve ``mask`` over the whole (seq_q, seq_kv) block grid; bounds are taken a slice of query blocks
+        at a time, so the grid itself is never held (1 M tokens with 32-token blocks is 0.5 G blocks)."""
+        bq, bkv = _check_block(block)
+        inner = as_mask_mod(mask, "mask")
+        qb, kb = Blocks1D.plain(seq_q, bq, device), Blocks1D.plain(seq_kv, bkv, device)
+        if _bh_extent(inner, 2, 2, qb, qb.starts.device) != (1, 1):
+            raise ValueError(f"mask: a resolved mask must not depend on batch or head, got {inner!r}")
+        zero = torch.zeros(1, 1, dtype=torch.long, device=qb.starts.device)
+        kv_lo, kv_hi = kb.local.view(1, -1), (kb.local + kb.lens - 1).view(1, -1)
+        rows = max(1, _EVAL_CHUNK_ELEMS // max(1, len(kb)))
+        keys = []
+        for lo in range(0, len(qb), rows):
+            q_lo, q_len = qb.local[lo:lo + rows].view(-1, 1), qb.lens[lo:lo + rows].view(-1, 1)
+            any_, all_ = inner.block_bounds(zero, zero, q_lo, q_lo + q_len - 1, kv_lo, kv_hi)
+            complete = (q_len == bq) & (kb.lens.view(1, -1) == bkv)
+            undecided = (any_ & ~(all_ & complete)).expand(len(q_lo), len(kb))
+            keys.append(undecided.flatten().nonzero().squeeze(1) + lo * len(kb))
+        keys = torch.cat(keys)
+        qq, kk = keys // len(kb), keys % len(kb)
+        classes, tile_ids, tiles = _resolve_entries(torch.zeros_like(qq), torch.zeros_like(qq), qq, kk,
+                                                    _mask_tiles(inner, qb, kb), qb, kb, _EVAL_CHUNK_ELEMS)
+        sentinel = torch.tensor([len(qb) * len(kb)], device=keys.device)
+        return ResolvedMask(inner, seq_q, seq_kv, (bq, bkv), torch.cat([keys, sentinel]),
+                            torch.cat([classes, classes.new_zeros(1)]),
+                            torch.cat([tile_ids, tile_ids.new_full((1,), -1)]), tiles)
+
+    def check_grid(self, seq_q: int, seq_kv: int, block: tuple[int, int], device: torch.device) -> None:
+        """Raise unless this was resolved for the same grid and device."""
+        want = (seq_q, seq_kv, block, torch.device(device))
+        have = (self.seq_q, self.seq_kv, self.block, self.keys.device)
+        if want != have:
+            raise ValueError(f"within: resolved for (seq_q, seq_kv, block, device) = {have}, used for {want}")
+
+    def lookup(self, q_block: Tensor, kv_block: Tensor) -> tuple[Tensor, Tensor]:
+        """(class, tile id) of undecided blocks (broadcast int64 indices); meaningless for decided ones."""
+        n_kb = math.ceil(self.seq_kv / self.block[1])
+        pos = torch.searchsorted(self.keys, (q_block * n_kb + kv_block).contiguous())
+        pos = pos.clamp_(max=self.keys.numel() - 1)
+        return self.classes[pos], self.tile_ids[pos]
+
+
+def _resolve_slots(slot_cls: Tensor, kk: Tensor, mask: MaskMod, qb: Blocks1D,
+                   kb: Blocks1D) -> tuple[Tensor, Tensor, Tensor]:
+    """Settle the PARTIAL slots of a [B', H', nQB, K] list grid (kv block ``kk`` per slot) elementwise: the class
+    grid (in place), the tile id grid (-1 unless PARTIAL) and the deduplicated tiles. Each distinct (query block,
+    kv block) pair is evaluated once per batch/head the mask depends on."""
+    device = slot_cls.device
+    slot_tid = torch.full(slot_cls.shape, -1, dtype=torch.int32, device=device)
+    bb, hh, qq, slot = (slot_cls == PARTIAL).nonzero(as_tuple=True)
+    bi, hi = _bh_extent(mask, slot_cls.shape[0], slot_cls.shape[1], qb, device)
+    pairs = len(qb) * len(kb)
+    key = ((bb % bi) * hi + hh % hi) * pairs + qq * len(kb) + kk[bb, hh, qq, slot]
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    u_cls, u_tid, tiles = _resolve_entries(uniq // pairs // hi, uniq // pairs % hi, uniq % pairs // len(kb),
+                                           uniq % len(kb), _mask_tiles(mask, qb, kb), qb, kb, _EVAL_CHUNK_ELEMS)
+    slot_cls[bb, hh, qq, slot], slot_tid[bb, hh, qq, slot] = u_cls[inverse], u_tid[inverse]
+    return slot_cls, slot_tid, tiles
+
+
 def _check_block(block: int | Sequence[int]) -> tuple[int, int]:
     bq, bkv = (block, block) if isinstance(block, int) else tuple(block)
     if not (isinstance(bq, int) and bq >= 16 and bq & (bq - 1) == 0):

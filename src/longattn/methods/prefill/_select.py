@@ -4,6 +4,7 @@ selection becomes a BlockSparse together with the density it reports."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from longattn import masks
-from longattn.masks.block_sparse import BlockSparse
+from longattn.masks.block_sparse import BlockSparse, ResolvedMask
 from longattn.masks.core import MaskMod
 
 log = logging.getLogger("longattn")
@@ -57,6 +58,13 @@ def qk_samples(model_or_samples, input_ids: Tensor | None) -> list[tuple[int, Te
     if hasattr(model_or_samples, "config"):
         raise ValueError("input_ids: a model needs calibration token ids (input_ids=[B, S] tensor), got None")
     return list(model_or_samples)
+
+
+@functools.lru_cache(maxsize=8)
+def resolved_causal(Sq: int, Skv: int, block: tuple[int, int], device: torch.device | str) -> ResolvedMask:
+    """The bottom-right causal mask resolved once per grid (see ``ResolvedMask``): every layer of a prefill, and
+    every later prefill of the same length, classifies its listed blocks by lookup."""
+    return ResolvedMask.build(masks.causal(offset=Skv - Sq), Sq, Skv, block, device=device)
 
 
 def geometry(Sq: int, Skv: int, block: tuple[int, int], device) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from longattn import masks
 from longattn.masks.block_sparse import BlockSparse
 from longattn.methods.prefill import _select
 from longattn.methods.prefill.base import PrefillMethod, pooled_block_scores
@@ -35,6 +34,6 @@ class MInferenceBlockSparse(PrefillMethod):
         diagonal = (q_last // self.block[1]).view(-1, 1)  # kv block of each query block's last query
         top = torch.where(top <= diagonal, top, -1)  # top-k picks masked (zero-score) blocks when fewer are reachable
         lists = torch.cat([top, diagonal.expand(*top.shape[:-1], 1)], -1)
-        self.last_blocks = BlockSparse.from_block_lists(lists, Sq, Skv, self.block,
-                                                        within=masks.causal(offset=Skv - Sq))
+        within = _select.resolved_causal(Sq, Skv, self.block, q.device)
+        self.last_blocks = BlockSparse.from_block_lists(lists, Sq, Skv, self.block, within=within, trusted=True)
         return self.last_blocks
