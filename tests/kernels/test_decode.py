@@ -92,6 +92,22 @@ def test_varlen_and_forced_splits(Tq, splits):
         assert torch.isinf(lse[0, :, :2]).all() and (out[0, :, :2] == 0).all()
 
 
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_lengths_per_kv_head(Tq):
+    """cache_seqlens [B, Hkv] (what per-head eviction leaves): each kv head reads its own prefix; the int64 lengths
+    of the HF cache go straight to the kernel; one head with nothing yet sees nothing."""
+    q, k, v = _inputs(2, 4, Tq, 300, 32, torch.float16, seed=11 + Tq)
+    lens = torch.tensor([[300, 17], [0, 161]])
+    out, lse = decode_attention(q, k, v, cache_seqlens=lens, impl="triton", return_lse=True)
+    _check(out, lse, q, k, v, cache_seqlens=lens)
+    direct, _ = decode_triton(q, k, v, lens, None, None, None, None, 1 / math.sqrt(32), splits=4)
+    assert torch.equal(direct, out) or _check(direct, lse, q, k, v, cache_seqlens=lens) is None
+    assert torch.isinf(lse[1, :4]).all() and (out[1, :4] == 0).all()
+    ref_head, _ = decode_reference(q[:1, 4:].double(), k[:1, 1:].double(), v[:1, 1:].double(),
+                                   cache_seqlens=torch.tensor([17]))
+    assert torch.allclose(out[:1, 4:].double(), ref_head, atol=2e-3)
+
+
 def test_merge_of_many_splits_and_wide_groups():
     """The merge's running max across merge steps: G·Tq = 32 rows of d = 64 take 4 splits per step; 8 splits of
     128 tokens, the later ones scoring far higher (so the max moves in the second step), and a sequence of 450
@@ -306,6 +322,9 @@ def test_bad_inputs_raise_clear_errors():
          "page_indices", "twice")
     decode_attention(q, k, v, page_size=16, page_indices=dup, page_counts=cnt)  # duplicates past the count: fine
     _err(lambda: decode_attention(q, k, v, cache_seqlens=lens.float()), TypeError, "cache_seqlens", "int32")
+    _err(lambda: decode_attention(q, k, v, cache_seqlens=lens.view(2, 1)), ValueError, "cache_seqlens", "(2,)")
+    _err(lambda: decode_attention(q, k, v, cache_seqlens=lens.view(2, 1).expand(2, HKV) + 60), ValueError,
+         "cache_seqlens", "[0, 64]")
     _err(lambda: decode_attention(q, k[:, :1].expand(2, 3, 64, 32), v[:, :1].expand(2, 3, 64, 32)), ValueError,
          "GQA")
     _err(lambda: decode_attention(q, k.half(), v.half()), TypeError, "dtype")

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from longattn.hf.kernel_read import kernel_read, use_kernel
+
 OFFLOAD = (None, "values", "all")
 _active: dict[int, weakref.ref] = {}  # id(model config) -> the LongattnCache that was last updated for it
 
@@ -74,6 +76,7 @@ class LongattnLayer(_SeenTokensLayer):
     ``slot_state`` holds per-slot policy tensors [B, Hkv, cap] (e.g. H2O's accumulated attention) that move with
     their tokens on eviction. ``page_size`` keeps per-page key min/max [B, Hkv, n_pages, D] up to date.
     ``window`` = (sinks, recent): when set, a query at position t reads only keys at positions < sinks or > t - recent.
+    ``length_range`` = (min, max) of ``lengths``, kept on the host so a decoding step never reads it back.
     """
 
     is_sliding = False
@@ -87,6 +90,7 @@ class LongattnLayer(_SeenTokensLayer):
             raise ValueError(f"offload: expected one of {OFFLOAD}, got {offload!r}")
         self.page_size, self.offload_mode, self.growth = page_size, offload, growth
         self.seen = 0
+        self.length_range = (0, 0)
         self.pos = self.lengths = self.page_min = self.page_max = self.queries = None
         self.slot_state: dict[str, Tensor] = {}
         self.last_update: Tensor | None = None
@@ -142,7 +146,7 @@ class LongattnLayer(_SeenTokensLayer):
     def append(self, k: Tensor, v: Tensor) -> None:
         """Write n new tokens after each head's last valid slot (per-head offsets differ after eviction)."""
         n = k.shape[2]
-        need = int(self.lengths.max()) + n
+        need = self.length_range[1] + n
         if need > self.capacity:
             # spare room (~1/8) only for decoding steps; a prompt or a later chunk (the question after a
             # question-agnostic compression) is stored exactly, so held bytes are what it keeps
@@ -156,7 +160,8 @@ class LongattnLayer(_SeenTokensLayer):
             t.scatter_(2, idx, torch.zeros((), dtype=t.dtype, device=t.device).expand_as(idx))
         self.lengths += n
         self.seen += n
-        self._refresh_pages(int(self.lengths.min()) - n)
+        self._grow_lengths(n)
+        self._refresh_pages(self.length_range[0] - n)
 
     def _concat(self, k: Tensor, v: Tensor) -> None:
         """Append n tokens to storage whose heads all hold the same length (quantised and shadow layers)."""
@@ -167,6 +172,16 @@ class LongattnLayer(_SeenTokensLayer):
         self.pos = torch.cat([self.pos, pos.expand(*self.pos.shape[:2], n)], 2)
         self.lengths += n
         self.seen += n
+        self._grow_lengths(n)
+
+    def _grow_lengths(self, n: int) -> None:
+        self.length_range = (self.length_range[0] + n, self.length_range[1] + n)
+
+    def set_lengths(self, lengths: Tensor) -> None:
+        """Replace ``lengths`` [B, Hkv] (after eviction or an uneven write): one read-back for the host range."""
+        self.lengths = lengths
+        lo, hi = torch.stack([lengths.min(), lengths.max()]).tolist() if lengths.numel() else (0, 0)
+        self.length_range = (int(lo), int(hi))
 
     def _resize(self, cap: int) -> None:
         """Reallocate every slot tensor to ``cap`` slots (allocating all first, so a failure changes nothing)."""
@@ -195,15 +210,14 @@ class LongattnLayer(_SeenTokensLayer):
         """Keep only the slots where ``keep`` [B, Hkv, cap] is True (invalid slots are dropped regardless); order
         is preserved, storage shrinks to the longest head."""
         keep = keep & self.valid()
-        lengths = keep.sum(-1)
+        self.set_lengths(keep.sum(-1))
         order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept slots first, in order
-        cap = int(lengths.max())
-        order = order[..., :cap]
+        order = order[..., :self.length_range[1]]
         keys = self.keys.gather(2, _ex(order, self.keys.shape[-1]).to(self.keys.device))
         values = self.values.gather(2, _ex(order, self.values.shape[-1]).to(self.values.device))
         pos = self.pos.gather(2, order)
         state = {n: t.gather(2, order) for n, t in self.slot_state.items()}
-        self.keys, self.values, self.pos, self.slot_state, self.lengths = keys, values, pos, state, lengths
+        self.keys, self.values, self.pos, self.slot_state = keys, values, pos, state
         self.pos.masked_fill_(~self.valid(), -1)
         self._refresh_pages(0)
 
@@ -293,7 +307,7 @@ class WindowLayer(LongattnLayer):
         n = k.shape[2]
         s0, s1 = self.seen, self.seen + n
         pos = torch.arange(s0, s1, device=self.device)
-        held = int(self.lengths.max()) if self.lengths.numel() else 0
+        held = self.length_range[1]
         if s1 <= self.size:  # nothing has left the window yet: slot = position
             if s1 > self.capacity:
                 self._resize(s1 if n > 1 else min(self.size, s1 + max(16, s1 // self.growth)))
@@ -312,6 +326,7 @@ class WindowLayer(LongattnLayer):
         self.values[:, :, slots.to(self.values.device)] = v.to(self.values.device)
         self.pos[:, :, slots] = pos.to(torch.int32)
         self.lengths.fill_(held)
+        self.length_range = (held, held)
         self.seen = s1
 
     def after_read(self) -> None:
@@ -329,6 +344,7 @@ class WindowLayer(LongattnLayer):
         self.values = self.values.index_select(2, idx[self.values.device])
         self.pos = self.pos.index_select(2, order)
         self.lengths.fill_(len(order))
+        self.length_range = (len(order), len(order))
 
     def evict(self, keep: Tensor) -> None:
         raise NotImplementedError("WindowLayer keeps sinks + recent tokens by position; it does not evict")
@@ -510,10 +526,13 @@ def cached_logits(q: Tensor, layer: LongattnLayer, selection: Tensor | None = No
 
 def attend_cached(q: Tensor, layer: LongattnLayer, selection: Tensor | None = None, **kwargs) -> Tensor:
     """THE cached read path: attention of q [B, Hq, Sq, D] over the kept (and, if given, selected) tokens of each
-    head; out [B, Hq, Sq, D]. One function, so a paged decode kernel can replace it in one line. A
-    ``HeadSplitLayer`` is read part by part (no ``selection`` there)."""
+    head; out [B, Hq, Sq, D]. On CUDA a single-token read runs the Triton decode kernel (``kernel_read.py``); the
+    torch path here is the CPU path and its oracle. A ``HeadSplitLayer`` is read part by part (no ``selection``
+    there)."""
     if isinstance(layer, HeadSplitLayer):
         return _attend_split(q, layer, selection, **kwargs)
+    if use_kernel(q, layer, selection, kwargs.get("attention_mask"), kwargs.get("sliding_window")):
+        return kernel_read(q, layer, kwargs.get("scale"))
     B, Hq, Sq, D = q.shape
     values = layer.kv()[1]
     p = torch.softmax(cached_logits(q, layer, selection, **kwargs), dim=-1).nan_to_num_(0.0)

@@ -61,12 +61,13 @@ def _decode_split_kernel(
     qk_scale, units_per_split, n_splits,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_bt, n_sel, HKV, capacity, work_bucket,
-    HAS_LENS: tl.constexpr, TQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_LENS: tl.constexpr, LENS_PER_HEAD: tl.constexpr, TQ: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, PAGED: tl.constexpr, SELECTED: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr,
     PDL: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One (batch, kv head, split): online softmax over its tiles; writes normalised out and natural-log LSE
-    (no LENS: every sequence fills the cache's ``capacity``).
+    (no LENS: every sequence fills the cache's ``capacity``; LENS_PER_HEAD: one length per (batch, kv head)).
     ``work_bucket`` (tokens per program, coarsely) only keys the autotuner: short and long programs tune apart."""
     if PDL:  # let the merge kernel be scheduled now; it waits (griddepcontrol.wait) for this grid to finish
         tl.extra.cuda.gdc_launch_dependents()
@@ -75,7 +76,7 @@ def _decode_split_kernel(
     b = pid_bh // HKV
     h = pid_bh % HKV
     TPP: tl.constexpr = PAGE // BLOCK_N  # tiles per page
-    length = tl.load(LENS + b) if HAS_LENS else capacity
+    length = tl.load(LENS + (pid_bh if LENS_PER_HEAD else b)) if HAS_LENS else capacity
     n_units = tl.load(PCNT + pid_bh) if SELECTED else tl.cdiv(length, PAGE)
     unit_lo = split * units_per_split
     unit_hi = tl.minimum(unit_lo + units_per_split, n_units)
@@ -220,8 +221,8 @@ def _work_bucket(tokens_per_program: int) -> int:
 def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor | None, block_table: Tensor | None,
                   page_size: int | None, page_indices: Tensor | None, page_counts: Tensor | None, scale: float,
                   splits: int | None = None) -> tuple[Tensor, Tensor]:
-    """Launch the split kernel (+ merge); inputs already validated; ``lengths`` None: every sequence is as long as
-    the cache holds. ``splits`` overrides the heuristic (tests, sweeps)."""
+    """Launch the split kernel (+ merge); inputs already validated; ``lengths`` [B] or [B, Hkv] (contiguous), None:
+    every sequence is as long as the cache holds. ``splits`` overrides the heuristic (tests, sweeps)."""
     B, Hq, Tq, D = q.shape
     Hkv = k_cache.shape[1]
     rows = (Hq // Hkv) * Tq
@@ -260,7 +261,8 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor |
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         bt.stride(0) if paged else 0, page_indices.shape[2] if selected else 0, Hkv, capacity,
-        _work_bucket(per * page), HAS_LENS=lengths is not None, TQ=Tq, ROWS=rows,
+        _work_bucket(per * page), HAS_LENS=lengths is not None,
+        LENS_PER_HEAD=lengths is not None and lengths.dim() == 2, TQ=Tq, ROWS=rows,
         BLOCK_M=max(16, triton.next_power_of_2(rows)), HEAD_DIM=D, PAGE=page, PAGED=paged, SELECTED=selected,
         DIRECT=direct, PREC=prec, PDL=pdl,
     )
@@ -293,7 +295,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, cache_seqle
                      scale: float | None = None, impl: str = "auto", return_lse: bool = False):
     """Attention of the last Tq tokens q [B, Hq, Tq, D] over a KV cache (flash-decoding on GPU).
 
-    Cache: contiguous [B, Hkv, S_max, D] (valid length per sequence = cache_seqlens, default S_max) or paged
+    Cache: contiguous [B, Hkv, S_max, D] (valid length per sequence = cache_seqlens [B], or per (sequence, kv
+    head) = cache_seqlens [B, Hkv], as after per-head eviction; default S_max) or paged
     [num_pages, Hkv, page_size, D] with block_table [B, max_pages] mapping logical to physical pages.
     Selection: page_indices [B, Hkv, n_sel] logical page numbers (pages of page_size tokens, on a contiguous
     cache too), of which the first page_counts [B, Hkv] are read (distinct, any order; the rest is padding);

@@ -76,7 +76,8 @@ def check_page_size(page_size: object) -> int:
 
 def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_size, page_indices,
                         page_counts) -> tuple[Tensor | None, int | None]:
-    """Raise on bad input; return (lengths int32 [B], None where the caches are full; page size or None)."""
+    """Raise on bad input; return (lengths int32 [B] or [B, Hkv], None where the caches are full; page size or
+    None)."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: got {type(t).__name__}, expected a torch.Tensor")
@@ -123,9 +124,13 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_si
 
     lengths = None  # every sequence fills the cache's capacity
     if cache_seqlens is not None:
-        _int_tensor("cache_seqlens", cache_seqlens, (B,), q.device)
+        shape = tuple(getattr(cache_seqlens, "shape", ()))
+        if isinstance(cache_seqlens, Tensor) and shape not in ((B,), (B, Hkv)):
+            raise ValueError(f"cache_seqlens: got shape {shape}, expected {(B,)} (per sequence) or {(B, Hkv)} (per "
+                             "sequence and kv head)")
+        _int_tensor("cache_seqlens", cache_seqlens, shape, q.device)
         checks.in_range("cache_seqlens", cache_seqlens, 0, capacity, "tokens the cache can hold")
-        lengths = cache_seqlens.to(torch.int32)
+        lengths = cache_seqlens.to(torch.int32).contiguous()
 
     if (page_indices is None) != (page_counts is None):
         raise ValueError("page_indices/page_counts: give both (a selection) or neither")

@@ -26,11 +26,13 @@ def logical_cache(cache: Tensor, block_table: Tensor | None) -> Tensor:
 
 def allowed_tokens(lengths: Tensor, n_tokens: int, tq: int, hkv: int, page_size: int | None,
                    page_indices: Tensor | None, page_counts: Tensor | None) -> Tensor:
-    """bool [B, Hkv, Tq, L]: query i of sequence b sees token j iff j < len_b - Tq + i + 1 (and j's page is
-    among the first page_counts[b, h] entries of page_indices[b, h] when a selection is given)."""
+    """bool [B, Hkv, Tq, L]: query i of sequence b sees token j iff j < len_b - Tq + i + 1 (lengths [B], or
+    [B, Hkv] per kv head; and j's page is among the first page_counts[b, h] entries of page_indices[b, h] when a
+    selection is given)."""
     device = lengths.device
     pos = torch.arange(n_tokens, device=device)
-    limit = lengths.view(-1, 1, 1, 1).long() - tq + torch.arange(tq, device=device).view(1, 1, -1, 1)
+    lens = lengths.view(lengths.shape[0], -1, 1, 1).long()  # [B, 1 or Hkv, 1, 1]
+    limit = lens - tq + torch.arange(tq, device=device).view(1, 1, -1, 1)
     allowed = (pos.view(1, 1, 1, -1) <= limit).expand(-1, hkv, -1, -1)
     if page_indices is None:
         return allowed

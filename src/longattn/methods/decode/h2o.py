@@ -46,7 +46,7 @@ class H2O(DecodePolicy):
         p = torch.softmax(cached_logits(q, layer), -1).nan_to_num_(0.0)
         scores = layer.add_slot_state("h2o")
         scores += p.sum((2, 3))
-        if int(layer.lengths.max()) > self.budget:
+        if layer.length_range[1] > self.budget:
             layer.evict(self._keep(layer.slot_state["h2o"], layer.pos, layer.valid(), layer.seen))
 
 

@@ -69,7 +69,7 @@ class RazorAttention(DecodePolicy):
         layer.pos.scatter_(2, slot, torch.zeros_like(slot, dtype=layer.pos.dtype))  # visible to every query
         bias = layer.add_slot_state("logit_bias")
         bias.scatter_(2, slot, count.clamp(min=1).float().log()[..., None])  # counts as `count` tokens
-        layer.lengths += has
+        layer.set_lengths(layer.lengths + has)
 
 
 def _top(scores: Tensor, ratio: float) -> Tensor:

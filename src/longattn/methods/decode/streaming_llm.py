@@ -31,5 +31,5 @@ class StreamingLLM(DecodePolicy):
         return positions_mask(positions, positions >= 0, first=self.sinks, last=self.budget - self.sinks, seen=seen)
 
     def after_step(self, layer_idx, q, layer):
-        if int(layer.lengths.max()) > self.budget:
+        if layer.length_range[1] > self.budget:
             layer.evict(self._keep(layer))

@@ -1,0 +1,112 @@
+"""``longattn bench generate``: decode time per token of a random 8B-shaped model under ``model.generate``, the
+stock model (SDPA, transformers' DynamicCache) against decode policies patched in with ``longattn.patch`` (their
+LongattnCache, read by the Triton decode kernel where the read allows). Per-token time is taken from two generate
+calls that differ only in how many tokens they produce, so the prefill (and a policy's compression) cancels out."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from longattn.bench.model import random_model
+from longattn.bench.timing import append_jsonl, environment
+
+
+def _generate_ms(model, ids: torch.Tensor, new: int, **kwargs) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def per_token_ms(model, ids: torch.Tensor, steps: int, reps: int, cache_factory=None) -> tuple[float, int]:
+    """(median decode ms per token over ``reps`` pairs of runs, peak bytes of the longer run). ``cache_factory``
+    builds a fresh policy cache per generate call (None: the model's own cache)."""
+    def run(new: int) -> float:
+        kwargs = {} if cache_factory is None else cache_factory()
+        return _generate_ms(model, ids, new, **kwargs)
+
+    run(2)  # warm-up: compiles and autotunes what the step runs
+    per = []
+    for _ in range(reps):
+        short = run(1)
+        torch.cuda.reset_peak_memory_stats()
+        long = run(steps + 1)
+        per.append((long - short) / steps)
+    return statistics.median(per), int(torch.cuda.max_memory_allocated())
+
+
+def run(policies: list[str], lengths: list[int], *, shape: str = "llama3-8b", steps: int = 32, reps: int = 3,
+        layers: int | None = None, out: Path) -> list[dict]:
+    """One row per (length, policy): decode ms per token, tokens/s, the speed-up vs the stock model, peak GB."""
+    from longattn.eval.methods import applied, parse_decode, parse_method
+    from longattn.hf.compat import cache_kwargs
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench generate: needs a CUDA device (decoding an 8B-shaped model)")
+    specs = [parse_decode(p) for p in policies]
+    dev = torch.device("cuda")
+    model = random_model(shape, dev, torch.bfloat16, max(lengths) + steps + 2, layers)
+    env = environment(dev)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (1, n), device=dev,
+                            generator=torch.Generator(dev).manual_seed(n))
+        base = None
+        for spec in specs:
+            try:
+                if spec.name == "dense":
+                    ms, peak = per_token_ms(model, ids, steps, reps)
+                else:
+                    with applied(model, parse_method("dense"), decode=spec) as handle:
+                        ms, peak = per_token_ms(model, ids, steps, reps,
+                                                lambda h=handle: cache_kwargs(model, h.cache()))
+                base = base or (ms if spec.name == "dense" else None)
+                rows.append(_row(env, shape, n, spec, ms, base, peak, None, out))
+            except (RuntimeError, ValueError) as e:
+                rows.append(_row(env, shape, n, spec, None, base, None, str(e)[:300], out))
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _row(env, shape, n, spec, ms, base, peak, error, out) -> dict:
+    row = {"bench": "generate", "shape": shape, "context": n, "policy": spec.label, "config": spec.knobs,
+           "decode_ms_per_token": None if ms is None else round(ms, 3),
+           "tokens_per_s": None if ms is None else round(1e3 / ms, 1),
+           "speedup_vs_stock": None if ms is None or base is None else round(base / ms, 3),
+           "peak_gb": None if peak is None else round(peak / 2**30, 2), "error": error} | env
+    append_jsonl(out, row)
+    print(f"{shape} {n:>7} {spec.label:<32} {row['decode_ms_per_token']} ms/token  x{row['speedup_vs_stock']}"
+          + (f"  ERROR {error}" if error else ""), flush=True)
+    return row
+
+
+def add_cli(bench: argparse._SubParsersAction) -> None:
+    from longattn.cli import _ints
+
+    g = bench.add_parser("generate", help="decode ms/token of a random 8B-shaped model under model.generate: stock "
+                                          "vs patched decode policies")
+    g.add_argument("--policies", default="dense,snapkv:budget=2048", help="comma list; 'dense' = the stock model")
+    g.add_argument("--lengths", default="8k,32k")
+    g.add_argument("--shape", default="llama3-8b")
+    g.add_argument("--layers", type=int, default=None, help="fewer layers for a quick look (default: the shape's)")
+    g.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
+    g.add_argument("--reps", type=int, default=3)
+    g.add_argument("--out", default=None)
+
+    def cmd(args: argparse.Namespace) -> int:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        out = Path(args.out or f"benchmarks/results/generate-{args.shape}-{stamp}.jsonl")
+        run(args.policies.split(","), _ints(args.lengths), shape=args.shape, steps=args.steps, reps=args.reps,
+            layers=args.layers, out=out)
+        print(f"rows: {out}")
+        return 0
+
+    g.set_defaults(fn=cmd)
