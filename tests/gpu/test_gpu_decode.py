@@ -49,6 +49,17 @@ def _paged(k, v, page_size, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Tq", [1, 4])
+def test_lengths_per_kv_head(Tq, dtype):
+    """cache_seqlens [B, Hkv] (per-head eviction in the HF cache): odd, unequal lengths up to 40k, one empty head."""
+    q, k, v = _inputs(2, 32, 8, Tq, 40_000, 128, dtype, seed=Tq)
+    lens = torch.randint(1, 40_001, (2, 8), generator=torch.Generator().manual_seed(Tq)).cuda()
+    lens[1, 3] = 0
+    out, lse = decode_attention(q, k, v, cache_seqlens=lens, impl="triton", return_lse=True)
+    _check(out, lse, q, k, v, cache_seqlens=lens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("S,Hq,Hkv,Tq", [(1, 8, 8, 1), (1000, 32, 8, 1), (4097, 32, 4, 4), (33_000, 32, 8, 1),
                                          (131_072, 32, 8, 1), (131_071, 8, 1, 4)],
                          ids=lambda x: str(x))
