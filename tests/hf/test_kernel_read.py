@@ -13,7 +13,7 @@ import torch
 import longattn
 from longattn.hf import cache as cache_mod
 from longattn.hf import kernel_read
-from longattn.hf.cache import LongattnLayer, attend_cached
+from longattn.hf.cache import LongattnLayer, PageSelection, attend_cached
 from longattn.hf.quant_cache import QuantizedLayer
 from tests.methods.decode.helpers import greedy_with_logits, prompt, tiny_llama
 
@@ -32,16 +32,16 @@ def _rand(g, *shape, dtype):
     return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
 
 
-def _read_both_ways(layer, q, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_both_ways(layer, q, monkeypatch, selection=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel read, torch read) of the same layer and query; the kernel one must not warn."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         calls = []
         monkeypatch.setattr(cache_mod, "kernel_read", lambda *a: calls.append(1) or kernel_read.kernel_read(*a))
-        fast = attend_cached(q, layer, scale=0.3)
+        fast = attend_cached(q, layer, selection, scale=0.3)
         assert calls, "the read did not take the kernel path"
     monkeypatch.setattr(kernel_read, "KERNEL_DEVICES", set())
-    slow = attend_cached(q, layer, scale=0.3)
+    slow = attend_cached(q, layer, selection, scale=0.3)
     monkeypatch.setattr(kernel_read, "KERNEL_DEVICES", {"cuda", "cpu"})
     return fast, slow
 
@@ -112,9 +112,31 @@ def test_reads_the_kernel_cannot_express_stay_on_torch_and_say_so_once(kernel_on
     assert calls == [1] and kernel_read.kernel_unfit(q1, layer, None, None, None) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_page_selection_read_equals_torch_read(dtype, kernel_on_cpu, monkeypatch):
+    """A per-kv-head PageSelection (Quest with share_group=True) runs the kernel's page list over heads of unequal
+    lengths (evicted), pages in any order, padding past the counts; per query head it stays on torch, announced."""
+    g = torch.Generator().manual_seed(5)
+    B, Hkv, D, ps = 2, 2, 16, 16
+    layer = LongattnLayer()
+    _feed(layer, g, B, Hkv, D, dtype, 200, 1)
+    layer.evict(torch.rand(B, Hkv, layer.capacity, generator=g).to(DEVICE) < 0.7)
+    n_pages = -(-layer.capacity // ps)
+    idx = torch.stack([torch.randperm(n_pages, generator=g)[:6] for _ in range(B * Hkv)]).view(B, Hkv, 6)
+    pages = PageSelection(idx.to(DEVICE), torch.tensor([[6, 3], [0, 5]], device=DEVICE), ps)
+    q = _rand(g, B, Hkv * 3, 1, D, dtype=dtype)
+    fast, slow = _read_both_ways(layer, q, monkeypatch, pages)
+    torch.testing.assert_close(fast, slow, rtol=TOL[dtype], atol=TOL[dtype])
+    per_query_head = PageSelection(idx.repeat_interleave(3, 1).to(DEVICE), pages.counts.repeat_interleave(3, 1), ps)
+    with pytest.warns(RuntimeWarning, match="one page set per query head"):
+        torch.testing.assert_close(attend_cached(q, layer, per_query_head, scale=0.3), slow, rtol=TOL[dtype],
+                                   atol=TOL[dtype])
+
+
 @pytest.mark.parametrize("policy,config", [("snapkv", {"budget": 24, "window": 8}),
                                             ("streaming_llm", {"budget": 16}), ("h2o", {"budget": 24}),
-                                            ("kivi", {})])
+                                            ("kivi", {}), ("quest", {"budget": 32, "page_size": 16,
+                                                                     "dense_layers": 0, "share_group": True})])
 def test_generation_on_the_kernel_read_equals_the_torch_read(policy, config, kernel_on_cpu, monkeypatch):
     """Whole greedy generations (tiny fp32 Llama, GQA 2): the kernel-read run gives the torch-read run's tokens and
     logits."""
@@ -123,8 +145,11 @@ def test_generation_on_the_kernel_read_equals_the_torch_read(policy, config, ker
     runs = []
     for devices in ({"cuda", "cpu"}, set()):
         monkeypatch.setattr(kernel_read, "KERNEL_DEVICES", devices)
-        with longattn.patch(model, decode=policy, impl="reference", decode_config=config) as patched:
+        with warnings.catch_warnings(record=True) as caught, \
+                longattn.patch(model, decode=policy, impl="reference", decode_config=config) as patched:
+            warnings.simplefilter("always")
             runs.append(greedy_with_logits(patched, ids, new=8))
+        assert not [w for w in caught if "runs in torch" in str(w.message)]  # every decode read took the kernel
     (fast, fast_logits), (slow, slow_logits) = runs
     assert torch.equal(fast, slow)
     torch.testing.assert_close(fast_logits, slow_logits, rtol=1e-4, atol=1e-4)

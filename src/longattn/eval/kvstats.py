@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from longattn.hf.cache import PageSelection
 from longattn.methods.decode.base import DecodePolicy
 
 
@@ -90,7 +91,8 @@ class ReadMeter:
 
             def recording_select(layer_idx, q, layer):
                 sel = select(layer_idx, q, layer)
-                self.pending.append((sel, layer.lengths.clone()))
+                slots = sel.slots(layer.capacity) if isinstance(sel, PageSelection) else sel
+                self.pending.append((slots, layer.lengths.clone()))
                 return sel
 
             self.policy.select = recording_select  # instance attribute, removed on exit

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -492,6 +493,28 @@ def active_layer(config, layer_idx: int, key: Tensor) -> tuple[LongattnCache, Lo
 
 
 
+class PageSelection(NamedTuple):
+    """Pages to read per (batch, head), what the decode kernel reads: the first ``counts`` [B, H'] entries of
+    ``indices`` [B, H', n] are logical pages of ``page_size`` slots (distinct); H' = Hkv (one set per kv head) or Hq
+    (one per query head)."""
+
+    indices: Tensor
+    counts: Tensor
+    page_size: int
+
+    def slots(self, capacity: int) -> Tensor:
+        """bool [B, H', capacity]: the slots of the selected pages (the torch read path's form)."""
+        B, H, n = self.indices.shape
+        n_pages = math.ceil(capacity / self.page_size)
+        used = torch.arange(n, device=self.indices.device) < self.counts[..., None]
+        idx = torch.where(used, self.indices.long(), n_pages)
+        chosen = torch.zeros(B, H, n_pages + 1, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
+        return chosen[..., :n_pages].repeat_interleave(self.page_size, -1)[..., :capacity]
+
+
+Selection = Tensor | PageSelection  # bool slots [B, Hkv or Hq or 1, cap], or pages
+
+
 def cached_logits(q: Tensor, layer: LongattnLayer, selection: Tensor | None = None, *, scale: float | None = None,
                   attention_mask: Tensor | None = None, sliding_window: int | None = None) -> Tensor:
     """Scaled scores [B, Hkv, group, Sq, cap] (float32) of q [B, Hq, Sq, D] — the cache's last Sq positions —
@@ -524,7 +547,7 @@ def cached_logits(q: Tensor, layer: LongattnLayer, selection: Tensor | None = No
     return s.masked_fill(~allowed, float("-inf"))
 
 
-def attend_cached(q: Tensor, layer: LongattnLayer, selection: Tensor | None = None, **kwargs) -> Tensor:
+def attend_cached(q: Tensor, layer: LongattnLayer, selection: Selection | None = None, **kwargs) -> Tensor:
     """THE cached read path: attention of q [B, Hq, Sq, D] over the kept (and, if given, selected) tokens of each
     head; out [B, Hq, Sq, D]. On CUDA a single-token read runs the Triton decode kernel (``kernel_read.py``); the
     torch path here is the CPU path and its oracle. A ``HeadSplitLayer`` is read part by part (no ``selection``
@@ -532,7 +555,9 @@ def attend_cached(q: Tensor, layer: LongattnLayer, selection: Tensor | None = No
     if isinstance(layer, HeadSplitLayer):
         return _attend_split(q, layer, selection, **kwargs)
     if use_kernel(q, layer, selection, kwargs.get("attention_mask"), kwargs.get("sliding_window")):
-        return kernel_read(q, layer, kwargs.get("scale"))
+        return kernel_read(q, layer, kwargs.get("scale"), selection)
+    if isinstance(selection, PageSelection):
+        selection = selection.slots(layer.capacity)
     B, Hq, Sq, D = q.shape
     values = layer.kv()[1]
     p = torch.softmax(cached_logits(q, layer, selection, **kwargs), dim=-1).nan_to_num_(0.0)

@@ -22,14 +22,21 @@ KERNEL_DEVICES = set() if os.environ.get("LONGATTN_KERNEL_READ", "1") == "0" els
 _warned: set[str] = set()
 
 
-def kernel_unfit(q: Tensor, layer, selection: Tensor | None, attention_mask: Tensor | None,
+def kernel_unfit(q: Tensor, layer, selection, attention_mask: Tensor | None,
                  sliding_window: int | None) -> str | None:
-    """Why this read cannot run the decode kernel (None: it can). Host-known facts only: never waits on the GPU."""
+    """Why this read cannot run the decode kernel (None: it can). Host-known facts only: never waits on the GPU.
+    ``selection``: None, bool slots, or a ``PageSelection`` (duck-typed: this module sits below ``cache.py``)."""
     D = q.shape[-1]
     if q.shape[2] != 1:
         return f"{q.shape[2]} query tokens (the kernel path reads for one)"
-    if selection is not None:
+    if isinstance(selection, Tensor):
         return "a per-slot selection"
+    if selection is not None:
+        ps = selection.page_size
+        if selection.indices.shape[1] != layer.lengths.shape[1]:
+            return "one page set per query head (the kernel reads one set per kv head: share_group=True)"
+        if ps < 16 or ps & (ps - 1):
+            return f"pages of {ps} tokens (the kernel takes powers of two >= 16)"
     if attention_mask is not None:
         return "an explicit attention mask (padding)"
     if getattr(layer, "unfolded", False):
@@ -43,7 +50,7 @@ def kernel_unfit(q: Tensor, layer, selection: Tensor | None, attention_mask: Ten
     return None
 
 
-def use_kernel(q: Tensor, layer, selection: Tensor | None, attention_mask: Tensor | None,
+def use_kernel(q: Tensor, layer, selection, attention_mask: Tensor | None,
                sliding_window: int | None) -> bool:
     """True when the read runs the kernel; on a kernel device, a read that cannot is announced once per reason."""
     if q.device.type not in KERNEL_DEVICES:
@@ -56,8 +63,12 @@ def use_kernel(q: Tensor, layer, selection: Tensor | None, attention_mask: Tenso
     return reason is None
 
 
-def kernel_read(q: Tensor, layer, scale: float | None) -> Tensor:
-    """out [B, Hq, 1, D]: q's attention over each kv head's ``lengths`` kept slots (``layer.kv()`` storage)."""
+def kernel_read(q: Tensor, layer, scale: float | None, selection=None) -> Tensor:
+    """out [B, Hq, 1, D]: q's attention over each kv head's ``lengths`` kept slots (``layer.kv()`` storage), or
+    over the selected pages of them (a per-kv-head ``PageSelection``)."""
     keys, values = layer.kv()
-    return decode_triton(q, keys, values, layer.lengths, None, None, None, None,
-                         q.shape[-1] ** -0.5 if scale is None else float(scale))[0]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if selection is None:
+        return decode_triton(q, keys, values, layer.lengths, None, None, None, None, scale)[0]
+    return decode_triton(q, keys, values, layer.lengths, None, selection.page_size, selection.indices,
+                         selection.counts, scale)[0]

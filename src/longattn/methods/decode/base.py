@@ -61,7 +61,8 @@ class DecodePolicy:
         return None
 
     def select(self, layer_idx: int, q: Tensor, layer: LongattnLayer) -> Tensor | None:
-        """Slots to read for this step, bool [B, Hkv or Hq, cap]; None reads every kept token."""
+        """Slots to read for this step, bool [B, Hkv or Hq, cap], or pages (``PageSelection``: what the GPU decode
+        kernel reads directly); None reads every kept token."""
         return None
 
     def after_step(self, layer_idx: int, q: Tensor, layer: LongattnLayer) -> None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from longattn.methods.decode.base import DecodePolicy, check_int, topk_mask
+from longattn.hf.cache import PageSelection
+from longattn.methods.decode.base import DecodePolicy, check_int
 from longattn.methods.registry import register
 
 
@@ -48,24 +49,20 @@ class Quest(DecodePolicy):
     def select(self, layer_idx, q, layer):
         if layer_idx < self.dense_layers or q.shape[2] != 1:
             return None
-        B, Hq, _, D = q.shape
-        Hkv = layer.keys.shape[1]
-        group = Hq // Hkv
+        Hq, Hkv = q.shape[1], layer.keys.shape[1]
         scores = page_upper_bounds(q, layer.page_min, layer.page_max)  # [B, Hq, n_pages]
         if self.share_group:  # one page set per kv head, ranked by its group's best bound
-            scores, heads = scores.unflatten(1, (Hkv, group)).amax(2), Hkv
-        else:
-            heads = Hq
-        valid = layer.page_valid().repeat_interleave(heads // Hkv, 1)
-        newest = (layer.lengths - 1) // self.page_size  # [B, Hkv]
+            scores = scores.unflatten(1, (Hkv, Hq // Hkv)).amax(2)
+        per_kv = scores.shape[1] // Hkv
+        valid = layer.page_valid().repeat_interleave(per_kv, 1)
+        newest = ((layer.lengths - 1) // self.page_size).repeat_interleave(per_kv, 1)  # [B, heads]
         forced = torch.zeros_like(valid)
         forced[..., : self.sink_pages] = True
-        forced.scatter_(2, newest.repeat_interleave(heads // Hkv, 1)[..., None], True)
-        forced &= valid
-        free = self.budget // self.page_size - int(forced.sum(-1).max())
-        pages = forced | topk_mask(scores, free, valid & ~forced)
-        pages = pages.repeat_interleave(Hq // heads, 1)  # per query head
-        return pages.repeat_interleave(self.page_size, -1)[..., : layer.capacity]
+        forced.scatter_(2, newest[..., None], True)
+        # forced pages rank first, then the bound; pages past a head's tokens rank last and are cut by the count
+        ranked = scores.masked_fill(forced & valid, float("inf")).masked_fill(~valid, float("-inf"))
+        k = min(self.budget // self.page_size, ranked.shape[-1])
+        return PageSelection(ranked.topk(k, dim=-1).indices, valid.sum(-1).clamp(max=k), self.page_size)
 
 
 def page_upper_bounds(q, page_min, page_max):
