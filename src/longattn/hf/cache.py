@@ -223,22 +223,27 @@ class LongattnLayer(_SeenTokensLayer):
         self._refresh_pages(0)
 
     def _refresh_pages(self, first_slot: int) -> None:
-        """Recompute key min/max of every page from the one holding ``first_slot`` on (invalid slots ignored)."""
+        """Recompute key min/max of every page from the one holding ``first_slot`` on (invalid slots ignored); the
+        pages before it are kept in place (a decoding step touches only the newest page)."""
         if not self.page_size:
             return
         ps = self.page_size
         n_pages = math.ceil(self.capacity / ps)
         p0 = max(first_slot, 0) // ps
         B, H, _, D = self.keys.shape
-        k = torch.nn.functional.pad(self.keys[:, :, p0 * ps:].to(self.device), (0, 0, 0, n_pages * ps - self.capacity))
-        ok = torch.nn.functional.pad(self.valid()[:, :, p0 * ps:], (0, n_pages * ps - self.capacity))[..., None]
+        tail = n_pages * ps - self.capacity
+        k = torch.nn.functional.pad(self.keys[:, :, p0 * ps:].to(self.device), (0, 0, 0, tail))
+        slots = torch.arange(p0 * ps, n_pages * ps, device=self.device)
+        ok = (slots < self.lengths[..., None]).view(B, H, n_pages - p0, ps, 1)
         k = k.view(B, H, n_pages - p0, ps, D)
-        ok = ok.view(B, H, n_pages - p0, ps, 1)
         big = torch.finfo(k.dtype).max
         lo = k.masked_fill(~ok, big).amin(3)
         hi = k.masked_fill(~ok, -big).amax(3)
-        self.page_min = torch.cat([self.page_min[:, :, :p0], lo], 2)
-        self.page_max = torch.cat([self.page_max[:, :, :p0], hi], 2)
+        if self.page_min.shape[2] == n_pages:
+            self.page_min[:, :, p0:], self.page_max[:, :, p0:] = lo, hi
+        else:
+            self.page_min = torch.cat([self.page_min[:, :, :p0], lo], 2)
+            self.page_max = torch.cat([self.page_max[:, :, :p0], hi], 2)
 
     def page_valid(self) -> Tensor:
         """Bool [B, Hkv, n_pages]: pages holding at least one kept token."""
