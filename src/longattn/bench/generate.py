@@ -1,7 +1,9 @@
 """``longattn bench generate``: decode time per token of a random 8B-shaped model under ``model.generate``, the
 stock model (SDPA, transformers' DynamicCache) against decode policies patched in with ``longattn.patch`` (their
 LongattnCache, read by the Triton decode kernel where the read allows). Per-token time is taken from two generate
-calls that differ only in how many tokens they produce, so the prefill (and a policy's compression) cancels out."""
+calls that differ only in how many tokens they produce, so the prefill (and a policy's compression) cancels out.
+Each policy row first checks its kernel read against the torch read (``read_check``); a failed check reports the
+row without a speed-up."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import torch
 
 from longattn.bench.model import random_model
 from longattn.bench.timing import append_jsonl, environment
+from longattn.hf import kernel_read
+
+READ_CHECK_MAX = 0.05  # kernel vs torch read: max logit difference / logit spread above which no speed-up is shown
 
 
 def _generate_ms(model, ids: torch.Tensor, new: int, **kwargs) -> float:
@@ -43,6 +48,27 @@ def per_token_ms(model, ids: torch.Tensor, steps: int, reps: int, cache_factory=
     return statistics.median(per), int(torch.cuda.max_memory_allocated())
 
 
+def read_check(model, ids: torch.Tensor, cache_factory) -> float:
+    """The kernel read against the torch read in the same process: max |logit difference| at the first decoding
+    step that reads the policy's cache, relative to the logits' standard deviation (a wrong read moves logits by
+    about their spread; the two reads' rounding by ~1e-3 of it)."""
+    logits = []
+    saved = kernel_read.KERNEL_DEVICES
+    for devices in (saved, set()):
+        kernel_read.KERNEL_DEVICES = devices
+        try:
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, output_logits=True,
+                                     return_dict_in_generate=True, **cache_factory())
+        finally:
+            kernel_read.KERNEL_DEVICES = saved
+        logits.append((out.sequences[:, -2], out.logits[1].float()))
+    (tok_a, a), (tok_b, b) = logits
+    if not torch.equal(tok_a, tok_b):  # the prefill chose different first tokens: the step is not comparable
+        return float("inf")
+    return float((a - b).abs().max() / b.std())
+
+
 def run(policies: list[str], lengths: list[int], *, shape: str = "llama3-8b", steps: int = 32, reps: int = 3,
         layers: int | None = None, out: Path) -> list[dict]:
     """One row per (length, policy): decode ms per token, tokens/s, the speed-up vs the stock model, peak GB."""
@@ -64,23 +90,29 @@ def run(policies: list[str], lengths: list[int], *, shape: str = "llama3-8b", st
             try:
                 if spec.name == "dense":
                     ms, peak = per_token_ms(model, ids, steps, reps)
+                    check = None
                 else:
                     with applied(model, parse_method("dense"), decode=spec) as handle:
-                        ms, peak = per_token_ms(model, ids, steps, reps,
-                                                lambda h=handle: cache_kwargs(model, h.cache()))
+                        factory = lambda h=handle: cache_kwargs(model, h.cache())  # noqa: E731
+                        check = read_check(model, ids, factory)
+                        ms, peak = per_token_ms(model, ids, steps, reps, factory)
                 base = base or (ms if spec.name == "dense" else None)
-                rows.append(_row(env, shape, n, spec, ms, base, peak, None, out))
+                error = None if check is None or check <= READ_CHECK_MAX else \
+                    f"read check failed: kernel vs torch read logits differ by {check:.3g} of their spread"
+                rows.append(_row(env, shape, n, spec, ms, base, peak, error, out, check))
             except (RuntimeError, ValueError) as e:
                 rows.append(_row(env, shape, n, spec, None, base, None, str(e)[:300], out))
             torch.cuda.empty_cache()
     return rows
 
 
-def _row(env, shape, n, spec, ms, base, peak, error, out) -> dict:
+def _row(env, shape, n, spec, ms, base, peak, error, out, check=None) -> dict:
+    ok = error is None and ms is not None
     row = {"bench": "generate", "shape": shape, "context": n, "policy": spec.label, "config": spec.knobs,
            "decode_ms_per_token": None if ms is None else round(ms, 3),
            "tokens_per_s": None if ms is None else round(1e3 / ms, 1),
-           "speedup_vs_stock": None if ms is None or base is None else round(base / ms, 3),
+           "speedup_vs_stock": round(base / ms, 3) if ok and base is not None else None,
+           "read_check": check,
            "peak_gb": None if peak is None else round(peak / 2**30, 2), "error": error} | env
     append_jsonl(out, row)
     print(f"{shape} {n:>7} {spec.label:<32} {row['decode_ms_per_token']} ms/token  x{row['speedup_vs_stock']}"
