@@ -1,12 +1,12 @@
-"""``bench generate``'s same-run check of the kernel read against the torch read: near zero when the read is right,
-about the logits' spread when it is wrong (the Triton kernel interpreted on CPU, on a tiny model)."""
+"""``bench generate``'s same-run check of every layer's kernel read against the float32 torch read: about the
+reference's own rounding when the read is right, far above it when it is wrong (the Triton kernel interpreted on CPU,
+on a tiny fp32 model, one evicting and one page-selecting policy)."""
 
 from __future__ import annotations
 
 import copy
 
 import pytest
-import torch
 
 from longattn.bench.generate import READ_CHECK_MAX, read_check
 from longattn.eval.methods import applied, parse_decode, parse_method
@@ -27,10 +27,18 @@ def _check(model, decode: str) -> float:
         return read_check(model, prompt(60), lambda: cache_kwargs(model, handle.cache()))
 
 
-def test_a_right_read_passes(model):
-    assert _check(model, "snapkv:budget=24:window=8") < 1e-4 < READ_CHECK_MAX
+POLICIES = ["snapkv:budget=24:window=8", "quest:budget=32:page_size=16:dense_layers=0:share_group=True"]
 
 
-def test_a_wrong_read_fails(model, monkeypatch):
-    monkeypatch.setattr(cache_mod, "kernel_read", lambda q, *a: torch.zeros_like(q))
-    assert _check(model, "snapkv:budget=24:window=8") > READ_CHECK_MAX
+@pytest.mark.parametrize("decode", POLICIES)
+def test_a_right_read_passes(model, decode):
+    assert _check(model, decode) <= READ_CHECK_MAX
+
+
+@pytest.mark.parametrize("decode", POLICIES)
+def test_a_wrong_read_fails(model, monkeypatch, decode):
+    real = kernel_read.kernel_read
+    monkeypatch.setattr(cache_mod, "kernel_read", lambda q, layer, scale, sel=None: real(q, layer, scale))  # no pages
+    if decode.startswith("snapkv"):  # every slot is read anyway: break the read another way
+        monkeypatch.setattr(cache_mod, "kernel_read", lambda q, *a: real(q, *a) * 1.01)
+    assert _check(model, decode) > READ_CHECK_MAX
