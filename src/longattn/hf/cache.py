@@ -22,6 +22,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from longattn.hf.kernel_read import kernel_read, use_kernel
+from longattn.kernels.decode_reference import selected_pages
 
 OFFLOAD = (None, "values", "all")
 _active: dict[int, weakref.ref] = {}  # id(model config) -> the LongattnCache that was last updated for it
@@ -509,12 +510,8 @@ class PageSelection(NamedTuple):
 
     def slots(self, capacity: int) -> Tensor:
         """bool [B, H', capacity]: the slots of the selected pages (the torch read path's form)."""
-        B, H, n = self.indices.shape
-        n_pages = math.ceil(capacity / self.page_size)
-        used = torch.arange(n, device=self.indices.device) < self.counts[..., None]
-        idx = torch.where(used, self.indices.long(), n_pages)
-        chosen = torch.zeros(B, H, n_pages + 1, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
-        return chosen[..., :n_pages].repeat_interleave(self.page_size, -1)[..., :capacity]
+        chosen = selected_pages(self.indices, self.counts, math.ceil(capacity / self.page_size))
+        return chosen.repeat_interleave(self.page_size, -1)[..., :capacity]
 
 
 Selection = Tensor | PageSelection  # bool slots [B, Hkv or Hq or 1, cap], or pages

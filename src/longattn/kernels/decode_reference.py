@@ -36,13 +36,17 @@ def allowed_tokens(lengths: Tensor, n_tokens: int, tq: int, hkv: int, page_size:
     allowed = (pos.view(1, 1, 1, -1) <= limit).expand(-1, hkv, -1, -1)
     if page_indices is None:
         return allowed
-    B, H, n_sel = page_indices.shape
-    n_pages = math.ceil(n_tokens / page_size)
-    valid = torch.arange(n_sel, device=device).view(1, 1, -1) < page_counts.view(B, H, 1).long()
-    idx = torch.where(valid, page_indices.long(), torch.full_like(page_indices.long(), n_pages))  # n_pages: a sink
-    chosen = torch.zeros(B, H, n_pages + 1, dtype=torch.bool, device=device)
-    chosen.scatter_(2, idx, torch.ones_like(idx, dtype=torch.bool))
+    chosen = selected_pages(page_indices, page_counts, math.ceil(n_tokens / page_size))
     return allowed & chosen[:, :, pos // page_size].unsqueeze(2)
+
+
+def selected_pages(page_indices: Tensor, page_counts: Tensor, n_pages: int) -> Tensor:
+    """bool [B, H, n_pages]: the pages among the first page_counts[b, h] entries of page_indices[b, h]."""
+    B, H, n_sel = page_indices.shape
+    used = torch.arange(n_sel, device=page_indices.device).view(1, 1, -1) < page_counts.view(B, H, 1).long()
+    idx = torch.where(used, page_indices.long(), n_pages)  # unused entries land in a dropped extra page
+    chosen = torch.zeros(B, H, n_pages + 1, dtype=torch.bool, device=page_indices.device)
+    return chosen.scatter_(2, idx, True)[..., :n_pages]
 
 
 def decode_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, cache_seqlens: Tensor | None = None,
