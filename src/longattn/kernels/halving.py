@@ -100,12 +100,12 @@ def halving_search(scores: Tensor, reach: Tensor, k: int, *, start: Tensor | Non
     if impl == "auto" and scores.device.type == "cuda" and not use_triton:  # a slow path on a GPU is never silent
         warnings.warn(f"halving_search: k={k} > {_MAX_TRITON_K} runs the torch search (~12 launches per step)",
                       RuntimeWarning, stacklevel=2)
+    start = torch.zeros_like(reach) if start is None else start
     if not use_triton:
         return halving_search_reference(scores, reach, k, start)
     B, H, rows, nKB = scores.shape
     out = torch.empty(B, H, rows, k, dtype=torch.int64, device=scores.device)
     kp = triton.next_power_of_2(k)
-    lo = torch.zeros_like(reach) if start is None else start
-    _halving_kernel[(B * H * rows,)](scores.contiguous(), lo.contiguous(), reach.contiguous(), out, rows, nKB, k, KP=kp,
-                                     num_warps=1 if kp <= 16 else 4)
+    _halving_kernel[(B * H * rows,)](scores.contiguous(), start.contiguous(), reach.contiguous(), out, rows, nKB, k,
+                                     KP=kp, num_warps=1 if kp <= 16 else 4)
     return out

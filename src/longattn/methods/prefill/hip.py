@@ -30,9 +30,8 @@ def hierarchical_topk(qp: Tensor, kp: Tensor, reach: Tensor, k: int, start: Tens
     representative on the fly, without gathering k key vectors per query block per step (2 GB per step at 128k)."""
     B, H, nQB, _ = qp.shape
     rows = max(1, _SCORE_CHUNK_BYTES // (B * H * kp.shape[2] * qp.element_size()))
-    start = torch.zeros_like(reach) if start is None else start
     picks = [halving_search(qp[:, :, lo:lo + rows] @ kp.transpose(-1, -2), reach[lo:lo + rows], k,
-                            start=start[lo:lo + rows]) for lo in range(0, nQB, rows)]
+                            start=None if start is None else start[lo:lo + rows]) for lo in range(0, nQB, rows)]
     return torch.cat(picks, 2)
 
 
