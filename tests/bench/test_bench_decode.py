@@ -13,10 +13,13 @@ def test_run_writes_checked_rows(tmp_path):
     out = tmp_path / "decode.jsonl"
     rows = bench.run([256], batches=(2,), heads=4, heads_kv=2, head_dim=32, dtype=torch.float32, page_size=16,
                      budget=64, out=out, anchors=False, device="cpu")
-    assert [r["variant"] for r in rows] == ["ours_dense", "ours_paged", "ours_selected"]
+    assert [r["variant"] for r in rows] == ["ours_dense", "ours_paged", "ours_selected",
+                                            "ours_selected_per_query_head"]
     assert all(r["correct"] and r["ms"] > 0 for r in rows)
     assert rows[0]["bytes_read"] == 2 * 2 * 2 * 256 * 32 * 4 + 2 * 2 * 4 * 32 * 4
     assert rows[2]["bytes_read"] < rows[0]["bytes_read"] and rows[2]["speedup_vs_ours_dense"] > 0
+    # per query head: 4 pages of 16 each, a group of 2 reads their union: 4 to 8 distinct pages per kv head
+    assert 4 <= rows[3]["union_pages_per_kv_head"] <= 8 and rows[3]["bytes_read"] >= rows[2]["bytes_read"] - 64
     assert [json.loads(line)["variant"] for line in out.read_text().splitlines()] == [r["variant"] for r in rows]
     assert "ours_selected" in bench.markdown_table(rows)
 

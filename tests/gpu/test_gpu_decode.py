@@ -139,3 +139,36 @@ def test_programmatic_dependent_launch_matches_plain_launch(monkeypatch):
         results.append(decode_attention(q, k, v, cache_seqlens=lens, impl="triton", return_lse=True))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     _check(*results[0], q, k, v, cache_seqlens=lens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_per_query_head_selection_at_32k(paged, dtype):
+    """Quest's own form at GPU sizes: 32 query heads each pick 2k tokens of a 32k cache by their own bound; the
+    kernel reads each group's union once (graph-captured too) and matches the oracle head by head."""
+    S, ps, G = 32_768, 64, 4
+    q, k, v = _inputs(2, 32, 8, 1, S, 128, dtype, seed=3)
+    mn, mx = page_bounds(k, ps)
+    scores = page_scores(q, mn.repeat_interleave(G, 1), mx.repeat_interleave(G, 1))  # one row per query head
+    idx, counts = select_pages(scores, 2048, ps, cache_seqlens=torch.tensor([S, 20_001], device="cuda"))
+    kw = dict(cache_seqlens=torch.tensor([S, 20_001], dtype=torch.int32, device="cuda"), page_indices=idx,
+              page_counts=counts)
+    if paged:
+        k, v, kw["block_table"] = _paged(k, v, ps)
+    else:
+        kw["page_size"] = ps
+    out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
+    _check(out, lse, q, k, v, **kw)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = decode_attention(q, k, v, impl="triton", **kw)
+    graph.replay()
+    torch.testing.assert_close(replayed, out, rtol=0, atol=0)
+
+
+def test_read_ceiling_reads_every_byte():
+    """The bench's bandwidth yardstick really loads all of K and V (its sums add up to theirs)."""
+    from longattn.bench.read_ceiling import read_kv
+
+    _, k, v = _inputs(1, 8, 8, 1, 8191, 128, torch.bfloat16)
+    torch.testing.assert_close(read_kv(k, v).sum(), k.float().sum() + v.float().sum(), rtol=1e-4, atol=1e-2)

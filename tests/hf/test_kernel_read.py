@@ -114,29 +114,28 @@ def test_reads_the_kernel_cannot_express_stay_on_torch_and_say_so_once(kernel_on
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_page_selection_read_equals_torch_read(dtype, kernel_on_cpu, monkeypatch):
-    """A per-kv-head PageSelection (Quest with share_group=True) runs the kernel's page list over heads of unequal
-    lengths (evicted), pages in any order, padding past the counts; per query head it stays on torch, announced."""
+    """A PageSelection runs the kernel's page lists over heads of unequal lengths (evicted), pages in any order,
+    padding past the counts: one set per kv head (Quest with share_group=True) and one per query head (Quest's own
+    form, read as the group's union)."""
     g = torch.Generator().manual_seed(5)
     B, Hkv, D, ps = 2, 2, 16, 16
     layer = LongattnLayer()
     _feed(layer, g, B, Hkv, D, dtype, 200, 1)
     layer.evict(torch.rand(B, Hkv, layer.capacity, generator=g).to(DEVICE) < 0.7)
     n_pages = -(-layer.capacity // ps)
-    idx = torch.stack([torch.randperm(n_pages, generator=g)[:6] for _ in range(B * Hkv)]).view(B, Hkv, 6)
-    pages = PageSelection(idx.to(DEVICE), torch.tensor([[6, 3], [0, 5]], device=DEVICE), ps)
     q = _rand(g, B, Hkv * 3, 1, D, dtype=dtype)
-    fast, slow = _read_both_ways(layer, q, monkeypatch, pages)
-    torch.testing.assert_close(fast, slow, rtol=TOL[dtype], atol=TOL[dtype])
-    per_query_head = PageSelection(idx.repeat_interleave(3, 1).to(DEVICE), pages.counts.repeat_interleave(3, 1), ps)
-    with pytest.warns(RuntimeWarning, match="one page set per query head"):
-        torch.testing.assert_close(attend_cached(q, layer, per_query_head, scale=0.3), slow, rtol=TOL[dtype],
-                                   atol=TOL[dtype])
+    for heads, counts in ((Hkv, [[6, 3], [0, 5]]), (Hkv * 3, [[6, 3, 1, 0, 5, 6], [2, 6, 6, 4, 0, 1]])):
+        idx = torch.stack([torch.randperm(n_pages, generator=g)[:6] for _ in range(B * heads)]).view(B, heads, 6)
+        pages = PageSelection(idx.to(DEVICE), torch.tensor(counts, device=DEVICE), ps)
+        fast, slow = _read_both_ways(layer, q, monkeypatch, pages)
+        torch.testing.assert_close(fast, slow, rtol=TOL[dtype], atol=TOL[dtype])
 
 
 @pytest.mark.parametrize("policy,config", [("snapkv", {"budget": 24, "window": 8}),
                                             ("streaming_llm", {"budget": 16}), ("h2o", {"budget": 24}),
                                             ("kivi", {}), ("quest", {"budget": 32, "page_size": 16,
-                                                                     "dense_layers": 0, "share_group": True})])
+                                                                     "dense_layers": 0, "share_group": True}),
+                                            ("quest", {"budget": 32, "page_size": 16, "dense_layers": 0})])
 def test_generation_on_the_kernel_read_equals_the_torch_read(policy, config, kernel_on_cpu, monkeypatch):
     """Whole greedy generations (tiny fp32 Llama, GQA 2): the kernel-read run gives the torch-read run's tokens and
     logits."""

@@ -178,6 +178,80 @@ def test_selected_pages_match_oracle(paged, G, Tq, dtype):
     assert torch.isinf(lse[0, :G]).all() and (out[0, :G] == 0).all()  # count 0: kv head 0 of batch 0
 
 
+def test_group_page_union_hand_example():
+    """Two kv heads of a group of 3: per-query-head lists → ascending union, counts, membership bits."""
+    idx = torch.tensor([[[4, 1, 9], [1, 7, 0], [9, 4, 2],     # kv head 0: heads read {4,1}, {1,7,0}, {9}
+                         [5, 6, 7], [6, 5, 8], [3, 3, 3]]],   # kv head 1: {5,6}, {}, {3} (padding repeats)
+                       dtype=torch.int32)
+    counts = torch.tensor([[2, 3, 1, 2, 0, 1]], dtype=torch.int32)
+    pages, n, bits = decode_mod.group_page_union(idx, counts, 3)
+    assert n.tolist() == [[5, 3]]
+    assert pages[0, 0, :5].tolist() == [0, 1, 4, 7, 9]
+    assert bits[0, 0, :5].tolist() == [0b010, 0b011, 0b001, 0b010, 0b100]
+    assert pages[0, 1, :3].tolist() == [3, 5, 6] and bits[0, 1, :3].tolist() == [0b100, 0b001, 0b001]
+    with pytest.raises(ValueError, match="page_indices.*31"):
+        decode_mod.group_page_union(torch.zeros(1, 32, 1, dtype=torch.int32), torch.ones(1, 32, dtype=torch.int32),
+                                    32)
+
+
+def _per_query_head_selection(B, Hq, n_pages, n_sel, g, shared=0.5):
+    """Distinct pages per query head; a ``shared`` fraction of each group's picks overlap (as real heads do)."""
+    base = torch.rand(B, HKV, 1, n_pages, generator=g).expand(-1, -1, Hq // HKV, -1)
+    noise = torch.rand(B, HKV, Hq // HKV, n_pages, generator=g)
+    idx = (shared * base + (1 - shared) * noise).argsort(-1)[..., :n_sel].reshape(B, Hq, n_sel)
+    counts = torch.randint(0, n_sel + 1, (B, Hq), generator=g)
+    counts[0, 0] = 0  # a query head that reads nothing: output 0, lse -inf
+    return idx.to(torch.int32), counts.to(torch.int32)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("G,Tq,dtype", [(2, 1, torch.float32), (4, 3, torch.float16), (8, 1, torch.float16)])
+def test_per_query_head_pages_match_oracle(paged, G, Tq, dtype):
+    """One page set per query head (Quest's own form): the kernel reads the group's union, each head its own."""
+    page_size, S = 16, 300
+    q, k, v = _inputs(2, G, Tq, S, 32, dtype, seed=20 + G)
+    g = torch.Generator().manual_seed(G)
+    idx, counts = _per_query_head_selection(2, HKV * G, math.ceil(S / page_size), 5, g)
+    kw = dict(cache_seqlens=torch.tensor([[300, 211], [150, 97]], dtype=torch.int32), page_indices=idx,
+              page_counts=counts)
+    if paged:
+        k, v, kw["block_table"] = _paged(k, v, page_size, seed=G)
+    else:
+        kw["page_size"] = page_size
+    out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
+    _check(out, lse, q, k, v, **kw)
+    assert torch.isinf(lse[0, 0]).all() and (out[0, 0] == 0).all()  # count 0 for query head 0 only
+    assert torch.isfinite(lse[0, 1]).any()
+
+
+def test_per_query_head_oracle_is_per_head_attention():
+    """The oracle with one set per query head equals each head attending alone over its own pages (MHA view)."""
+    B, G, S, ps = 1, 4, 200, 16
+    q, k, v = _inputs(B, G, 1, S, 32, torch.float64, seed=7)
+    g = torch.Generator().manual_seed(7)
+    idx, counts = _per_query_head_selection(B, HKV * G, math.ceil(S / ps), 4, g)
+    out = decode_reference(q, k, v, page_size=ps, page_indices=idx, page_counts=counts)[0]
+    mha_k, mha_v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    for h in range(HKV * G):
+        one = decode_reference(q[:, h:h + 1], mha_k[:, h:h + 1], mha_v[:, h:h + 1], page_size=ps,
+                               page_indices=idx[:, h:h + 1], page_counts=counts[:, h:h + 1])[0]
+        torch.testing.assert_close(out[:, h:h + 1], one, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=8)
+@given(G=st.sampled_from([2, 3, 4]), S=st.integers(1, 200), n_sel=st.integers(1, 6),
+       shared=st.sampled_from([0.0, 0.7, 1.0]), splits=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**16))
+def test_random_per_query_head_selections(G, S, n_sel, shared, splits, seed):
+    page_size = 16
+    q, k, v = _inputs(2, G, 1, S, 32, torch.float32, seed)
+    g = torch.Generator().manual_seed(seed)
+    n_pages = math.ceil(S / page_size)
+    idx, counts = _per_query_head_selection(2, HKV * G, n_pages, min(n_sel, n_pages), g, shared)
+    lens = torch.randint(0, S + 1, (2,), generator=g, dtype=torch.int32)
+    out, lse = decode_triton(q, k, v, lens, None, page_size, idx, counts, 32 ** -0.5, splits=splits)
+    _check(out, lse, q, k, v, cache_seqlens=lens, page_size=page_size, page_indices=idx, page_counts=counts)
+
+
 def test_strided_cache_views():
     """A cache stored token-major ([B, S, Hkv, D], viewed as [B, Hkv, S, D]) and a non-contiguous q."""
     q, k, v = _inputs(2, 4, 2, 130, 32, torch.float16, seed=4)
@@ -321,6 +395,10 @@ def test_bad_inputs_raise_clear_errors():
     _err(lambda: decode_attention(q, k, v, page_size=16, page_indices=dup, page_counts=cnt * 2), ValueError,
          "page_indices", "twice")
     decode_attention(q, k, v, page_size=16, page_indices=dup, page_counts=cnt)  # duplicates past the count: fine
+    _err(lambda: decode_attention(q, k, v, page_size=16, page_indices=torch.zeros(2, 3, 2, dtype=torch.int32),
+                                  page_counts=cnt), ValueError, "page_indices", "Hkv=2", "Hq=8")
+    _err(lambda: decode_attention(q, k, v, page_size=16, page_indices=torch.zeros(2, 8, 2, dtype=torch.int32),
+                                  page_counts=cnt), ValueError, "page_counts", "(2, 8)")
     _err(lambda: decode_attention(q, k, v, cache_seqlens=lens.float()), TypeError, "cache_seqlens", "int32")
     _err(lambda: decode_attention(q, k, v, cache_seqlens=lens.view(2, 1)), ValueError, "cache_seqlens", "(2,)")
     _err(lambda: decode_attention(q, k, v, cache_seqlens=lens.view(2, 1).expand(2, HKV) + 60), ValueError,

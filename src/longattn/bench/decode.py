@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from longattn.bench.read_ceiling import read_kv
 from longattn.bench.timing import append_jsonl, environment, median_ms
-from longattn.kernels.decode import decode_attention
+from longattn.kernels.decode import decode_attention, group_page_union
 from longattn.kernels.decode_reference import decode_reference
 from longattn.kernels.page_select import page_bounds, page_scores, select_pages
 
@@ -106,9 +107,10 @@ def _check(out: torch.Tensor, lse: torch.Tensor, q, k, v, **sel) -> dict:
     g = q.shape[1] // k.shape[1]
     qs, ks, vs = q[:1, : hk * g], k[:1, :hk], v[:1, :hk]
     sub = {}
-    if "page_indices" in sel:
-        sub = {"page_size": sel["page_size"], "page_indices": sel["page_indices"][:1, :hk],
-               "page_counts": sel["page_counts"][:1, :hk]}
+    if "page_indices" in sel:  # one set per kv head, or per query head
+        hs = hk * (sel["page_indices"].shape[1] // k.shape[1])
+        sub = {"page_size": sel["page_size"], "page_indices": sel["page_indices"][:1, :hs],
+               "page_counts": sel["page_counts"][:1, :hs]}
     with torch.no_grad():
         ref_o, ref_l = decode_reference(qs.double(), ks.double(), vs.double(), **sub)
         low_o, low_l = decode_reference(qs, ks, vs, compute_dtype=q.dtype, **sub)
@@ -167,6 +169,9 @@ def _rows_for(B: int, L: int, env: dict, *, heads: int, heads_kv: int, head_dim:
     add("ours_dense", [lambda s=s: decode_attention(*s, impl=impl) for s in sets], kv_bytes_dense + qo_bytes,
         _check(out, lse, q0, k0, v0))
 
+    if dev.type == "cuda":  # the same K/V bytes streamed by a kernel that only reads them
+        add("read_ceiling", [lambda s=s: read_kv(s[1], s[2]) for s in sets], kv_bytes_dense)
+
     # ours, paged cache (shuffled pages of page_size), same tokens
     if L % page_size == 0:
         n = L // page_size
@@ -200,6 +205,7 @@ def _rows_for(B: int, L: int, env: dict, *, heads: int, heads_kv: int, head_dim:
         add("ours_selected", calls, sel_bytes, _check(out, lse, qs, ks, vs, **kw), page_size=page_size,
             budget_tokens=budget, select_ms=score["ms"], select_ms_eager=score.get("ms_eager"),
             select_timing=score["timing"], copies=n_calls)
+        _add_per_query_head(add, sets, bounds, budget, page_size, impl, qo_bytes, g, dev)
         del bounds, selections
 
     if anchors and dev.type == "cuda":
@@ -218,12 +224,43 @@ def _rows_for(B: int, L: int, env: dict, *, heads: int, heads_kv: int, head_dim:
         return a[f"ms{suffix}"] / b[f"ms{suffix}"] if same and a.get(f"ms{suffix}") and b.get(f"ms{suffix}") else None
 
     for suffix in ("", "_eager"):
-        pairs = [("ours_selected", "ours_dense")] + [(v, a) for v in ("ours_dense", "ours_paged")
-                                                     for a in ("sdpa_flash", "flex")]
+        pairs = [("ours_selected", "ours_dense"), ("ours_selected_per_query_head", "ours_dense")] + [
+            (v, a) for v in ("ours_dense", "ours_paged") for a in ("sdpa_flash", "flex", "read_ceiling")]
         for ours, other in pairs:
             if (x := ratio(other, ours, suffix)) is not None:
                 by[ours][f"speedup_vs_{other}{suffix}"] = x
     return rows
+
+
+def _add_per_query_head(add, sets, bounds, budget: int, page_size: int, impl: str, qo_bytes: int, g,
+                        dev: torch.device) -> None:
+    """Quest's own form: each query head its own ``budget`` of pages (bounds of its kv head, per-head scores); the
+    kernel reads the group's union once, so the bytes are the union's, averaged over the timed selections."""
+    q0, k0, _ = sets[0]
+    B, Hq, _, D = q0.shape
+    group = Hq // k0.shape[1]
+    per_head = [(mn.repeat_interleave(group, 1), mx.repeat_interleave(group, 1)) for mn, mx in bounds]
+    elt = k0.element_size()
+    selections, union_pages = [], []
+    n_calls = max(1, math.ceil(L2_ROTATE_BYTES / (2 * B * k0.shape[1] * budget * D * elt))) \
+        if dev.type == "cuda" else 1
+    for i in range(n_calls):
+        _, ks, vs = sets[i % len(sets)]
+        qs = torch.randn(q0.shape, device=dev, dtype=q0.dtype, generator=g)
+        mn, mx = per_head[i % len(sets)]
+        # [B, Hq, 1, D] against per-head bounds [B, Hq, n_pages, D]: a group of one, one score row per query head
+        idx, cnt = select_pages(page_scores(qs, mn, mx), budget, page_size)
+        union_pages.append(float(group_page_union(idx, cnt, group)[1].sum()))
+        selections.append((qs, ks, vs, idx, cnt))
+    pages_read = statistics.mean(union_pages)
+    qs, ks, vs, idx, cnt = selections[0]
+    kw = {"page_size": page_size, "page_indices": idx, "page_counts": cnt}
+    out, lse = decode_attention(qs, ks, vs, impl=impl, return_lse=True, **kw)
+    calls = [lambda s=s: decode_attention(s[0], s[1], s[2], page_size=page_size, page_indices=s[3],
+                                          page_counts=s[4], impl=impl) for s in selections]
+    add("ours_selected_per_query_head", calls, 2 * pages_read * page_size * D * elt + qo_bytes + idx.numel() * 4,
+        _check(out, lse, qs, ks, vs, **kw), page_size=page_size, budget_tokens=budget,
+        union_pages_per_kv_head=pages_read / (B * k0.shape[1]), copies=n_calls)
 
 
 def _anchor_rows(sets, base, bytes_read, add) -> list[dict]:
@@ -294,7 +331,7 @@ def markdown_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         note = r.get("error") or r.get("refused") or r.get("graph_error") or ""
-        for key in ("speedup_vs_sdpa_flash", "speedup_vs_flex", "speedup_vs_ours_dense"):
+        for key in ("speedup_vs_sdpa_flash", "speedup_vs_flex", "speedup_vs_read_ceiling", "speedup_vs_ours_dense"):
             if r.get(key):
                 note += f" {key.removeprefix('speedup_')}={r[key]:.2f}x"
                 if r.get(f"{key}_eager"):

@@ -15,7 +15,7 @@ import warnings
 
 from torch import Tensor
 
-from longattn.kernels.decode import decode_triton
+from longattn.kernels.decode import MAX_HEAD_SET_GROUP, decode_triton
 
 # devices whose cached reads run the kernel (tests add "cpu" under TRITON_INTERPRET=1)
 KERNEL_DEVICES = set() if os.environ.get("LONGATTN_KERNEL_READ", "1") == "0" else {"cuda"}
@@ -33,8 +33,10 @@ def kernel_unfit(q: Tensor, layer, selection, attention_mask: Tensor | None,
         return "a per-slot selection"
     if selection is not None:
         ps = selection.page_size
-        if selection.indices.shape[1] != layer.lengths.shape[1]:
-            return "one page set per query head (the kernel reads one set per kv head: share_group=True)"
+        group = selection.indices.shape[1] // layer.lengths.shape[1]
+        if group > MAX_HEAD_SET_GROUP:
+            return f"one page set per query head with {group} query heads per kv head (the kernel takes up to " \
+                   f"{MAX_HEAD_SET_GROUP})"
         if ps < 16 or ps & (ps - 1):
             return f"pages of {ps} tokens (the kernel takes powers of two >= 16)"
     if attention_mask is not None:
@@ -65,7 +67,8 @@ def use_kernel(q: Tensor, layer, selection, attention_mask: Tensor | None,
 
 def kernel_read(q: Tensor, layer, scale: float | None, selection=None) -> Tensor:
     """out [B, Hq, 1, D]: q's attention over each kv head's ``lengths`` kept slots (``layer.kv()`` storage), or
-    over the selected pages of them (a per-kv-head ``PageSelection``)."""
+    over the selected pages of them (a ``PageSelection`` per kv head, or per query head: the group's union is read
+    once)."""
     keys, values = layer.kv()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if selection is None:

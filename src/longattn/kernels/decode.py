@@ -29,6 +29,7 @@ DENSE_UNIT = 128  # tokens per split unit on an unselected contiguous cache (a "
 PROGRAMS_PER_SM = 2  # split programs per SM to aim for
 MIN_SPLIT_TOKENS = 512  # fewer tokens than this per program and the merge costs more than the parallelism gains
 MIN_SPLIT_TOKENS_SELECTED = 256  # selected pages: the sweep's best at 4k of 128k, batch 1
+MAX_HEAD_SET_GROUP = 31  # per-query-head selections: one bit per query head of a group in an int32 word
 MERGE_ELEMENTS = 8192  # partial-output elements (splits × rows × head_dim) one merge step loads at once
 _logged: set[str] = set()
 
@@ -53,21 +54,23 @@ def _prune(configs, named_args, **kwargs):
     return kept or [triton.Config({"BLOCK_N": page}, num_warps=4, num_stages=2)]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "PAGE", "PAGED", "SELECTED", "DIRECT", "work_bucket"],
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "PAGE", "PAGED", "SELECTED", "HEAD_SETS", "DIRECT",
+                                                 "work_bucket"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, LENS, BT, PIDX, PCNT, OUT, LSE,
+    Q, K, V, LENS, BT, PIDX, PCNT, PBITS, OUT, LSE,
     qk_scale, units_per_split, n_splits,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_bt, n_sel, HKV, capacity, work_bucket,
     HAS_LENS: tl.constexpr, LENS_PER_HEAD: tl.constexpr, TQ: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE: tl.constexpr, PAGED: tl.constexpr, SELECTED: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr,
-    PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, PAGED: tl.constexpr, SELECTED: tl.constexpr, HEAD_SETS: tl.constexpr,
+    DIRECT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One (batch, kv head, split): online softmax over its tiles; writes normalised out and natural-log LSE
-    (no LENS: every sequence fills the cache's ``capacity``; LENS_PER_HEAD: one length per (batch, kv head)).
+    (no LENS: every sequence fills the cache's ``capacity``; LENS_PER_HEAD: one length per (batch, kv head);
+    HEAD_SETS: the selected pages are the union of the group's per-query-head sets, PBITS saying whose each is).
     ``work_bucket`` (tokens per program, coarsely) only keys the autotuner: short and long programs tune apart."""
     if PDL:  # let the merge kernel be scheduled now; it waits (griddepcontrol.wait) for this grid to finish
         tl.extra.cuda.gdc_launch_dependents()
@@ -113,7 +116,11 @@ def _decode_split_kernel(
         in_len = pos < length
         k = tl.load(k_head + tok[:, None] + dims[None, :], mask=in_len[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # scale · log2(e): scores in base 2
-        s = tl.where(pos[None, :] <= limit[:, None], s, float("-inf"))
+        seen_ok = pos[None, :] <= limit[:, None]
+        if HEAD_SETS:  # bit g of the page's word: query head g of the group selected it
+            bits = tl.load(PBITS + pid_bh.to(tl.int64) * n_sel + unit)
+            seen_ok = seen_ok & (((bits >> tl.minimum(rows // TQ, 31)) & 1) != 0)[:, None]
+        s = tl.where(seen_ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -222,12 +229,17 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor |
                   page_size: int | None, page_indices: Tensor | None, page_counts: Tensor | None, scale: float,
                   splits: int | None = None) -> tuple[Tensor, Tensor]:
     """Launch the split kernel (+ merge); inputs already validated; ``lengths`` [B] or [B, Hkv] (contiguous), None:
-    every sequence is as long as the cache holds. ``splits`` overrides the heuristic (tests, sweeps)."""
+    every sequence is as long as the cache holds; a selection per kv head ([B, Hkv, n]) or per query head
+    ([B, Hq, n], read as the group's union). ``splits`` overrides the heuristic (tests, sweeps)."""
     B, Hq, Tq, D = q.shape
     Hkv = k_cache.shape[1]
     rows = (Hq // Hkv) * Tq
     q = q.contiguous()
     paged, selected = block_table is not None, page_indices is not None
+    head_sets = selected and page_indices.shape[1] != Hkv
+    page_bits = None
+    if head_sets:
+        page_indices, page_counts, page_bits = group_page_union(page_indices, page_counts, Hq // Hkv)
     page = page_size if (paged or selected) else DENSE_UNIT
     if selected:
         n_units = page_indices.shape[2]
@@ -253,10 +265,11 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor |
     bt = block_table if paged else dummy
     pidx = page_indices.contiguous() if selected else dummy
     pcnt = page_counts.contiguous() if selected else dummy
+    pbits = page_bits if head_sets else dummy
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     pdl = not direct and _use_pdl(q.device)
     _decode_split_kernel[(B * Hkv, splits)](
-        q, k_cache, v_cache, dummy if lengths is None else lengths, bt, pidx, pcnt, p_out, p_lse,
+        q, k_cache, v_cache, dummy if lengths is None else lengths, bt, pidx, pcnt, pbits, p_out, p_lse,
         scale * LOG2E, per, splits,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -264,7 +277,7 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor |
         _work_bucket(per * page), HAS_LENS=lengths is not None,
         LENS_PER_HEAD=lengths is not None and lengths.dim() == 2, TQ=Tq, ROWS=rows,
         BLOCK_M=max(16, triton.next_power_of_2(rows)), HEAD_DIM=D, PAGE=page, PAGED=paged, SELECTED=selected,
-        DIRECT=direct, PREC=prec, PDL=pdl,
+        HEAD_SETS=head_sets, DIRECT=direct, PREC=prec, PDL=pdl,
     )
     if not direct:
         rows_p2 = triton.next_power_of_2(rows)
@@ -272,6 +285,32 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor |
                                   MERGE_S=max(1, MERGE_ELEMENTS // (rows_p2 * D)), HEAD_DIM=D, PDL=pdl,
                                   launch_pdl=pdl)
     return out, lse
+
+
+def group_page_union(page_indices: Tensor, page_counts: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-query-head page sets [B, Hq, n] (first counts [B, Hq] used) as one list per kv head: (pages [B, Hkv,
+    group·n] int32, ascending, the first counts [B, Hkv] used; counts; bits [B, Hkv, group·n] int32, bit g set where
+    query head g of the group selected the page). The kernel then loads each page once for the whole group. On the
+    device, no host wait (sort + segment scatter), so it runs inside a captured decode step."""
+    B, Hq, n = page_indices.shape
+    if group > MAX_HEAD_SET_GROUP:
+        raise ValueError(f"page_indices: one page set per query head needs at most {MAX_HEAD_SET_GROUP} query "
+                         f"heads per kv head (one bit each), got {group}; pass one set per kv head")
+    device = page_indices.device
+    none = torch.iinfo(torch.int32).max  # unused entries sort last and form their own segment
+    used = torch.arange(n, device=device) < page_counts[..., None]
+    flat = torch.where(used, page_indices.to(torch.int32), none).view(B, Hq // group, group * n)
+    pages, order = flat.sort(-1)
+    head_bit = (1 << torch.arange(group, device=device, dtype=torch.int32)).repeat_interleave(n)
+    bits = head_bit.expand_as(flat).gather(-1, order)
+    first = torch.ones_like(pages, dtype=torch.bool)
+    first[..., 1:] = pages[..., 1:] != pages[..., :-1]
+    segment = first.cumsum(-1) - 1
+    union = torch.zeros_like(pages).scatter_(-1, segment, pages)  # every entry of a segment holds the same page
+    union_bits = torch.zeros_like(bits).scatter_add_(-1, segment, bits)  # distinct powers of two: sum = or
+    counts = (first & (pages != none)).sum(-1, dtype=torch.int32)
+    union = torch.where(torch.arange(group * n, device=device) < counts[..., None], union, 0)
+    return union, counts, union_bits
 
 
 def _pick_impl(impl: str, q: Tensor) -> str:
@@ -300,7 +339,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, cache_seqle
     [num_pages, Hkv, page_size, D] with block_table [B, max_pages] mapping logical to physical pages.
     Selection: page_indices [B, Hkv, n_sel] logical page numbers (pages of page_size tokens, on a contiguous
     cache too), of which the first page_counts [B, Hkv] are read (distinct, any order; the rest is padding);
-    the query heads of a group share them.
+    the query heads of a group share them. Or one set per query head, page_indices [B, Hq, n_sel] with
+    page_counts [B, Hq] (Quest's own form): the kernel reads the group's union once and each head attends its
+    own pages (at most 31 query heads per kv head).
     Query i (of Tq) sees tokens < len - Tq + i + 1. Returns out [B, Hq, Tq, D] (q's dtype), and with
     ``return_lse`` also lse [B, Hq, Tq] float32 (natural log; -inf and zero output where nothing is seen).
     CUDA graphs: capture after one eager call with the same shapes (it compiles and autotunes); while capturing,

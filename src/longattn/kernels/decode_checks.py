@@ -138,12 +138,12 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, page_si
         if page_size is None:
             raise ValueError("page_size: required with page_indices on a contiguous cache (pages of page_size "
                              "tokens)")
-        if page_indices.dim() != 3:
+        if page_indices.dim() != 3 or page_indices.shape[1] not in (Hkv, Hq):
             raise ValueError(f"page_indices: got shape {tuple(page_indices.shape)}, expected [B={B}, Hkv={Hkv}, "
-                             "n_sel]")
-        n_sel = page_indices.shape[2]
-        _int_tensor("page_indices", page_indices, (B, Hkv, n_sel), q.device)
-        _int_tensor("page_counts", page_counts, (B, Hkv), q.device)
+                             f"n_sel] (one set per kv head) or [B={B}, Hq={Hq}, n_sel] (one per query head)")
+        heads, n_sel = page_indices.shape[1:]
+        _int_tensor("page_indices", page_indices, (B, heads, n_sel), q.device)
+        _int_tensor("page_counts", page_counts, (B, heads), q.device)
         n_pages = -(-capacity // page_size)
         checks.in_range("page_counts", page_counts, 0, n_sel, "entries of page_indices")
         used = None

@@ -26,9 +26,9 @@ def logical_cache(cache: Tensor, block_table: Tensor | None) -> Tensor:
 
 def allowed_tokens(lengths: Tensor, n_tokens: int, tq: int, hkv: int, page_size: int | None,
                    page_indices: Tensor | None, page_counts: Tensor | None) -> Tensor:
-    """bool [B, Hkv, Tq, L]: query i of sequence b sees token j iff j < len_b - Tq + i + 1 (lengths [B], or
-    [B, Hkv] per kv head; and j's page is among the first page_counts[b, h] entries of page_indices[b, h] when a
-    selection is given)."""
+    """bool [B, H, Tq, L] (H = Hkv, or the selection's heads: Hq for one set per query head): query i of sequence
+    b sees token j iff j < len_b - Tq + i + 1 (lengths [B], or [B, Hkv] per kv head; and j's page is among the
+    first page_counts[b, h] entries of page_indices[b, h] when a selection is given)."""
     device = lengths.device
     pos = torch.arange(n_tokens, device=device)
     lens = lengths.view(lengths.shape[0], -1, 1, 1).long()  # [B, 1 or Hkv, 1, 1]
@@ -36,6 +36,8 @@ def allowed_tokens(lengths: Tensor, n_tokens: int, tq: int, hkv: int, page_size:
     allowed = (pos.view(1, 1, 1, -1) <= limit).expand(-1, hkv, -1, -1)
     if page_indices is None:
         return allowed
+    heads = page_indices.shape[1]
+    allowed = allowed.repeat_interleave(heads // hkv, 1)  # a kv head's lengths hold for its query heads
     chosen = selected_pages(page_indices, page_counts, math.ceil(n_tokens / page_size))
     return allowed & chosen[:, :, pos // page_size].unsqueeze(2)
 
@@ -72,6 +74,8 @@ def decode_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, cache_seqle
     allowed = allowed_tokens(cache_seqlens.to(q.device), L, Tq, Hkv, page_size, page_indices, page_counts)
     qg = q.reshape(B, Hkv, G * Tq, D).to(compute_dtype)  # the group's heads share one K/V read
     s = torch.matmul(qg, k.to(compute_dtype).transpose(-1, -2)) * scale
-    allowed = allowed.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(B, Hkv, G * Tq, L)
+    if allowed.shape[1] == Hkv:  # one set per kv head: its query heads share it
+        allowed = allowed.unsqueeze(2).expand(-1, -1, G, -1, -1)
+    allowed = allowed.reshape(B, Hkv, G * Tq, L)
     out, lse = softmax_attend(s, v.to(compute_dtype), allowed)
     return out.reshape(B, Hq, Tq, D).to(q.dtype), lse.reshape(B, Hq, Tq)
