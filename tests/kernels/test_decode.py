@@ -23,9 +23,9 @@ HKV = 2
 
 @pytest.fixture(autouse=True)
 def nan_outputs(monkeypatch):
-    """Every buffer the kernels write starts as NaN, so an unwritten row fails the oracle check."""
+    """Every buffer the kernels write starts as NaN (integer buffers as -7), so an unwritten entry fails."""
     def nan_empty(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
 
     monkeypatch.setattr(decode_mod, "_empty", nan_empty)
 
@@ -184,14 +184,31 @@ def test_group_page_union_hand_example():
                          [5, 6, 7], [6, 5, 8], [3, 3, 3]]],   # kv head 1: {5,6}, {}, {3} (padding repeats)
                        dtype=torch.int32)
     counts = torch.tensor([[2, 3, 1, 2, 0, 1]], dtype=torch.int32)
-    pages, n, bits = decode_mod.group_page_union(idx, counts, 3)
-    assert n.tolist() == [[5, 3]]
-    assert pages[0, 0, :5].tolist() == [0, 1, 4, 7, 9]
-    assert bits[0, 0, :5].tolist() == [0b010, 0b011, 0b001, 0b010, 0b100]
-    assert pages[0, 1, :3].tolist() == [3, 5, 6] and bits[0, 1, :3].tolist() == [0b100, 0b001, 0b001]
+    for union in (lambda *a: decode_mod.group_page_union(*a, 12), decode_mod.group_page_union_reference):
+        pages, n, bits = union(idx, counts, 3)
+        assert n.tolist() == [[5, 3]]
+        assert pages[0, 0, :5].tolist() == [0, 1, 4, 7, 9]
+        assert bits[0, 0, :5].tolist() == [0b010, 0b011, 0b001, 0b010, 0b100]
+        assert pages[0, 1, :3].tolist() == [3, 5, 6] and bits[0, 1, :3].tolist() == [0b100, 0b001, 0b001]
     with pytest.raises(ValueError, match="page_indices.*31"):
         decode_mod.group_page_union(torch.zeros(1, 32, 1, dtype=torch.int32), torch.ones(1, 32, dtype=torch.int32),
-                                    32)
+                                    32, 4)
+
+
+@settings(max_examples=10)
+@given(G=st.integers(1, 8), n=st.integers(1, 40), n_pages=st.integers(1, 2500), seed=st.integers(0, 2**16))
+def test_group_page_union_kernel_equals_torch(G, n, n_pages, seed):
+    """The one-launch union (bitmap + compaction, pages past 1024 in a second block) equals the sort-based one."""
+    g = torch.Generator().manual_seed(seed)
+    n = min(n, n_pages)
+    idx = torch.rand(2, 3 * G, n_pages, generator=g).argsort(-1)[..., :n].to(torch.int32)
+    counts = torch.randint(0, n + 1, (2, 3 * G), generator=g, dtype=torch.int32)
+    pages, got_n, bits = decode_mod.group_page_union(idx, counts, G, n_pages)
+    ref_pages, ref_n, ref_bits = decode_mod.group_page_union_reference(idx, counts, G)
+    assert torch.equal(got_n, ref_n)
+    used = torch.arange(pages.shape[-1]) < got_n[..., None]
+    assert torch.equal(pages[used], ref_pages[..., : pages.shape[-1]][used])
+    assert torch.equal(bits[used], ref_bits[..., : pages.shape[-1]][used])
 
 
 def _per_query_head_selection(B, Hq, n_pages, n_sel, g, shared=0.5):

@@ -250,7 +250,7 @@ def _add_per_query_head(add, sets, bounds, budget: int, page_size: int, impl: st
         mn, mx = per_head[i % len(sets)]
         # [B, Hq, 1, D] against per-head bounds [B, Hq, n_pages, D]: a group of one, one score row per query head
         idx, cnt = select_pages(page_scores(qs, mn, mx), budget, page_size)
-        union_pages.append(float(group_page_union(idx, cnt, group)[1].sum()))
+        union_pages.append(float(group_page_union(idx, cnt, group, mn.shape[2])[1].sum()))
         selections.append((qs, ks, vs, idx, cnt))
     pages_read = statistics.mean(union_pages)
     qs, ks, vs, idx, cnt = selections[0]

@@ -239,7 +239,8 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor |
     head_sets = selected and page_indices.shape[1] != Hkv
     page_bits = None
     if head_sets:
-        page_indices, page_counts, page_bits = group_page_union(page_indices, page_counts, Hq // Hkv)
+        n_pages = block_table.shape[1] if paged else math.ceil(k_cache.shape[2] / page_size)
+        page_indices, page_counts, page_bits = group_page_union(page_indices, page_counts, Hq // Hkv, n_pages)
     page = page_size if (paged or selected) else DENSE_UNIT
     if selected:
         n_units = page_indices.shape[2]
@@ -287,15 +288,58 @@ def decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor |
     return out, lse
 
 
-def group_page_union(page_indices: Tensor, page_counts: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-query-head page sets [B, Hq, n] (first counts [B, Hq] used) as one list per kv head: (pages [B, Hkv,
-    group·n] int32, ascending, the first counts [B, Hkv] used; counts; bits [B, Hkv, group·n] int32, bit g set where
-    query head g of the group selected the page). The kernel then loads each page once for the whole group. On the
-    device, no host wait (sort + segment scatter), so it runs inside a captured decode step."""
+@triton.jit
+def _page_union_kernel(PIDX, PCNT, BITMAP, UNION, UBITS, UCOUNT, n_sel, n_pages, width,
+                       G: tl.constexpr, SEL_P2: tl.constexpr, BLOCK: tl.constexpr):
+    """One (batch, kv head): OR each query head's bit into a zeroed page bitmap, then compact the marked pages in
+    ascending order (page numbers, their bits, how many)."""
+    bh = tl.program_id(0)
+    bitmap = BITMAP + bh.to(tl.int64) * n_pages
+    e = tl.arange(0, SEL_P2)
+    for g in tl.static_range(G):
+        head = bh.to(tl.int64) * G + g  # query head (b, kv head · G + g) of the [B, Hq] selection
+        used = e < tl.minimum(tl.load(PCNT + head), n_sel)
+        pages = tl.load(PIDX + head * n_sel + e, mask=used, other=0)
+        used = used & (pages >= 0) & (pages < n_pages)  # never written outside the bitmap, even unvalidated
+        tl.atomic_or(bitmap + pages, tl.full([SEL_P2], 1 << g, tl.int32), mask=used)
+    tl.debug_barrier()  # the block's atomics are visible to its own loads below
+    total = 0
+    for p0 in range(0, n_pages, BLOCK):
+        page = p0 + tl.arange(0, BLOCK)
+        bits = tl.load(bitmap + page, mask=page < n_pages, other=0, cache_modifier=".cg")
+        keep = bits != 0
+        slot = bh.to(tl.int64) * width + total + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(UNION + slot, page, mask=keep)
+        tl.store(UBITS + slot, bits, mask=keep)
+        total += tl.sum(keep.to(tl.int32), 0)
+    tl.store(UCOUNT + bh, total)
+
+
+def group_page_union(page_indices: Tensor, page_counts: Tensor, group: int,
+                     n_pages: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-query-head page sets [B, Hq, n] (first counts [B, Hq] used; pages < n_pages) as one list per kv head:
+    (pages [B, Hkv, w] int32 ascending, the first counts [B, Hkv] used; counts; bits [B, Hkv, w] int32, bit g set
+    where query head g of the group selected the page), w = min(group · n, n_pages). The decode kernel then loads
+    each page once for the whole group. One Triton launch and a zeroed bitmap, no host wait: it runs inside a
+    captured decode step."""
     B, Hq, n = page_indices.shape
     if group > MAX_HEAD_SET_GROUP:
         raise ValueError(f"page_indices: one page set per query head needs at most {MAX_HEAD_SET_GROUP} query "
                          f"heads per kv head (one bit each), got {group}; pass one set per kv head")
+    Hkv, width, device = Hq // group, max(1, min(group * n, n_pages)), page_indices.device
+    bitmap = torch.zeros(B * Hkv, n_pages, dtype=torch.int32, device=device)
+    union = _empty(B, Hkv, width, dtype=torch.int32, device=device)
+    bits = _empty(B, Hkv, width, dtype=torch.int32, device=device)
+    counts = _empty(B, Hkv, dtype=torch.int32, device=device)
+    _page_union_kernel[(B * Hkv,)](page_indices.contiguous(), page_counts.contiguous(), bitmap, union, bits, counts,
+                                   n, n_pages, width, G=group, SEL_P2=max(16, triton.next_power_of_2(n)),
+                                   BLOCK=1024)
+    return union, counts, bits
+
+
+def group_page_union_reference(page_indices: Tensor, page_counts: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``group_page_union`` in torch (the tests' oracle): sort the group's entries, merge equal pages, sum bits."""
+    B, Hq, n = page_indices.shape
     device = page_indices.device
     none = torch.iinfo(torch.int32).max  # unused entries sort last and form their own segment
     used = torch.arange(n, device=device) < page_counts[..., None]
@@ -309,7 +353,6 @@ def group_page_union(page_indices: Tensor, page_counts: Tensor, group: int) -> t
     union = torch.zeros_like(pages).scatter_(-1, segment, pages)  # every entry of a segment holds the same page
     union_bits = torch.zeros_like(bits).scatter_add_(-1, segment, bits)  # distinct powers of two: sum = or
     counts = (first & (pages != none)).sum(-1, dtype=torch.int32)
-    union = torch.where(torch.arange(group * n, device=device) < counts[..., None], union, 0)
     return union, counts, union_bits
 
 
