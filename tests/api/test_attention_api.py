@@ -413,3 +413,15 @@ def test_auto_warns_when_a_gpu_call_falls_back(monkeypatch):
     with _w.catch_warnings():
         _w.simplefilter("error")
         assert api._choose(cpu_q, masks.causal(), "auto", False, None, None) == "gather"
+
+
+def test_method_modules_import_by_dotted_path():
+    """``longattn.methods`` is the methods package (its registry functions re-exported), so a method's module imports
+    by its dotted path and the registry answers through it."""
+    import importlib
+
+    import longattn.methods.decode.quest as quest_module
+
+    assert longattn.methods.get("quest").factory is quest_module.Quest
+    assert "quest" in longattn.methods.names("decode")
+    assert importlib.import_module("longattn.methods") is longattn.methods
