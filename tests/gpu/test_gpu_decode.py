@@ -172,3 +172,25 @@ def test_read_ceiling_reads_every_byte():
 
     _, k, v = _inputs(1, 8, 8, 1, 8191, 128, torch.bfloat16)
     torch.testing.assert_close(read_kv(k, v).sum(), k.float().sum() + v.float().sum(), rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["paged", "selected", "per_query_head"])
+def test_eight_token_pages(mode, dtype):
+    """Quest's small pages at GPU sizes: 8-token pages gathered whole into the autotuned tiles (paged cache, a
+    per-kv-head and a per-query-head 2k-token selection of a 20k cache)."""
+    S, ps, G = 20_000, 8, 4
+    q, k, v = _inputs(2, 32, 8, 1, S, 128, dtype, seed=4)
+    lens = torch.tensor([S, 12_345], dtype=torch.int32, device="cuda")
+    if mode == "paged":
+        kp, vp, table = _paged(k, v, ps)
+        out, lse = decode_attention(q, kp, vp, cache_seqlens=lens, block_table=table, impl="triton", return_lse=True)
+        _check(out, lse, q, kp, vp, cache_seqlens=lens, block_table=table)
+        return
+    mn, mx = page_bounds(k, ps)
+    if mode == "per_query_head":
+        mn, mx = mn.repeat_interleave(G, 1), mx.repeat_interleave(G, 1)
+    idx, counts = select_pages(page_scores(q, mn, mx), 2048, ps, cache_seqlens=lens)
+    kw = dict(cache_seqlens=lens, page_size=ps, page_indices=idx, page_counts=counts)
+    out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
+    _check(out, lse, q, k, v, **kw)

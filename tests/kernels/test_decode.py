@@ -269,6 +269,32 @@ def test_random_per_query_head_selections(G, S, n_sel, shared, splits, seed):
     _check(out, lse, q, k, v, cache_seqlens=lens, page_size=page_size, page_indices=idx, page_counts=counts)
 
 
+@pytest.mark.parametrize("page_size", [1, 4, 8])
+@pytest.mark.parametrize("mode", ["paged", "selected", "per_query_head"])
+@pytest.mark.parametrize("splits", [None, 1, 3, 7])
+def test_pages_smaller_than_a_tile(page_size, mode, splits):
+    """Pages under 16 tokens (Quest's 8) are gathered whole into a tile; a split boundary may fall inside a tile
+    (3 or 7 splits of an odd page count), whose columns belong to the neighbour and must not be read twice."""
+    G, S = 4, 131
+    q, k, v = _inputs(2, G, 1, S, 32, torch.float16, seed=page_size)
+    g = torch.Generator().manual_seed(page_size + len(mode))
+    n_pages = math.ceil(S / page_size)
+    kw = {"cache_seqlens": torch.tensor([[131, 77], [50, 1]], dtype=torch.int32)}
+    if mode == "paged":
+        kp, vp, table = _paged(k, v, page_size, seed=page_size)
+        out, lse = decode_triton(q, kp, vp, kw["cache_seqlens"], table, page_size, None, None, 32 ** -0.5,
+                                 splits=splits)
+        _check(out, lse, q, kp, vp, block_table=table, **kw)
+        return
+    if mode == "selected":
+        idx, counts = _random_selection(2, n_pages, min(9, n_pages), seed=page_size)
+    else:
+        idx, counts = _per_query_head_selection(2, HKV * G, n_pages, min(9, n_pages), g)
+    kw.update(page_size=page_size, page_indices=idx, page_counts=counts)
+    out, lse = decode_triton(q, k, v, kw["cache_seqlens"], None, page_size, idx, counts, 32 ** -0.5, splits=splits)
+    _check(out, lse, q, k, v, **kw)
+
+
 def test_strided_cache_views():
     """A cache stored token-major ([B, S, Hkv, D], viewed as [B, Hkv, S, D]) and a non-contiguous q."""
     q, k, v = _inputs(2, 4, 2, 130, 32, torch.float16, seed=4)
@@ -429,8 +455,6 @@ def test_bad_inputs_raise_clear_errors():
     kp, vp, table = _paged(k, v, 16, seed=0)
     _err(lambda: decode_attention(q, kp, vp, block_table=table, page_size=32), ValueError, "page_size", "16")
     _err(lambda: decode_attention(q, kp, vp, block_table=table + 100), ValueError, "block_table")
-    k8, v8, t8 = _paged(k, v, 8, seed=0)
-    _err(lambda: decode_attention(q, k8, v8, block_table=t8, impl="triton"), ValueError, "page_size", "16")
     scores = torch.randn(2, HKV, 4)
     _err(lambda: select_pages(scores, 0, 16), ValueError, "budget_tokens", "0")
     _err(lambda: select_pages(scores, -5, 16), ValueError, "budget_tokens")

@@ -37,8 +37,8 @@ def kernel_unfit(q: Tensor, layer, selection, attention_mask: Tensor | None,
         if group > MAX_HEAD_SET_GROUP:
             return f"one page set per query head with {group} query heads per kv head (the kernel takes up to " \
                    f"{MAX_HEAD_SET_GROUP})"
-        if ps < 16 or ps & (ps - 1):
-            return f"pages of {ps} tokens (the kernel takes powers of two >= 16)"
+        if ps & (ps - 1):
+            return f"pages of {ps} tokens (the kernel takes powers of two)"
     if attention_mask is not None:
         return "an explicit attention mask (padding)"
     if getattr(layer, "unfolded", False):

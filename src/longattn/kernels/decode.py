@@ -3,8 +3,9 @@
 Grid (batch, kv head, split): each program walks its share of the cache in tiles, loads each K/V tile once and
 scores all G = Hq / Hkv query heads × Tq queries of the group against it with one dot, keeping an online softmax.
 It writes a partial (out, lse); a second small kernel merges the splits by their LSE. With a single split the
-first kernel writes the final output itself. Pages are ``page_size`` consecutive logical tokens; a tile never
-crosses a page, so every tile load is contiguous even when pages are scattered (block_table) or selected.
+first kernel writes the final output itself. Pages are ``page_size`` consecutive logical tokens; a tile of a page
+of 16 tokens or more never crosses it, so its load is contiguous even when pages are scattered (block_table) or
+selected; smaller pages (Quest's 8-token pages) are gathered whole into 16- to 64-token tiles.
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ def _configs() -> list[triton.Config]:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Tiles must not cross a page: keep tile sizes that divide the page (all are powers of two)."""
+    """Pages of at least 16 tokens: tiles within a page (sizes dividing it; all are powers of two), each tile one
+    contiguous load. Smaller pages: tiles of up to 64 tokens gathering whole pages (a dot needs 16 rows)."""
     page = {**named_args, **kwargs}["PAGE"]
+    if page < 16:
+        return [c for c in configs if c.kwargs["BLOCK_N"] <= 64]
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= page]
     return kept or [triton.Config({"BLOCK_N": page}, num_warps=4, num_stages=2)]
 
@@ -78,13 +82,19 @@ def _decode_split_kernel(
     split = tl.program_id(1)
     b = pid_bh // HKV
     h = pid_bh % HKV
-    TPP: tl.constexpr = PAGE // BLOCK_N  # tiles per page
+    SUB: tl.constexpr = PAGE < BLOCK_N  # pages smaller than a tile: a tile gathers PPT whole pages
+    TPP: tl.constexpr = PAGE // BLOCK_N  # tiles per page (pages at least a tile)
+    PPT: tl.constexpr = BLOCK_N // PAGE  # pages per tile (SUB)
     length = tl.load(LENS + (pid_bh if LENS_PER_HEAD else b)) if HAS_LENS else capacity
     n_units = tl.load(PCNT + pid_bh) if SELECTED else tl.cdiv(length, PAGE)
     unit_lo = split * units_per_split
     unit_hi = tl.minimum(unit_lo + units_per_split, n_units)
-    tile_lo = unit_lo * TPP
-    tile_hi = unit_hi * TPP
+    if SUB:  # a split's first and last tiles may hold pages of its neighbours: masked per column below
+        tile_lo = unit_lo // PPT
+        tile_hi = tl.cdiv(unit_hi, PPT)
+    else:
+        tile_lo = unit_lo * TPP
+        tile_hi = unit_hi * TPP
     if not SELECTED:
         tile_hi = tl.minimum(tile_hi, tl.cdiv(length, BLOCK_N))
 
@@ -101,15 +111,28 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_head = K + h.to(tl.int64) * stride_kh
     v_head = V + h.to(tl.int64) * stride_vh
+    head = tl.minimum(rows // TQ, 31)  # the row's query head within the group (HEAD_SETS bit)
     for tile in range(tile_lo, tile_hi):
-        unit = tile // TPP
-        page = tl.load(PIDX + pid_bh.to(tl.int64) * n_sel + unit).to(tl.int64) if SELECTED else unit.to(tl.int64)
-        first = page * PAGE + (tile % TPP) * BLOCK_N  # logical position of the tile's first token
-        pos = first + cols
+        if SUB:  # column c holds token c % PAGE of unit tile · PPT + c // PAGE
+            unit = tile * PPT + cols // PAGE
+            mine = (unit >= unit_lo) & (unit < unit_hi)
+            page = tl.load(PIDX + pid_bh.to(tl.int64) * n_sel + unit, mask=mine, other=0).to(tl.int64) \
+                if SELECTED else unit.to(tl.int64)
+            pos = tl.where(mine, page * PAGE + cols % PAGE, 2147483647)  # columns not ours are never seen
+            in_page = cols % PAGE
+        else:
+            unit = tile // TPP
+            page = tl.load(PIDX + pid_bh.to(tl.int64) * n_sel + unit).to(tl.int64) if SELECTED \
+                else unit.to(tl.int64)
+            in_page = (tile % TPP) * BLOCK_N + cols
+            pos = page * PAGE + in_page  # logical positions of the tile's tokens
         if PAGED:
-            phys = tl.load(BT + b.to(tl.int64) * stride_bt + page).to(tl.int64)
-            tok = phys * stride_kb + ((tile % TPP) * BLOCK_N + cols) * stride_ks
-            tok_v = phys * stride_vb + ((tile % TPP) * BLOCK_N + cols) * stride_vs
+            if SUB:
+                phys = tl.load(BT + b.to(tl.int64) * stride_bt + page, mask=mine, other=0).to(tl.int64)
+            else:
+                phys = tl.load(BT + b.to(tl.int64) * stride_bt + page).to(tl.int64)
+            tok = phys * stride_kb + in_page * stride_ks
+            tok_v = phys * stride_vb + in_page * stride_vs
         else:
             tok = b.to(tl.int64) * stride_kb + pos * stride_ks
             tok_v = b.to(tl.int64) * stride_vb + pos * stride_vs
@@ -118,8 +141,12 @@ def _decode_split_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # scale · log2(e): scores in base 2
         seen_ok = pos[None, :] <= limit[:, None]
         if HEAD_SETS:  # bit g of the page's word: query head g of the group selected it
-            bits = tl.load(PBITS + pid_bh.to(tl.int64) * n_sel + unit)
-            seen_ok = seen_ok & (((bits >> tl.minimum(rows // TQ, 31)) & 1) != 0)[:, None]
+            if SUB:
+                bits = tl.load(PBITS + pid_bh.to(tl.int64) * n_sel + unit, mask=mine, other=0)
+                seen_ok = seen_ok & (((bits[None, :] >> head[:, None]) & 1) != 0)
+            else:
+                bits = tl.load(PBITS + pid_bh.to(tl.int64) * n_sel + unit)
+                seen_ok = seen_ok & (((bits >> head) & 1) != 0)[:, None]
         s = tl.where(seen_ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -396,8 +423,6 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, cache_seqle
     chosen = _pick_impl(impl, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if chosen == "triton":
-        if page_size is not None and page_size < 16:
-            raise ValueError(f"page_size: got {page_size}; the Triton kernel needs pages of at least 16 tokens")
         out, lse = decode_triton(q, k_cache, v_cache, lengths, block_table, page_size, page_indices, page_counts,
                                  scale)
     else:
