@@ -86,7 +86,10 @@ def test_query_aware_and_quantised_policies(model, tmp_path):
                                                 progress=False)}
     sparse, full = rows["quest:budget=32:dense_layers=0:page_size=16"], rows["quest:budget=4096"]
     assert full["kv_read_fraction"] == 1.0 and full["compression"] == 1.0  # Quest keeps everything
-    assert 0.05 < sparse["kv_read_fraction"] < 0.2  # 2 pages of 16 out of ~300 tokens per kv head
+    # 2 pages of 16 out of ~300 tokens per kv head, plus every page's bounds scored each step (1/16 of the slots)
+    assert 1 / 16 <= sparse["kv_scoring_fraction"] < 1.2 / 16  # pages up to the capacity (a little slack)
+    assert 0.05 < sparse["kv_read_fraction"] - sparse["kv_scoring_fraction"] < 0.13
+    assert full["kv_scoring_fraction"] == 0.0  # a budget covering the context scores nothing
     assert sparse["compression"] == 1.0 and sparse["kv_bytes_cpu"] > sparse["kv_bytes_kept"]  # + page bounds
     kivi = rows["kivi:bits=8:residual=32"]  # keeps every token, quantised: compression from the payload bytes
     assert kivi["kv_read_fraction"] is None and 2 < kivi["compression"] < 4 and kivi["output"]

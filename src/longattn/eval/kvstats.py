@@ -8,9 +8,10 @@
   the same tokens (tests/eval checks it against a real DynamicCache).
 - ``ReadMeter``: for query-aware policies (those that override ``DecodePolicy.select``), the fraction of the kept
   KV entries a decode step reads. It records the selection each ``select`` call returns (a kv slot counts as read
-  when any query head of its group selects it; ``None`` means the layer reads every kept slot) and sums read and
-  held slots over layers, kv heads and steps. Policies that keep a subset but read all of it give ``None``: their
-  cost is the kept bytes, not a read fraction.
+  when any query head of its group selects it; ``None`` means the layer reads every kept slot) plus what the
+  selection itself read to choose (``LongattnLayer.note_scoring``: Quest's page bounds, TokenSelect's key vote), and
+  sums read and held slots over layers, kv heads and steps; ``scoring_fraction`` is the choosing part alone.
+  Policies that keep a subset but read all of it give ``None``: their cost is the kept bytes, not a read fraction.
 """
 
 from __future__ import annotations
@@ -83,16 +84,17 @@ class ReadMeter:
     def __init__(self, policy):
         self.policy = policy if query_aware(policy) else None
         self.pending: list[tuple[Tensor | None, Tensor]] = []
-        self.read = self.held = 0
+        self.read = self.held = self.scored = 0
 
     def __enter__(self) -> ReadMeter:
         if self.policy is not None:
             select = self.policy.select
 
             def recording_select(layer_idx, q, layer):
+                before = layer.scored_slots
                 sel = select(layer_idx, q, layer)
                 slots = sel.slots(layer.capacity) if isinstance(sel, PageSelection) else sel
-                self.pending.append((slots, layer.lengths.clone()))
+                self.pending.append((slots, layer.lengths.clone(), layer.scored_slots - before))
                 return sel
 
             self.policy.select = recording_select  # instance attribute, removed on exit
@@ -103,7 +105,9 @@ class ReadMeter:
             self.policy.__dict__.pop("select", None)
 
     def flush(self) -> None:
-        for sel, lengths in self.pending:
+        for sel, lengths, scored in self.pending:
+            self.read += scored
+            self.scored += scored
             if sel is None:  # this layer read every kept slot
                 n = int(lengths.sum())
                 self.read, self.held = self.read + n, self.held + n
@@ -119,3 +123,7 @@ class ReadMeter:
     @property
     def fraction(self) -> float | None:
         return None if self.policy is None or not self.held else self.read / self.held
+
+    @property
+    def scoring_fraction(self) -> float | None:
+        return None if self.policy is None or not self.held else self.scored / self.held

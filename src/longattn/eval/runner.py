@@ -141,7 +141,8 @@ def run_one(job: Job, model, tokenizer, handle) -> dict:
     (everything the cache holds per side after prefill + compression; ``*_max``: the max over that point and every
     decode step), ``kv_bytes_kept`` (the key/value payload after prefill + compression), ``kv_bytes_dense`` (what
     a dense cache holds for the prompt, computed from the shapes), ``compression`` = dense / kept,
-    ``kv_read_fraction`` (query-aware policies only, else None), ``decode_ms_per_token`` and ``tokens_per_s``
+    ``kv_read_fraction`` (query-aware policies only, else None: the selected slots plus what choosing them read),
+    ``kv_scoring_fraction`` (that choosing part alone), ``decode_ms_per_token`` and ``tokens_per_s``
     (decoding steps only, timed per step around the model call)."""
     state = getattr(handle, "state", handle)
     if job.decode.name != "dense" and getattr(state, "policy", None) is None:
@@ -213,6 +214,7 @@ def run_one(job: Job, model, tokenizer, handle) -> dict:
         "kv_bytes_dense": dense,
         "compression": round(dense / held["kv"], 4) if held["kv"] else None,
         "kv_read_fraction": None if meter.fraction is None else round(meter.fraction, 4),
+        "kv_scoring_fraction": None if meter.scoring_fraction is None else round(meter.scoring_fraction, 4),
         "peak_mem_mb": None if mem.peak_mb is None else round(mem.peak_mb, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }

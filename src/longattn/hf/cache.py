@@ -79,6 +79,7 @@ class LongattnLayer(_SeenTokensLayer):
     their tokens on eviction. ``page_size`` keeps per-page key min/max [B, Hkv, n_pages, D] up to date.
     ``window`` = (sinks, recent): when set, a query at position t reads only keys at positions < sinks or > t - recent.
     ``length_range`` = (min, max) of ``lengths``, kept on the host so a decoding step never reads it back.
+    ``scored_slots`` counts what query-aware policies read to choose (``note_scoring``), for the eval's read meter.
     """
 
     is_sliding = False
@@ -98,6 +99,7 @@ class LongattnLayer(_SeenTokensLayer):
         self.last_update: Tensor | None = None
         self.first_prefill = False
         self.compressed = False
+        self.scored_slots = 0
 
     # ------------------------------------------------------------------------------------------ transformers API
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -124,6 +126,11 @@ class LongattnLayer(_SeenTokensLayer):
 
     def reset(self) -> None:
         self.__init__(self.page_size, self.offload_mode, self.growth)
+
+    def note_scoring(self, slots: int) -> None:
+        """A policy's selection just read the equivalent of ``slots`` kept slots (one key + one value vector each)
+        on top of what it selects: page bounds, all keys for a vote. Host-side count, never a GPU wait."""
+        self.scored_slots += slots
 
     def offload(self):  # transformers' own layer offloading is replaced by ours (``offload=``)
         return None

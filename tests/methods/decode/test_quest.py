@@ -27,6 +27,7 @@ def test_page_bounds_and_selection_hand_worked():
     assert page_upper_bounds(q, layer.page_min, layer.page_max)[0, 0].tolist() == [1.0, 5.0, 2.0, 0.0]
     sel = Quest(budget=4, page_size=2, dense_layers=0, sink_pages=0).select(0, q, layer).slots(layer.capacity)
     assert sel[0, 0].tolist() == [False, False, True, True, False, False, True]
+    assert layer.scored_slots == 4  # the step read all 4 pages' bounds (min + max: one slot's worth each)
 
 
 def test_shared_group_reads_one_page_set_per_kv_head():

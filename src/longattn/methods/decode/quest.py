@@ -1,6 +1,7 @@
 """Quest (Tang et al., 2024), as also used by LServe: keep everything, read little. Each page of ``page_size``
 tokens keeps its keys' per-channel min/max; a query bounds each page's best score from them and reads only the
-top pages per query head.
+top pages per query head. Scoring reads every page's bounds each step: 1 / ``page_size`` of the cache on top of
+the selected pages (the eval's read fraction counts both).
 
 The first ``sink_pages`` pages (default 1) are always read, out of the budget. The bound alone misses attention
 sinks: on SmolLM2-135M, heads that park ~all their attention on the first token (no-op heads) have that page's
@@ -51,6 +52,7 @@ class Quest(DecodePolicy):
             return None
         Hq, Hkv = q.shape[1], layer.keys.shape[1]
         scores = page_upper_bounds(q, layer.page_min, layer.page_max)  # [B, Hq, n_pages]
+        layer.note_scoring(layer.page_min.shape[0] * Hkv * layer.page_min.shape[2])  # a page's min + max: one slot
         if self.share_group:  # one page set per kv head, ranked by its group's best bound
             scores = scores.unflatten(1, (Hkv, Hq // Hkv)).amax(2)
         per_kv = scores.shape[1] // Hkv
