@@ -127,7 +127,7 @@ class LongattnLayer(_SeenTokensLayer):
     def reset(self) -> None:
         self.__init__(self.page_size, self.offload_mode, self.growth)
 
-    def note_scoring(self, slots: int) -> None:
+    def note_scoring(self, slots: float) -> None:
         """A policy's selection just read the equivalent of ``slots`` kept slots (one key + one value vector each)
         on top of what it selects: page bounds, all keys for a vote. Host-side count, never a GPU wait."""
         self.scored_slots += slots

@@ -56,6 +56,7 @@ def test_lookup_hand_worked():
     assert policy.memory_units(14) == 3
     sel = policy.select(0, torch.tensor([[[[1.0, 0.0]]]]), layer)
     assert sel[0, 0].nonzero().flatten().tolist() == [0, 4, 5, 6, 10, 11, 12, 13]
+    assert layer.scored_slots == 1.5  # 3 representative keys read to choose: half a slot each
 
 
 def test_generation_reads_sinks_local_and_top_units():

@@ -75,6 +75,7 @@ def test_landmarks_outliers_and_selection_hand_worked():
     policy = ShadowKV(budget=2, chunk_size=2, rank=2, outlier_chunk=1, local_chunk=1)
     sel = policy.select(0, torch.tensor([[[[1.0, 0.0]]]]), layer)
     assert sel[0, 0].nonzero().flatten().tolist() == [2, 3, 6, 7, 10, 11]  # top chunk 1, outlier 3, local
+    assert layer.scored_slots == 2.5  # 5 landmark keys scored: half a slot each
     keys, values = layer.kv()  # only the read rows are rebuilt / fetched
     assert torch.allclose(keys[0, 0, [2, 3]], torch.tensor([[4.0, 0.0], [4.0, 0.0]]), atol=1e-5)
     assert keys[0, 0, [0, 1, 4, 5, 8, 9]].abs().sum() == 0 and values[0, 0, [0, 1, 4, 5, 8, 9]].abs().sum() == 0

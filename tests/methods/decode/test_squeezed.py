@@ -50,6 +50,7 @@ def test_clusters_and_two_level_lookup_hand_worked():
     layer.update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
     sel = policy.select(0, torch.tensor([[[[1.0, 0.5]]]]), layer)
     assert sel[0, 0].nonzero().flatten().tolist() == [0, 1, 2, 12, 13]
+    assert layer.scored_slots == 3.0  # 2 coarse + 4 fine centroid keys scored: half a slot each
     sel = policy.select(0, torch.tensor([[[[-0.5, -1.0]]]]), layer)  # the -y blob, in the other coarse cluster
     assert sel[0, 0].nonzero().flatten().tolist() == [9, 10, 11, 12, 13]
 

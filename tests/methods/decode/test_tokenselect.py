@@ -23,7 +23,7 @@ def test_votes_and_reuse_hand_worked():
     policy = TokenSelect(budget=2, threshold=0.9)
     q = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # [B=1, Hq=2, 1, D=2]
     assert policy.select(0, q, layer)[0, 0].nonzero().flatten().tolist() == [1, 4]
-    assert layer.scored_slots == layer.capacity // 2  # the vote read every key (half a slot each)
+    assert layer.scored_slots == layer.capacity / 2  # the vote read every key (half a slot each)
     layer.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
     before = layer.scored_slots
     assert policy.select(0, q * 1.01, layer)[0, 0].nonzero().flatten().tolist() == [1, 4, 6]

@@ -118,6 +118,7 @@ class InfLLM(DecodePolicy):
         idx = reps.flatten(2)[..., None].expand(B, Hkv, m * self.repr_topk, D).to(layer.keys.device)
         kr = layer.keys.gather(2, idx).to(layer.device).float().view(B, Hkv, m, self.repr_topk, D)
         scores = torch.einsum("bhgd,bhmrd->bhm", q.float().view(B, Hkv, Hq // Hkv, D), kr)
+        layer.note_scoring(B * Hkv * m * self.repr_topk / 2)  # the representative keys (half a slot each)
         units = topk_mask(scores, self.topk)  # [B, Hkv, m]
         chosen = torch.zeros(B, Hkv, cap, dtype=torch.bool, device=layer.device)
         chosen[:, :, self.n_init:self.n_init + m * bs] = units.repeat_interleave(bs, -1)

@@ -163,6 +163,7 @@ class ShadowKV(DecodePolicy):
         B, Hq, _, D = q.shape
         Hkv = layer.landmarks.shape[1]
         s = q.float().view(B, Hkv, Hq // Hkv, D) @ layer.landmarks.float().transpose(-1, -2) / D ** 0.5
+        layer.note_scoring(B * Hkv * layer.landmarks.shape[2] / 2)  # one landmark key per chunk: half a slot
         votes = torch.softmax(s, -1).sum(2)  # [B, Hkv, nc]
         chunks = topk_mask(votes, self.budget // self.chunk_size, ~layer.out_chunks)
         rows = (chunks | layer.out_chunks).repeat_interleave(self.chunk_size, -1)

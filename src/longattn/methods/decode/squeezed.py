@@ -119,6 +119,7 @@ class SqueezedAttention(DecodePolicy):
             s = qg @ centroids.transpose(-1, -2) / math.sqrt(D) + size.clamp(min=1e-30).log()[:, :, None]
             return torch.softmax(s.masked_fill(size[:, :, None] == 0, float("-inf")), -1).sum(2)
 
+        layer.note_scoring(B * H * (sq["coarse"].shape[2] + sq["fine"].shape[2]) / 2)  # centroid keys: half slots
         coarse = take_until(mass(sq["coarse"], sq["coarse_size"]), sq["coarse_size"], self.coarse_factor * self.budget,
                             sq["coarse_size"] > 0)
         eligible = coarse.gather(-1, sq["parent"]) & (sq["fine_size"] > 0)

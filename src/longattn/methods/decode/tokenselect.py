@@ -35,7 +35,7 @@ class TokenSelect(DecodePolicy):
                 return torch.nn.functional.pad(sel, (0, layer.capacity - sel.shape[-1])) | fresh
         votes = torch.softmax(cached_logits(q, layer), -1).nan_to_num_(0.0).sum((2, 3))  # [B, Hkv, cap]
         B, Hkv = layer.lengths.shape
-        layer.note_scoring(B * Hkv * layer.capacity // 2)  # the vote reads every key: half a slot each
+        layer.note_scoring(B * Hkv * layer.capacity / 2)  # the vote reads every key: half a slot each
         sel = topk_mask(votes, self.budget, layer.valid())
         layer.tokenselect = (q.float().clone(), sel, layer.capacity)
         return sel
