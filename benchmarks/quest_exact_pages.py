@@ -31,15 +31,20 @@ def exact_page_scores(q: torch.Tensor, layer) -> torch.Tensor:
 
 @register("quest_exact", "decode", paper="diagnostic: Quest ranked by exact page maxima")
 class QuestExactPages(quest.Quest):
-    """Quest with ``page_upper_bounds`` replaced by the exact page maxima for its own calls."""
+    """Quest with ``page_scores`` (the bound) replaced by the exact page maxima for its own calls."""
 
     def select(self, layer_idx, q, layer):
-        bound = quest.page_upper_bounds
-        quest.page_upper_bounds = lambda q_, lo, hi: exact_page_scores(q_, layer)
+        bound = quest.page_scores
+
+        def exact(q_, lo, hi, reduce):
+            s = exact_page_scores(q_, layer)  # [B, Hq, n_pages]
+            return s if reduce == "none" else s.unflatten(1, (lo.shape[1], -1)).amax(2)
+
+        quest.page_scores = exact
         try:
             return super().select(layer_idx, q, layer)
         finally:
-            quest.page_upper_bounds = bound
+            quest.page_scores = bound
 
 
 if __name__ == "__main__":

@@ -359,7 +359,7 @@ def test_auto_on_cpu_is_the_reference():
     assert torch.equal(out, ref_o) and torch.equal(lse, ref_l)
 
 
-@pytest.mark.parametrize("reduce", ["max", "sum"])
+@pytest.mark.parametrize("reduce", ["max", "sum", "none"])
 @pytest.mark.parametrize("G,Tq,D", [(1, 1, 32), (4, 2, 64), (8, 1, 32)])
 def test_page_scores_match_torch(reduce, G, Tq, D):
     g = torch.Generator().manual_seed(G)
@@ -374,6 +374,10 @@ def test_page_scores_match_torch(reduce, G, Tq, D):
         s = torch.einsum("bhtd,bksd->bhts", q.double(), k.double()).view(2, HKV, G * Tq, 200)
         per_page = torch.nn.functional.pad(s, (0, 8), value=-1e9).view(2, HKV, G * Tq, 13, 16).amax((2, 4))
         assert (per_page[1, :, :3] <= got[1, :, :3] + 1e-4).all() and (per_page[0] <= got[0] + 1e-4).all()
+    if reduce == "none":  # one row per (query head, query token), in that order; the group's max is their max
+        assert got.shape == (2, HKV * G * Tq, 13)
+        grouped = page_scores(q, mn, mx, reduce="max", impl="triton")
+        torch.testing.assert_close(got.view(2, HKV, G * Tq, 13).amax(2), grouped, rtol=0, atol=0)
 
 
 def test_page_bounds_paged_equals_contiguous():

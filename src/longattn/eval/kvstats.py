@@ -9,9 +9,10 @@
 - ``ReadMeter``: for query-aware policies (those that override ``DecodePolicy.select``), the fraction of the kept
   KV entries a decode step reads. It records the selection each ``select`` call returns (a kv slot counts as read
   when any query head of its group selects it; ``None`` means the layer reads every kept slot) plus what the
-  selection itself read to choose (``LongattnLayer.note_scoring``: Quest's page bounds, TokenSelect's key vote, InfLLM's representative keys,
-  Squeezed's centroids, ShadowKV's landmarks; not RetrievalAttention's CPU index search), and
-  sums read and held slots over layers, kv heads and steps; ``scoring_fraction`` is the choosing part alone.
+  selection itself read to choose (``LongattnLayer.note_scoring``: Quest's page bounds, TokenSelect's key vote,
+  InfLLM's representative keys, Squeezed's centroids, ShadowKV's landmarks; not RetrievalAttention's CPU index
+  search), and sums read and held slots over layers, kv heads and steps; ``scoring_fraction`` is the choosing part
+  alone.
   Policies that keep a subset but read all of it give ``None``: their cost is the kept bytes, not a read fraction.
 """
 

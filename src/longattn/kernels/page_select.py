@@ -1,7 +1,8 @@
 """Query-aware page selection for decoding (Quest-style): per-page key bounds, upper-bound scores, top-k pages.
 
 ``page_bounds`` keeps the element-wise min and max key of each page; ``page_scores`` (Triton, or torch on CPU)
-bounds q·k over a page by sum_d max(q_d·min_d, q_d·max_d), reduced over the query heads of a kv group;
+bounds q·k over a page by sum_d max(q_d·min_d, q_d·max_d), reduced over the query heads of a kv group (or one row
+per query head: Quest's own form);
 ``select_pages`` turns the scores into the ``page_indices`` / ``page_counts`` that ``decode_attention`` reads.
 """
 
@@ -17,7 +18,7 @@ from torch import Tensor
 from longattn.kernels.decode_checks import check_page_size
 from longattn.kernels.decode_reference import logical_cache
 
-REDUCTIONS = ("max", "sum")
+REDUCTIONS = ("max", "sum", "none")
 
 
 def page_bounds(k_cache: Tensor, page_size: int, *, cache_seqlens: Tensor | None = None,
@@ -43,9 +44,10 @@ def page_bounds(k_cache: Tensor, page_size: int, *, cache_seqlens: Tensor | None
 
 
 @triton.jit
-def _page_scores_kernel(Q, MN, MX, OUT, n_pages, ROWS, SUM: tl.constexpr, BLOCK_P: tl.constexpr,
-                        HEAD_DIM: tl.constexpr):
-    """One (batch · kv head, block of pages): loop over the group's query rows, reduce their bounds."""
+def _page_scores_kernel(Q, MN, MX, OUT, n_pages, ROWS, SUM: tl.constexpr, EACH: tl.constexpr,
+                        BLOCK_P: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One (batch · kv head, block of pages): loop over the group's query rows, reduce their bounds (EACH: store
+    every row's own)."""
     bh = tl.program_id(0)
     pages = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     dims = tl.arange(0, HEAD_DIM)
@@ -57,8 +59,11 @@ def _page_scores_kernel(Q, MN, MX, OUT, n_pages, ROWS, SUM: tl.constexpr, BLOCK_
     for r in range(ROWS):
         q = tl.load(Q + (bh.to(tl.int64) * ROWS + r) * HEAD_DIM + dims).to(tl.float32)
         bound = tl.sum(tl.maximum(q[None, :] * mn, q[None, :] * mx), 1)
+        if EACH:
+            tl.store(OUT + (bh.to(tl.int64) * ROWS + r) * n_pages + pages, bound, mask=ok)
         best = best + bound if SUM else tl.maximum(best, bound)
-    tl.store(OUT + bh.to(tl.int64) * n_pages + pages, best, mask=ok)
+    if not EACH:
+        tl.store(OUT + bh.to(tl.int64) * n_pages + pages, best, mask=ok)
 
 
 def page_scores_reference(q: Tensor, page_min: Tensor, page_max: Tensor, reduce: str = "max") -> Tensor:
@@ -67,13 +72,16 @@ def page_scores_reference(q: Tensor, page_min: Tensor, page_max: Tensor, reduce:
     Hkv = page_min.shape[1]
     qg = q.float().reshape(B, Hkv, (Hq // Hkv) * Tq, 1, D)
     bound = torch.maximum(qg * page_min.float().unsqueeze(2), qg * page_max.float().unsqueeze(2)).sum(-1)
+    if reduce == "none":
+        return bound.reshape(B, Hq * Tq, -1)
     return bound.amax(2) if reduce == "max" else bound.sum(2)
 
 
 def page_scores(q: Tensor, page_min: Tensor, page_max: Tensor, *, reduce: str = "max",
                 impl: str = "auto") -> Tensor:
     """Quest upper bound of q·k per page, [B, Hkv, n_pages] float32, reduced (max or sum) over the group's query
-    heads and query tokens. q: [B, Hq, Tq, D] (or [B, Hq, D]); page_min/page_max: [B, Hkv, n_pages, D]."""
+    heads and query tokens; ``reduce="none"``: one row per (query head, query token), [B, Hq·Tq, n_pages].
+    q: [B, Hq, Tq, D] (or [B, Hq, D]); page_min/page_max: [B, Hkv, n_pages, D]."""
     if q.dim() == 3:
         q = q.unsqueeze(2)
     if q.dim() != 4 or page_min.dim() != 4 or page_min.shape != page_max.shape:
@@ -93,11 +101,12 @@ def page_scores(q: Tensor, page_min: Tensor, page_max: Tensor, *, reduce: str = 
     if not use_triton or D & (D - 1):
         return page_scores_reference(q, page_min, page_max, reduce)
     Hkv, n_pages = page_min.shape[1], page_min.shape[2]
-    out = torch.empty(B, Hkv, n_pages, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, Hq * Tq if reduce == "none" else Hkv, n_pages, dtype=torch.float32, device=q.device)
     block_p = 32 if D <= 64 else 16
     grid = (B * Hkv, triton.cdiv(n_pages, block_p))
     _page_scores_kernel[grid](q.contiguous(), page_min.contiguous(), page_max.contiguous(), out, n_pages,
-                              (Hq // Hkv) * Tq, SUM=reduce == "sum", BLOCK_P=block_p, HEAD_DIM=D)
+                              (Hq // Hkv) * Tq, SUM=reduce == "sum", EACH=reduce == "none", BLOCK_P=block_p,
+                              HEAD_DIM=D)
     return out
 
 

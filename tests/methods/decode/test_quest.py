@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from longattn.hf.cache import LongattnLayer
-from longattn.methods.decode.quest import Quest, page_upper_bounds
+from longattn.kernels.page_select import page_scores
+from longattn.methods.decode.quest import Quest
 from tests.methods.decode.helpers import assert_dense_equivalent
 
 
@@ -24,7 +25,7 @@ def test_page_bounds_and_selection_hand_worked():
     assert layer.page_min[0, 0, :, 0].tolist() == [-1.0, 0.0, 0.0, 0.0]
     assert layer.page_max[0, 0, :, 0].tolist() == [1.0, 5.0, 2.0, 0.0]
     q = torch.tensor([[[[1.0, 0.0]]]])
-    assert page_upper_bounds(q, layer.page_min, layer.page_max)[0, 0].tolist() == [1.0, 5.0, 2.0, 0.0]
+    assert page_scores(q, layer.page_min, layer.page_max, reduce="none")[0, 0].tolist() == [1.0, 5.0, 2.0, 0.0]
     sel = Quest(budget=4, page_size=2, dense_layers=0, sink_pages=0).select(0, q, layer).slots(layer.capacity)
     assert sel[0, 0].tolist() == [False, False, True, True, False, False, True]
     assert layer.scored_slots == 4  # the step read all 4 pages' bounds (min + max: one slot's worth each)
@@ -79,7 +80,7 @@ def test_sink_page_is_read_where_the_bound_ranks_it_last():
     scores = (q[0, 0] @ k[0, 0].T)[0]  # exhaustive q·k
     best_page = int(scores.argmax()) // 4
     assert best_page == 0 and torch.softmax(scores / 2 ** 0.5, -1)[0] > 0.2
-    bounds = page_upper_bounds(q, layer.page_min, layer.page_max)[0, 0]
+    bounds = page_scores(q, layer.page_min, layer.page_max, reduce="none")[0, 0]
     assert (bounds >= scores.view(-1, 4).amax(1) - 1e-6).all()  # a valid bound, but a loose one
     assert int((bounds > bounds[0]).sum()) == 7  # the sink's page is ranked below every ordinary page
     paper = Quest(budget=12, page_size=4, dense_layers=0, sink_pages=0).select(0, q, layer).slots(layer.capacity)

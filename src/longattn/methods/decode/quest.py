@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from longattn.hf.cache import PageSelection
+from longattn.kernels.page_select import page_scores
 from longattn.methods.decode.base import DecodePolicy, check_int
 from longattn.methods.registry import register
 
@@ -50,11 +51,10 @@ class Quest(DecodePolicy):
     def select(self, layer_idx, q, layer):
         if layer_idx < self.dense_layers or q.shape[2] != 1:
             return None
-        Hq, Hkv = q.shape[1], layer.keys.shape[1]
-        scores = page_upper_bounds(q, layer.page_min, layer.page_max)  # [B, Hq, n_pages]
+        Hkv = layer.keys.shape[1]
+        # [B, Hkv, n_pages] (one page set per kv head, ranked by its group's best bound) or [B, Hq, n_pages]
+        scores = page_scores(q, layer.page_min, layer.page_max, reduce="max" if self.share_group else "none")
         layer.note_scoring(layer.page_min.shape[0] * Hkv * layer.page_min.shape[2])  # a page's min + max: one slot
-        if self.share_group:  # one page set per kv head, ranked by its group's best bound
-            scores = scores.unflatten(1, (Hkv, Hq // Hkv)).amax(2)
         per_kv = scores.shape[1] // Hkv
         valid = layer.page_valid().repeat_interleave(per_kv, 1)
         newest = ((layer.lengths - 1) // self.page_size).repeat_interleave(per_kv, 1)  # [B, heads]
@@ -66,11 +66,3 @@ class Quest(DecodePolicy):
         k = min(self.budget // self.page_size, ranked.shape[-1])
         return PageSelection(ranked.topk(k, dim=-1).indices, valid.sum(-1).clamp(max=k), self.page_size)
 
-
-def page_upper_bounds(q, page_min, page_max):
-    """Upper bound [B, Hq, n_pages] of q · k over each page's keys: sum over channels of max(q·min, q·max)."""
-    B, Hq, _, D = q.shape
-    Hkv = page_min.shape[1]
-    qg = q.float().reshape(B, Hkv, Hq // Hkv, 1, D)
-    lo, hi = page_min.float()[:, :, None], page_max.float()[:, :, None]
-    return torch.maximum(qg * lo, qg * hi).sum(-1).reshape(B, Hq, -1)
