@@ -239,7 +239,6 @@ def _add_per_query_head(add, sets, bounds, budget: int, page_size: int, impl: st
     q0, k0, _ = sets[0]
     B, Hq, _, D = q0.shape
     group = Hq // k0.shape[1]
-    per_head = [(mn.repeat_interleave(group, 1), mx.repeat_interleave(group, 1)) for mn, mx in bounds]
     elt = k0.element_size()
     selections, union_pages = [], []
     n_calls = max(1, math.ceil(L2_ROTATE_BYTES / (2 * B * k0.shape[1] * budget * D * elt))) \
@@ -247,9 +246,8 @@ def _add_per_query_head(add, sets, bounds, budget: int, page_size: int, impl: st
     for i in range(n_calls):
         _, ks, vs = sets[i % len(sets)]
         qs = torch.randn(q0.shape, device=dev, dtype=q0.dtype, generator=g)
-        mn, mx = per_head[i % len(sets)]
-        # [B, Hq, 1, D] against per-head bounds [B, Hq, n_pages, D]: a group of one, one score row per query head
-        idx, cnt = select_pages(page_scores(qs, mn, mx), budget, page_size)
+        mn, mx = bounds[i % len(sets)]
+        idx, cnt = select_pages(page_scores(qs, mn, mx, reduce="none"), budget, page_size)  # a row per query head
         union_pages.append(float(group_page_union(idx, cnt, group, mn.shape[2])[1].sum()))
         selections.append((qs, ks, vs, idx, cnt))
     pages_read = statistics.mean(union_pages)

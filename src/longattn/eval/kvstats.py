@@ -85,7 +85,7 @@ class ReadMeter:
 
     def __init__(self, policy):
         self.policy = policy if query_aware(policy) else None
-        self.pending: list[tuple[Tensor | None, Tensor]] = []
+        self.pending: list[tuple[Tensor | None, Tensor, float]] = []  # (selected slots, lengths, scored slots)
         self.read = self.held = self.scored = 0
 
     def __enter__(self) -> ReadMeter:
