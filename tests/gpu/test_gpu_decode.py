@@ -33,6 +33,18 @@ def _check(out, lse, q, k, v, **kw):
     assert_close_to_reference(lse, ref_l, low_l.double(), what="lse")
 
 
+def _check_selected(q, k, v, page_size, paged, **kw):
+    """Run a page selection on the contiguous cache or a paged copy of it and check it against the oracle; returns
+    (out, k, v, kwargs) as the kernel read them."""
+    if paged:
+        k, v, kw["block_table"] = _paged(k, v, page_size)
+    else:
+        kw["page_size"] = page_size
+    out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
+    _check(out, lse, q, k, v, **kw)
+    return out, k, v, kw
+
+
 def _paged(k, v, page_size, seed=0):
     B, H, S, D = k.shape
     n = math.ceil(S / page_size)
@@ -104,13 +116,7 @@ def test_selected_4k_of_128k(Tq, paged, dtype):
     scores = page_scores(q, mn, mx)
     torch.testing.assert_close(scores, page_scores_reference(q, mn, mx), rtol=1e-3, atol=1e-2)
     idx, counts = select_pages(scores, 4096, ps)
-    kw = dict(page_indices=idx, page_counts=counts)
-    if paged:
-        k, v, kw["block_table"] = _paged(k, v, ps)
-    else:
-        kw["page_size"] = ps
-    out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
-    _check(out, lse, q, k, v, **kw)
+    _check_selected(q, k, v, ps, paged, page_indices=idx, page_counts=counts)
 
 
 def test_graph_capture_replays_the_same_result():
@@ -146,19 +152,13 @@ def test_programmatic_dependent_launch_matches_plain_launch(monkeypatch):
 def test_per_query_head_selection_at_32k(paged, dtype):
     """Quest's own form at GPU sizes: 32 query heads each pick 2k tokens of a 32k cache by their own bound; the
     kernel reads each group's union once (graph-captured too) and matches the oracle head by head."""
-    S, ps, G = 32_768, 64, 4
+    S, ps = 32_768, 64
     q, k, v = _inputs(2, 32, 8, 1, S, 128, dtype, seed=3)
+    lens = torch.tensor([S, 20_001], dtype=torch.int32, device="cuda")
     mn, mx = page_bounds(k, ps)
-    scores = page_scores(q, mn.repeat_interleave(G, 1), mx.repeat_interleave(G, 1))  # one row per query head
-    idx, counts = select_pages(scores, 2048, ps, cache_seqlens=torch.tensor([S, 20_001], device="cuda"))
-    kw = dict(cache_seqlens=torch.tensor([S, 20_001], dtype=torch.int32, device="cuda"), page_indices=idx,
-              page_counts=counts)
-    if paged:
-        k, v, kw["block_table"] = _paged(k, v, ps)
-    else:
-        kw["page_size"] = ps
-    out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
-    _check(out, lse, q, k, v, **kw)
+    scores = page_scores(q, mn, mx, reduce="none")  # one row per query head
+    idx, counts = select_pages(scores, 2048, ps, cache_seqlens=lens)
+    out, k, v, kw = _check_selected(q, k, v, ps, paged, cache_seqlens=lens, page_indices=idx, page_counts=counts)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         replayed = decode_attention(q, k, v, impl="triton", **kw)
@@ -179,7 +179,7 @@ def test_read_ceiling_reads_every_byte():
 def test_eight_token_pages(mode, dtype):
     """Quest's small pages at GPU sizes: 8-token pages gathered whole into the autotuned tiles (paged cache, a
     per-kv-head and a per-query-head 2k-token selection of a 20k cache)."""
-    S, ps, G = 20_000, 8, 4
+    S, ps = 20_000, 8
     q, k, v = _inputs(2, 32, 8, 1, S, 128, dtype, seed=4)
     lens = torch.tensor([S, 12_345], dtype=torch.int32, device="cuda")
     if mode == "paged":
@@ -188,9 +188,8 @@ def test_eight_token_pages(mode, dtype):
         _check(out, lse, q, kp, vp, cache_seqlens=lens, block_table=table)
         return
     mn, mx = page_bounds(k, ps)
-    if mode == "per_query_head":
-        mn, mx = mn.repeat_interleave(G, 1), mx.repeat_interleave(G, 1)
-    idx, counts = select_pages(page_scores(q, mn, mx), 2048, ps, cache_seqlens=lens)
+    scores = page_scores(q, mn, mx, reduce="none" if mode == "per_query_head" else "max")
+    idx, counts = select_pages(scores, 2048, ps, cache_seqlens=lens)
     kw = dict(cache_seqlens=lens, page_size=ps, page_indices=idx, page_counts=counts)
     out, lse = decode_attention(q, k, v, impl="triton", return_lse=True, **kw)
     _check(out, lse, q, k, v, **kw)
