@@ -205,6 +205,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from longattn import calibrate, cost
     from longattn.bench import decode as bench_decode
+    from longattn.bench import distributed as bench_distributed
     from longattn.bench import generate as bench_generate
     from longattn.bench import linear as bench_linear
     from longattn.eval import recall
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_linear.add_cli(bench)
     bench_decode.add_cli(bench)
     bench_generate.add_cli(bench)
+    bench_distributed.add_cli(bench)
     cost.add_cli(sub)
     calibrate.add_cli(sub)
     return p

@@ -88,3 +88,14 @@ def test_exact_parts_keep_the_exact_half():
         assert torch.equal(bounds_of(inter, B, H, q_rng, kv_rng)[1], brute(dense(inter), q_rng, kv_rng)[1])
     assert (d & c).name == "(document(4 docs, 52 tokens) & causal(offset=7))"
     assert (~c).name == "~causal(offset=7)"
+
+
+@settings(max_examples=10)
+@given(data=st.data())
+def test_head_offset_is_the_same_pattern_on_later_heads(data):
+    """``head_offset(2)`` on heads 0..1 equals the per-head pattern on heads 2..3, and its bounds stay sound."""
+    whole = M.per_head_window([1, 3, 8, 20], causal=False) & M.strided(2, local_window=4, granularity=3)
+    part = whole.head_offset(2)
+    torch.testing.assert_close(M.evaluate(part, *grids(B, 2, Q, K)).expand(B, 2, Q, K), dense(whole)[:, 2:],
+                               rtol=0, atol=0)
+    check(part, dense(whole)[:, 2:], data.draw(ranges(Q)), data.draw(ranges(K)), exact=False)

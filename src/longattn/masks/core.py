@@ -64,6 +64,21 @@ class MaskMod:
 
         return MaskMod(fn, bounds=bounds, name=f"{a.name}.shifted({offset})")
 
+    def head_offset(self, offset: int) -> MaskMod:
+        """The same pattern for a slice of heads starting at ``offset`` (local head h is head h + offset of the
+        whole model): how per-head patterns serve head-parallel (Ulysses) attention."""
+        if offset == 0:
+            return self
+        a = self
+
+        def fn(b, h, q, kv):
+            return a(b, h + offset, q, kv)
+
+        def bounds(b, h, q_lo, q_hi, kv_lo, kv_hi):
+            return a.block_bounds(b, h + offset, q_lo, q_hi, kv_lo, kv_hi)
+
+        return MaskMod(fn, bounds=bounds, name=f"{a.name}.head_offset({offset})")
+
     def __and__(self, other: MaskFn) -> MaskMod:
         a, o = self, as_mask_mod(other)
 

@@ -1,0 +1,150 @@
+"""Ring attention (Liu et al., 2023): each rank keeps its query shard while the K/V shards travel around the ring
+of ranks; every step attends the local queries to the visiting shard and merges the partial result by its
+log-sum-exp, and the next shard's transfer overlaps that step's compute (``batch_isend_irecv``).
+
+Under a causal mask the zigzag layout (``sharding.py``) balances the work: at every step but the first each rank
+computes exactly half a shard-by-shard block (all its queries against the first half of a lower rank's keys, or
+its second half of queries against all keys of a higher rank).
+
+Backward sends the K/V shards around again with their gradient accumulators: each rank recomputes its partial
+attention for the visiting shard through the local kernel's own autograd (Triton on GPU, the reference on CPU),
+given the gradient of the merge — d out_j = w_j dO and d lse_j = w_j (rowsum(dO ∘ (out_j − out)) + dLSE), with
+w_j = exp(lse_j − lse) — and the accumulators reach their owners one hop after the last step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from longattn.api import IMPLS, attention
+from longattn.distributed.sharding import check_layout, check_qkv, group_info, peer
+
+ALL = slice(None)
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None,
+                   group=None, layout: str = "zigzag", impl: str = "auto", return_lse: bool = False):
+    """Exact attention over a sequence sharded across ``group``: q/k/v are this rank's (batch, heads, seq_local,
+    head_dim) shards in ``layout`` order (``longattn.distributed.shard``); returns this rank's output shard (and its
+    LSE with ``return_lse``: float32, float64 for float64 inputs). Differentiable; GQA when q heads are a multiple
+    of kv heads."""
+    check_qkv(q, k, v)
+    check_layout(layout)
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if layout == "zigzag" and q.shape[2] % 2:
+        raise ValueError(f"q: the zigzag layout holds two equal chunks per rank; local length {q.shape[2]} is odd")
+    group_info(group)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, lse = _RingAttention.apply(q, k, v, causal, scale, group, layout, impl)
+    return (out, lse) if return_lse else out
+
+
+def _pieces(src: int, rank: int, n: int, causal: bool, layout: str) -> list[tuple[slice, slice, bool]]:
+    """(query rows, key rows, causal) this rank computes against the shard of ``src``: a causal diagonal at its own
+    shard, nothing, the whole block, or the half-block the zigzag layout leaves."""
+    if not causal:
+        return [(ALL, ALL, False)]
+    if src == rank:
+        return [(ALL, ALL, True)]
+    if layout == "contiguous":
+        return [(ALL, ALL, False)] if src < rank else []
+    half = n // 2
+    return [(ALL, slice(0, half), False)] if src < rank else [(slice(half, n), ALL, False)]
+
+
+def _exchange(send: Tensor, group, rank: int, world: int) -> tuple[Tensor, list]:
+    """Start sending ``send`` to the next rank and receiving the previous rank's into a new buffer."""
+    recv = torch.empty_like(send)
+    ops = [dist.P2POp(dist.isend, send, peer(group, (rank + 1) % world), group),
+           dist.P2POp(dist.irecv, recv, peer(group, (rank - 1) % world), group)]
+    return recv, dist.batch_isend_irecv(ops)
+
+
+def _wait(requests: list) -> None:
+    for r in requests:
+        r.wait()
+
+
+def _merge_into(out: Tensor, lse: Tensor, rows: slice, o_part: Tensor, l_part: Tensor) -> None:
+    """Fold a partial (out, lse) for ``rows`` into the running result (float32, or float64 for float64 inputs)."""
+    cur_o, cur_l = out[:, :, rows], lse[:, :, rows]
+    new = torch.logaddexp(cur_l, l_part)
+    safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
+    keep, take = torch.exp(cur_l - safe)[..., None], torch.exp(l_part - safe)[..., None]
+    out[:, :, rows] = cur_o * keep + o_part.to(out.dtype) * take
+    lse[:, :, rows] = new
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, group, layout, impl):
+        rank, world = group_info(group)
+        B, H, n, D = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        out = torch.zeros(B, H, n, D, dtype=acc, device=q.device)
+        lse = torch.full((B, H, n), float("-inf"), dtype=acc, device=q.device)
+        kv = torch.stack([k, v])
+        for step in range(world):
+            pending = []
+            if step < world - 1:
+                incoming, pending = _exchange(kv, group, rank, world)
+            for rows, cols, c in _pieces((rank - step) % world, rank, n, causal, layout):
+                o_part, l_part = attention(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], causal=c,
+                                           scale=scale, impl=impl, return_lse=True)
+                _merge_into(out, lse, rows, o_part, l_part)
+            if pending:
+                _wait(pending)
+                kv = incoming
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, scale, group, layout, impl)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, scale, group, layout, impl = ctx.args
+        rank, world = group_info(group)
+        n = q.shape[2]
+        acc = lse.dtype
+        dq = torch.zeros_like(q, dtype=acc)
+        kv = torch.stack([k, v])
+        dkv = torch.zeros_like(kv, dtype=acc)
+        for step in range(world):
+            pending = []
+            if step < world - 1:
+                incoming, pending = _exchange(kv, group, rank, world)
+            for rows, cols, c in _pieces((rank - step) % world, rank, n, causal, layout):
+                dq_p, dk_p, dv_p = _piece_grads(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], c, scale,
+                                                impl, out[:, :, rows], lse[:, :, rows], d_out[:, :, rows],
+                                                None if d_lse is None else d_lse[:, :, rows])
+                dq[:, :, rows] += dq_p
+                dkv[0][:, :, cols] += dk_p
+                dkv[1][:, :, cols] += dv_p
+            if world > 1:  # the accumulator follows its shard; after the last step it reaches the owner
+                dkv_next, sent = _exchange(dkv, group, rank, world)
+                _wait(pending + sent)
+                dkv = dkv_next
+            if pending:
+                kv = incoming
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+
+
+def _piece_grads(q, k, v, causal, scale, impl, out, lse, d_out, d_lse):
+    """Gradients of one partial attention given the gradient that reaches it through the LSE merge."""
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        o_part, l_part = attention(q, k, v, causal=causal, scale=scale, impl=impl, return_lse=True)
+        weight = torch.where(torch.isinf(lse), torch.zeros_like(lse), torch.exp(l_part.detach() - lse))
+        acc = lse.dtype
+        g_out = weight[..., None] * d_out.to(acc)
+        g_lse = weight * (d_out.to(acc) * (o_part.detach().to(acc) - out.to(acc))).sum(-1)
+        if d_lse is not None:
+            g_lse = g_lse + weight * d_lse
+        pairs = [(t, g) for t, g in ((o_part, g_out), (l_part, g_lse)) if t.requires_grad]
+        torch.autograd.backward([t for t, _ in pairs], [g.to(t.dtype) for t, g in pairs])
+    return q.grad.to(acc), k.grad.to(acc), v.grad.to(acc)
