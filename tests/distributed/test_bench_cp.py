@@ -18,7 +18,7 @@ def test_bench_cp_under_torchrun(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["method"] for r in rows] == ["ring", "ring_contiguous", "ulysses"]
+    assert [r["method"] for r in rows] == ["ring", "ring_contiguous", "ulysses", "hybrid"]
     for r in rows:
         assert r["world"] == 2 and r["backend"] == "gloo" and r["seq_local"] == 32
         assert r["max_abs_err"] < 1e-5 and r["ms_fwd"] > 0 and r["ms_fwd_bwd"] > 0

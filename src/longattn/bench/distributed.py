@@ -1,7 +1,8 @@
 """`longattn bench cp`, run under torchrun: context-parallel attention over the launched group (ring attention with
-the zigzag or contiguous layout, Ulysses) against one device's attention over the whole sequence, forward and
-forward + backward. Every rank times the same calls (fixed repetitions, barriers around them, the slowest rank's
-time reported); rank 0 checks each method's gathered output against the single-device result and writes the rows."""
+the zigzag or contiguous layout, Ulysses, their hybrid mesh) against one device's attention over the whole
+sequence, forward and forward + backward. Every rank times the same calls (fixed repetitions, barriers around
+them, the slowest rank's time reported); rank 0 checks each method's gathered output against the single-device
+result and writes the rows."""
 
 from __future__ import annotations
 
@@ -15,10 +16,18 @@ import torch.distributed as dist
 
 from longattn.api import attention
 from longattn.bench.timing import append_jsonl, environment
-from longattn.distributed import ring_attention, shard, ulysses_attention, unshard
+from longattn.distributed import (
+    hybrid_attention,
+    hybrid_groups,
+    hybrid_shard,
+    hybrid_unshard,
+    ring_attention,
+    shard,
+    ulysses_attention,
+    unshard,
+)
 
-METHODS = {"ring": (ring_attention, "zigzag"), "ring_contiguous": (ring_attention, "contiguous"),
-           "ulysses": (ulysses_attention, "contiguous")}
+METHODS = ("ring", "ring_contiguous", "ulysses", "hybrid")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -59,14 +68,38 @@ def _fwd_and_bwd_ms(fn, inputs: list, grad, device: torch.device, reps: int, **k
             _time_collective(lambda: fn(*inputs, **kw).backward(grad), device, reps))
 
 
+class _Method:
+    """One context-parallel method: how it shards, runs and reassembles a sequence on this rank."""
+
+    def __init__(self, name: str, rank: int, world: int, ulysses_size: int):
+        self.name, self.rank, self.world = name, rank, world
+        self.layout = "zigzag" if name in ("ring", "hybrid") else "contiguous"
+        self.kw: dict = {"layout": self.layout} if name.startswith("ring") else {}
+        self.fn = {"ring": ring_attention, "ring_contiguous": ring_attention, "ulysses": ulysses_attention,
+                   "hybrid": hybrid_attention}[name]
+        if name == "hybrid":
+            self.ulysses_size = ulysses_size
+            self.groups = hybrid_groups(ulysses_size)
+            self.kw = {"ulysses_group": self.groups[0], "ring_group": self.groups[1]}
+
+    def shard(self, x):
+        if self.name == "hybrid":
+            return hybrid_shard(x, self.rank, self.world, self.ulysses_size)
+        return shard(x, self.rank, self.world, layout=self.layout)
+
+    def unshard(self, x):
+        return hybrid_unshard(x, *self.groups) if self.name == "hybrid" else unshard(x, layout=self.layout)
+
+
 def run(lengths: list[int], methods: list[str], *, heads: int, heads_kv: int, head_dim: int, dtype: torch.dtype,
-        causal: bool, reps: int, out: Path | None) -> list[dict]:
+        causal: bool, reps: int, out: Path | None, ulysses_size: int = 2) -> list[dict]:
     """Time and check every method at every length; rows (rank 0's list) also appended to ``out``."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
-        raise ValueError(f"methods: unknown {unknown}; expected some of {sorted(METHODS)}")
+        raise ValueError(f"methods: unknown {unknown}; expected some of {list(METHODS)}")
     device = _init()
     rank, world = dist.get_rank(), dist.get_world_size()
+    chosen = [_Method(name, rank, world, ulysses_size) for name in methods]
     rows = []
     for S in lengths:
         g = torch.Generator(device=device).manual_seed(S)  # the same full inputs on every rank
@@ -76,19 +109,19 @@ def run(lengths: list[int], methods: list[str], *, heads: int, heads_kv: int, he
         full = [t.clone().requires_grad_() for t in (q, k, v)]
         reference = attention(q, k, v, causal=causal)
         single = _fwd_and_bwd_ms(attention, full, grad, device, reps, causal=causal)
-        for name in methods:
-            fn, layout = METHODS[name]
-            kw = {"layout": layout} if fn is ring_attention else {}
-            local = [shard(t, rank, world, layout=layout).detach().requires_grad_() for t in (q, k, v)]
-            gathered = unshard(fn(*local, causal=causal, **kw).detach(), layout=layout)
+        for m in chosen:
+            local = [m.shard(t).detach().requires_grad_() for t in (q, k, v)]
+            gathered = m.unshard(m.fn(*local, causal=causal, **m.kw).detach())
             err = float((gathered.float() - reference.float()).abs().max())
-            ms = _fwd_and_bwd_ms(fn, local, shard(grad, rank, world, layout=layout), device, reps, causal=causal, **kw)
-            row = {"suite": "cp", "method": name, "layout": layout, "world": world, "backend": dist.get_backend(),
+            ms = _fwd_and_bwd_ms(m.fn, local, m.shard(grad), device, reps, causal=causal, **m.kw)
+            name = m.name
+            row = {"suite": "cp", "method": name, "layout": m.layout, "world": world, "backend": dist.get_backend(),
                    "seq": S, "seq_local": S // world, "heads_q": heads, "heads_kv": heads_kv, "head_dim": head_dim,
                    "dtype": str(dtype).removeprefix("torch."), "causal": causal, "ms_fwd": round(ms[0], 3),
                    "ms_fwd_bwd": round(ms[1], 3), "single_ms_fwd": round(single[0], 3),
                    "single_ms_fwd_bwd": round(single[1], 3), "speedup_fwd": round(single[0] / ms[0], 3),
-                   "speedup_fwd_bwd": round(single[1] / ms[1], 3), "max_abs_err": err, **environment(device)}
+                   "speedup_fwd_bwd": round(single[1] / ms[1], 3), "max_abs_err": err,
+                   "ulysses_size": getattr(m, "ulysses_size", None), **environment(device)}
             rows.append(row)
             if rank == 0:
                 print(f"{name:16s} W={world} S={S:>7d}  fwd {ms[0]:9.3f} ms ({row['speedup_fwd']:.2f}x one device)  "
@@ -103,7 +136,7 @@ def cmd(args: argparse.Namespace) -> int:
 
     run(_ints(args.lengths), args.methods.split(","), heads=args.heads, heads_kv=args.heads_kv or args.heads,
         head_dim=args.head_dim, dtype=DTYPES[args.dtype], causal=not args.no_causal, reps=args.reps,
-        out=Path(args.out) if args.out else None)
+        out=Path(args.out) if args.out else None, ulysses_size=args.ulysses_size)
     dist.destroy_process_group()
     return 0
 
@@ -112,7 +145,9 @@ def add_cli(bench_subparsers) -> None:
     """Register ``longattn bench cp`` on the ``bench`` sub-command group (wired by cli.py)."""
     p = bench_subparsers.add_parser("cp", help="context parallelism (ring, Ulysses) under torchrun vs one device")
     p.add_argument("--lengths", default="32k,128k", help="whole-sequence tokens, split over the ranks")
-    p.add_argument("--methods", default="ring,ring_contiguous,ulysses", help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--methods", default="ring,ring_contiguous,ulysses,hybrid",
+                   help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--ulysses-size", type=int, default=2, help="hybrid: ranks per Ulysses group")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--heads-kv", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=128)
