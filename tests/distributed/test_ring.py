@@ -8,11 +8,14 @@ import itertools
 import pytest
 import torch
 
-from longattn import attention
+from longattn import attention, masks
 from longattn.distributed import LAYOUTS, positions, ring_attention, shard, unshard
 from tests.distributed.launch import spawn
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+MASKS = {"window7": lambda S: masks.sliding_window(7),  # shorter than a shard: far shard pairs are skipped
+         "documents": lambda S: masks.document([3, S // 2 - 3, S - S // 2]),  # a packed batch with causal below
+         "per_head": lambda S: masks.per_head_window([2, 5, 9, S])}
 
 
 def _full_inputs(world: int, dtype: torch.dtype):
@@ -27,17 +30,21 @@ def _loss(out, lse, grads):
     return (out * grads[0]).sum() + (lse * grads[1].to(lse.dtype)).sum()
 
 
-def check_ring(rank: int, world: int, layouts: tuple[str, ...], dtype_name: str, impl: str) -> None:
+def check_ring(rank: int, world: int, layouts: tuple[str, ...], dtype_name: str, impl: str,
+               mask_names: tuple[str, ...] = ()) -> None:
     dtype = getattr(torch, dtype_name)
     q, k, v, grads = _full_inputs(world, dtype)
     for layout in layouts:
         torch.testing.assert_close(unshard(shard(q, rank, world, layout=layout), layout=layout), q, rtol=0, atol=0)
-    for layout, causal in itertools.product(layouts, (False, True)):
+    cases = [(lay, c, None) for lay, c in itertools.product(layouts, (False, True))]
+    cases += [(lay, name != "window7", name) for lay, name in itertools.product(layouts, mask_names)]
+    for layout, causal, mask_name in cases:
+        mask = MASKS[mask_name](q.shape[2]) if mask_name else None
         full = [t.clone().requires_grad_() for t in (q, k, v)]
-        out, lse = attention(*full, causal=causal, impl="reference", return_lse=True)
+        out, lse = attention(*full, mask=mask, causal=causal, impl="reference", return_lse=True)
         _loss(out, lse, grads).backward()
         local = [shard(t, rank, world, layout=layout).detach().requires_grad_() for t in (q, k, v)]
-        out_l, lse_l = ring_attention(*local, causal=causal, layout=layout, impl=impl, return_lse=True)
+        out_l, lse_l = ring_attention(*local, mask=mask, causal=causal, layout=layout, impl=impl, return_lse=True)
         _loss(out_l, lse_l, [shard(g, rank, world, layout=layout) for g in grads]).backward()
         def part(t, layout=layout):
             return shard(t.detach(), rank, world, layout=layout)
@@ -47,13 +54,15 @@ def check_ring(rank: int, world: int, layouts: tuple[str, ...], dtype_name: str,
         torch.testing.assert_close(lse_l, part(lse), rtol=tol, atol=tol)
         for name, mine, ref in zip("qkv", local, full, strict=True):
             torch.testing.assert_close(mine.grad, part(ref.grad), rtol=tol, atol=tol,
-                                       msg=lambda m, n=name, c=causal, lay=layout: f"d{n} {c=} {lay}: {m}")
+                                       msg=lambda m, n=name, c=causal, lay=layout, mk=mask_name: f"d{n} {c=} "
+                                                                                                 f"{lay} {mk}: {m}")
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_matches_oracle_fp64(world):
-    """Both layouts, causal and not, one process group per world size (spawning dominates the test's time)."""
-    spawn(check_ring, world, LAYOUTS, "float64", "reference")
+    """Both layouts, causal and not, and three mask_mods over global positions (a window shorter than a shard,
+    documents of a packed batch, per-head windows); one process group per world size (spawning dominates)."""
+    spawn(check_ring, world, LAYOUTS, "float64", "reference", tuple(MASKS))
 
 
 def test_ring_on_the_triton_kernel():
@@ -68,6 +77,18 @@ def test_layouts_place_chunks_as_documented():
     assert positions(1, 2, 8).tolist() == [4, 5, 6, 7]
     x = torch.arange(8).view(1, 1, 8, 1)
     assert shard(x, 1, 2, layout="zigzag").flatten().tolist() == [2, 3, 4, 5]
+
+
+def test_window_shorter_than_a_shard_skips_far_shards():
+    """A 3-token window over 10-token shards touches only a rank's own shard and its left neighbour's."""
+    from longattn.distributed.ring import _plan
+
+    window = masks.sliding_window(3)
+    q = torch.zeros(1, 2, 10, 4)
+    for layout in LAYOUTS:
+        plans = [_plan(src, 2, 4, q, True, window, layout) for src in range(4)]
+        touched = [src for src, plan in enumerate(plans) if plan]
+        assert touched == ([1, 2] if layout == "contiguous" else [1, 2, 3]), (layout, touched)
 
 
 def test_bad_input():

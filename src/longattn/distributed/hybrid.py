@@ -8,9 +8,12 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
+from longattn.api import _is_flex_block_mask
 from longattn.distributed.ring import ring_attention
 from longattn.distributed.sharding import check_qkv, group_info, shard, unshard
 from longattn.distributed.ulysses import _AllToAll
+from longattn.masks.block_sparse import BlockSparse
+from longattn.masks.core import as_mask_mod
 
 
 def hybrid_groups(ulysses_size: int):
@@ -46,20 +49,22 @@ def hybrid_unshard(local: Tensor, ulysses_group, ring_group, *, layout: str = "z
     return unshard(unshard(local, ulysses_group, dim=dim), ring_group, layout=layout, dim=dim)
 
 
-def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, *, ulysses_group, ring_group, causal: bool = False,
+def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, *, ulysses_group, ring_group, mask=None, causal: bool = False,
                      scale: float | None = None, layout: str = "zigzag", impl: str = "auto",
                      return_lse: bool = False):
     """Exact attention over a sequence sharded by ``hybrid_shard``: Ulysses all-to-all within ``ulysses_group``,
-    ring attention across ``ring_group`` (both from ``hybrid_groups``). Differentiable; q and kv heads must split
-    over the Ulysses group."""
+    ring attention across ``ring_group`` (both from ``hybrid_groups``). ``mask``: None or a mask_mod over global
+    positions and heads. Differentiable; q and kv heads must split over the Ulysses group."""
     check_qkv(q, k, v)
-    _, ulysses = group_info(ulysses_group)
+    u_rank, ulysses = group_info(ulysses_group)
     for name, heads in (("q", q.shape[1]), ("k", k.shape[1])):
         if heads % ulysses:
             raise ValueError(f"{name}: {heads} heads do not split over a Ulysses group of {ulysses} ranks")
+    if mask is not None and not (isinstance(mask, BlockSparse) or _is_flex_block_mask(mask)):  # ring refuses those
+        mask = as_mask_mod(mask).head_offset(u_rank * q.shape[1] // ulysses)
     heads_q, heads_k, heads_v = (_AllToAll.apply(t, ulysses_group, 1, 2) for t in (q, k, v))
-    result = ring_attention(heads_q, heads_k, heads_v, causal=causal, scale=scale, group=ring_group, layout=layout,
-                            impl=impl, return_lse=return_lse)
+    result = ring_attention(heads_q, heads_k, heads_v, mask=mask, causal=causal, scale=scale, group=ring_group,
+                            layout=layout, impl=impl, return_lse=return_lse)
     if not return_lse:
         return _AllToAll.apply(result, ulysses_group, 2, 1)
     out, lse = result

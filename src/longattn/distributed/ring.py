@@ -4,7 +4,10 @@ log-sum-exp, and the next shard's transfer overlaps that step's compute (``batch
 
 Under a causal mask the zigzag layout (``sharding.py``) balances the work: at every step but the first each rank
 computes exactly half a shard-by-shard block (all its queries against the first half of a lower rank's keys, or
-its second half of queries against all keys of a higher rank).
+its second half of queries against all keys of a higher rank). Any other mask_mod (sliding window, documents of a
+packed batch, ...) runs per pair of chunks: the mask's block bounds skip pairs it leaves empty (a window shorter
+than a shard never sends work to far ranks' keys), run full pairs unmasked and the rest with the mask shifted to
+the pair's global positions.
 
 Backward sends the K/V shards around again with their gradient accumulators: each rank recomputes its partial
 attention for the visiting shard through the local kernel's own autograd (Triton on GPU, the reference on CPU),
@@ -19,18 +22,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longattn.api import IMPLS, attention
-from longattn.distributed.sharding import check_layout, check_qkv, group_info, peer
+from longattn.api import IMPLS, _is_flex_block_mask, attention
+from longattn.distributed.sharding import check_layout, check_qkv, chunk_ids, group_info, peer
+from longattn.masks.block_sparse import BlockSparse
+from longattn.masks.core import MaskMod, as_mask_mod
+from longattn.masks.patterns import causal as causal_mask
 
 ALL = slice(None)
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None,
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, causal: bool = False, scale: float | None = None,
                    group=None, layout: str = "zigzag", impl: str = "auto", return_lse: bool = False):
     """Exact attention over a sequence sharded across ``group``: q/k/v are this rank's (batch, heads, seq_local,
     head_dim) shards in ``layout`` order (``longattn.distributed.shard``); returns this rank's output shard (and its
-    LSE with ``return_lse``: float32, float64 for float64 inputs). Differentiable; GQA when q heads are a multiple
-    of kv heads."""
+    LSE with ``return_lse``: float32, float64 for float64 inputs). ``mask``: None or a mask_mod over global
+    positions (combined with ``causal``). Differentiable; GQA when q heads are a multiple of kv heads."""
     check_qkv(q, k, v)
     check_layout(layout)
     if impl not in IMPLS:
@@ -38,9 +44,35 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sca
     if layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"q: the zigzag layout holds two equal chunks per rank; local length {q.shape[2]} is odd")
     group_info(group)
+    if mask is not None:
+        if isinstance(mask, BlockSparse) or _is_flex_block_mask(mask):
+            raise TypeError(f"mask: ring_attention takes a mask_mod (b, h, q_idx, kv_idx) over global positions "
+                            f"(block masks are built for one shard layout), got {type(mask).__name__}")
+        mask = as_mask_mod(mask) & causal_mask() if causal else as_mask_mod(mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = _RingAttention.apply(q, k, v, causal, scale, group, layout, impl)
+    out, lse = _RingAttention.apply(q, k, v, causal, mask, scale, group, layout, impl)
     return (out, lse) if return_lse else out
+
+
+def _plan(src: int, rank: int, world: int, q: Tensor, causal: bool, mask: MaskMod | None,
+          layout: str) -> list[tuple[slice, slice, bool, MaskMod | None]]:
+    """(query rows, key rows, causal, mask) of every partial attention against the shard of ``src``."""
+    n = q.shape[2]
+    if mask is None:
+        return [(rows, cols, c, None) for rows, cols, c in _pieces(src, rank, n, causal, layout)]
+    mine, theirs = chunk_ids(world, layout)[rank], chunk_ids(world, layout)[src]
+    size = n // len(mine)
+    b = torch.arange(q.shape[0], device=q.device)[:, None]
+    h = torch.arange(q.shape[1], device=q.device)[None, :]
+    plan = []
+    for i, qc in enumerate(mine):
+        for j, kc in enumerate(theirs):
+            q_lo, kv_lo = (torch.tensor(c * size, device=q.device) for c in (qc, kc))
+            any_, all_ = mask.block_bounds(b, h, q_lo, q_lo + size - 1, kv_lo, kv_lo + size - 1)
+            if bool(any_.any()):
+                piece = None if bool(all_.all()) else mask.shifted(qc * size, kc * size)
+                plan.append((slice(i * size, (i + 1) * size), slice(j * size, (j + 1) * size), False, piece))
+    return plan
 
 
 def _pieces(src: int, rank: int, n: int, causal: bool, layout: str) -> list[tuple[slice, slice, bool]]:
@@ -81,7 +113,7 @@ def _merge_into(out: Tensor, lse: Tensor, rows: slice, o_part: Tensor, l_part: T
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, group, layout, impl):
+    def forward(ctx, q, k, v, causal, mask, scale, group, layout, impl):
         rank, world = group_info(group)
         B, H, n, D = q.shape
         acc = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
@@ -92,8 +124,8 @@ class _RingAttention(torch.autograd.Function):
             pending = []
             if step < world - 1:
                 incoming, pending = _exchange(kv, group, rank, world)
-            for rows, cols, c in _pieces((rank - step) % world, rank, n, causal, layout):
-                o_part, l_part = attention(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], causal=c,
+            for rows, cols, c, m in _plan((rank - step) % world, rank, world, q, causal, mask, layout):
+                o_part, l_part = attention(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], mask=m, causal=c,
                                            scale=scale, impl=impl, return_lse=True)
                 _merge_into(out, lse, rows, o_part, l_part)
             if pending:
@@ -101,15 +133,14 @@ class _RingAttention(torch.autograd.Function):
                 kv = incoming
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, group, layout, impl)
+        ctx.args = (causal, mask, scale, group, layout, impl)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, group, layout, impl = ctx.args
+        causal, mask, scale, group, layout, impl = ctx.args
         rank, world = group_info(group)
-        n = q.shape[2]
         acc = lse.dtype
         dq = torch.zeros_like(q, dtype=acc)
         kv = torch.stack([k, v])
@@ -118,8 +149,8 @@ class _RingAttention(torch.autograd.Function):
             pending = []
             if step < world - 1:
                 incoming, pending = _exchange(kv, group, rank, world)
-            for rows, cols, c in _pieces((rank - step) % world, rank, n, causal, layout):
-                dq_p, dk_p, dv_p = _piece_grads(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], c, scale,
+            for rows, cols, c, m in _plan((rank - step) % world, rank, world, q, causal, mask, layout):
+                dq_p, dk_p, dv_p = _piece_grads(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], c, m, scale,
                                                 impl, out[:, :, rows], lse[:, :, rows], d_out[:, :, rows],
                                                 None if d_lse is None else d_lse[:, :, rows])
                 dq[:, :, rows] += dq_p
@@ -131,14 +162,14 @@ class _RingAttention(torch.autograd.Function):
                 dkv = dkv_next
             if pending:
                 kv = incoming
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
 
 
-def _piece_grads(q, k, v, causal, scale, impl, out, lse, d_out, d_lse):
+def _piece_grads(q, k, v, causal, mask, scale, impl, out, lse, d_out, d_lse):
     """Gradients of one partial attention given the gradient that reaches it through the LSE merge."""
     with torch.enable_grad():
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        o_part, l_part = attention(q, k, v, causal=causal, scale=scale, impl=impl, return_lse=True)
+        o_part, l_part = attention(q, k, v, mask=mask, causal=causal, scale=scale, impl=impl, return_lse=True)
         weight = torch.where(torch.isinf(lse), torch.zeros_like(lse), torch.exp(l_part.detach() - lse))
         acc = lse.dtype
         g_out = weight[..., None] * d_out.to(acc)

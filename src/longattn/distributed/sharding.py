@@ -32,8 +32,9 @@ def peer(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
-def _chunks(world: int, layout: str) -> list[list[int]]:
-    """Per rank, which of the sequence's equal chunks it holds, in order."""
+def chunk_ids(world: int, layout: str) -> list[list[int]]:
+    """Per rank, which of the sequence's equal chunks (``world`` of them, ``2 * world`` for zigzag) it holds, in
+    order."""
     if layout == "contiguous":
         return [[r] for r in range(world)]
     return [[r, 2 * world - 1 - r] for r in range(world)]
@@ -48,7 +49,7 @@ def shard(x: Tensor, rank: int, world: int, *, layout: str = "contiguous", dim: 
         raise ValueError(f"x: sequence length {S} (dim {dim}) must split into {n_chunks} equal chunks for "
                          f"{world} ranks with layout={layout!r}; pad the sequence")
     parts = x.chunk(n_chunks, dim)
-    return torch.cat([parts[c] for c in _chunks(world, layout)[rank]], dim)
+    return torch.cat([parts[c] for c in chunk_ids(world, layout)[rank]], dim)
 
 
 def positions(rank: int, world: int, seq_len: int, *, layout: str = "contiguous", device=None) -> Tensor:
@@ -63,7 +64,7 @@ def unshard(local: Tensor, group=None, *, layout: str = "contiguous", dim: int =
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local.contiguous(), group=group)
     parts = {}
-    for got, owned in zip(gathered, _chunks(world, layout), strict=True):
+    for got, owned in zip(gathered, chunk_ids(world, layout), strict=True):
         parts.update(zip(owned, got.chunk(len(owned), dim), strict=True))
     return torch.cat([parts[c] for c in sorted(parts)], dim)
 

@@ -49,20 +49,22 @@ class MaskMod:
                     torch.zeros(shape, dtype=torch.bool, device=q_lo.device))
         return self.bounds(b, h, q_lo, q_hi, kv_lo, kv_hi)
 
-    def shifted(self, offset: int) -> MaskMod:
+    def shifted(self, offset: int, kv_offset: int = 0) -> MaskMod:
         """The same pattern for queries that sit ``offset`` positions later (query i is absolute position
-        i + offset): how a square pattern serves chunked prefill and cached decoding (offset = seq_kv - seq_q)."""
-        if offset == 0:
+        i + offset) and keys ``kv_offset`` later: how a square pattern serves chunked prefill and cached decoding
+        (offset = seq_kv - seq_q), and one shard pair of a context-parallel ring (both offsets)."""
+        if offset == 0 and kv_offset == 0:
             return self
         a = self
 
         def fn(b, h, q, kv):
-            return a(b, h, q + offset, kv)
+            return a(b, h, q + offset, kv + kv_offset)
 
         def bounds(b, h, q_lo, q_hi, kv_lo, kv_hi):
-            return a.block_bounds(b, h, q_lo + offset, q_hi + offset, kv_lo, kv_hi)
+            return a.block_bounds(b, h, q_lo + offset, q_hi + offset, kv_lo + kv_offset, kv_hi + kv_offset)
 
-        return MaskMod(fn, bounds=bounds, name=f"{a.name}.shifted({offset})")
+        name = f"{a.name}.shifted({offset})" if kv_offset == 0 else f"{a.name}.shifted({offset}, {kv_offset})"
+        return MaskMod(fn, bounds=bounds, name=name)
 
     def head_offset(self, offset: int) -> MaskMod:
         """The same pattern for a slice of heads starting at ``offset`` (local head h is head h + offset of the
