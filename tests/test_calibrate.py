@@ -38,16 +38,19 @@ def small_candidates(monkeypatch):
     monkeypatch.setattr(ms, "search", lambda model, ids: real(model, ids, small))
 
 
-@pytest.mark.parametrize(("method", "knob"), [("duo", "gates_path"), ("minference", "config"), ("moa", "config")])
-def test_writes_a_file_the_method_loads(tiny, small_candidates, tmp_path, capsys, method, knob):
+@pytest.mark.parametrize(("method", "knob", "extra"), [("duo", "gates_path", ["--sinks", "4", "--recent", "16"]),
+                                                       ("minference", "config", []), ("moa", "config", [])])
+def test_writes_a_file_the_method_loads(tiny, small_candidates, tmp_path, capsys, method, knob, extra):
     out = tmp_path / f"{method}.json"
-    assert cli.main(["calibrate", method, "--out", str(out), "--length", "512"]) == 0
+    assert cli.main(["calibrate", method, "--out", str(out), "--length", "512", *extra]) == 0
     assert f"use it as {method}:{knob}={out}" in capsys.readouterr().out
     assert json.loads(out.read_text())  # valid, non-empty JSON
     instance = get(method).factory(**{knob: str(out)})
     if method == "duo":
         instance.bind(tiny.config)  # gates shaped [layers, kv heads] of this model
         assert tuple(instance.gates.shape) == (2, 2)
+        saved = json.loads(out.read_text())
+        assert (saved["sinks"], saved["recent"]) == (4, 16)  # the window the policy will use
 
 
 def test_unknown_method_is_refused(tiny, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 METHODS = ("duo", "minference", "moa")
-LENGTHS = {"duo": 1024, "minference": 8000, "moa": 2048}  # MInference's candidates hold budgets of up to 7096 tokens
+LENGTHS = {"duo": 2048, "minference": 8000, "moa": 2048}  # MInference's candidates hold budgets of up to 7096 tokens
 
 
 def calibration_ids(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
@@ -22,12 +22,13 @@ def calibration_ids(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
     return tokenizer(sample.prompt, return_tensors="pt").input_ids
 
 
-def calibrate(method: str, model, tokenizer, out: Path, *, length: int, density: float = 0.5) -> None:
-    """Run ``method``'s calibration on ``model`` and save it at ``out``."""
-    if method == "duo":  # synthetic passkey prompts, as in the paper
-        from longattn.methods.decode.duo import optimize_gates
+def calibrate(method: str, model, tokenizer, out: Path, *, length: int, density: float = 0.5, sinks: int = 64,
+              recent: int = 256) -> None:
+    """Run ``method``'s calibration on ``model`` and save it at ``out`` (``sinks``, ``recent``: Duo's window)."""
+    if method == "duo":  # synthetic passkey prompts, gates trained end to end as in the paper
+        from longattn.methods.decode.duo_gates import optimize_gates
 
-        optimize_gates(model, out, length=length)
+        optimize_gates(model, out, length=length, sinks=sinks, recent=recent)
     elif method == "minference":
         from longattn.methods.prefill.minference_search import save_config, search
 
@@ -51,7 +52,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     start = time.perf_counter()
     length = args.length or LENGTHS[args.method]
-    calibrate(args.method, model, tokenizer, out, length=length, density=args.density)
+    calibrate(args.method, model, tokenizer, out, length=length, density=args.density, sinks=args.sinks,
+              recent=args.recent)
     knob = "gates_path" if args.method == "duo" else "config"
     print(f"{args.method}: wrote {out} in {time.perf_counter() - start:.1f} s; use it as {args.method}:{knob}={out}")
     return 0
@@ -66,6 +68,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=0,
                    help=f"calibration prompt tokens (default: {', '.join(f'{k} {v}' for k, v in LENGTHS.items())})")
     p.add_argument("--density", type=float, default=0.5, help="MoA: target attention density")
+    p.add_argument("--sinks", type=int, default=64, help="DuoAttention: streaming heads' sink tokens (as in eval)")
+    p.add_argument("--recent", type=int, default=256, help="DuoAttention: streaming heads' recent tokens (as in eval)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.set_defaults(fn=cmd_calibrate)
     return p

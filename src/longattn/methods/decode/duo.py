@@ -1,17 +1,12 @@
 """DuoAttention (Xiao et al., 2024): retrieval heads keep the full cache, streaming heads only attention sinks and
-recent tokens. Which heads retrieve comes from per-(layer, kv head) gates optimised once per model on synthetic
-passkey data (``optimize_gates``) and saved as JSON.
+recent tokens. Which heads retrieve comes from per-(layer, kv head) gates optimised once per model end to end on
+synthetic passkey data (``duo_gates.optimize_gates``, ``longattn calibrate duo``) and saved as JSON.
 
 Storage: each layer's retrieval heads sit in a full-length ``LongattnLayer`` and its streaming heads in a
 ``WindowLayer`` (sinks + a ring of recent tokens), joined by a ``HeadSplitLayer`` when a layer has both, so the
 streaming heads' bytes stay at ``sinks + recent`` tokens whatever the context. A streaming head's query at position
-t reads keys at positions < sinks or > t - recent (the window the gates are calibrated with, ``streaming_error``);
-the prompt itself is attended densely by every head.
-
-Gate optimisation here is per head and local: α minimises (1 - α)² · d + λ·α, where d is the relative error of
-the streaming output against the full output of that head on the passkey prompts (the paper optimises all gates
-end to end against the final hidden states; the trade-off — error where a head streams vs an L1 push to
-stream — is the same)."""
+t reads keys at positions < sinks or > t - recent (the window the gates are calibrated with); the prompt itself is
+attended densely by every head."""
 
 from __future__ import annotations
 
@@ -19,13 +14,9 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from longattn.api import attention
 from longattn.hf.cache import HeadSplitLayer, LongattnLayer, WindowLayer
-from longattn.masks.core import MaskMod
 from longattn.methods.decode.base import DecodePolicy, check_fraction, check_int
-from longattn.methods.decode.calibration import capture_qkv, passkey_ids
 from longattn.methods.registry import register
 
 
@@ -42,7 +33,8 @@ class DuoAttention(DecodePolicy):
         check_int("recent", recent)
         if gates_path is None or not Path(gates_path).is_file():
             raise FileNotFoundError(f"gates_path: no DuoAttention gate file at {gates_path!r}; create one once per "
-                                    f"model with `longattn calibrate duo --out PATH` (or optimize_gates(model, path))")
+                                    f"model with `longattn calibrate duo --out PATH` (or "
+                                    f"duo_gates.optimize_gates(model, path))")
         gates = torch.tensor(json.loads(Path(gates_path).read_text())["gates"], dtype=torch.float32)
         if gates.dim() != 2:
             raise ValueError(f"gates_path: expected gates as [layers][kv_heads], got shape {tuple(gates.shape)}")
@@ -76,52 +68,3 @@ class DuoAttention(DecodePolicy):
         """Nothing to evict: the layer's stores already keep exactly what each head needs."""
         layer.queries = None
         layer.compressed = True
-
-
-def streaming_error(q: Tensor, k: Tensor, v: Tensor, sinks: int, recent: int) -> Tensor:
-    """Per kv head [Hkv]: relative squared error of sink+recent attention against full causal attention, over the
-    second half of the positions (where the streaming heads have really dropped tokens)."""
-    S = q.shape[2]
-
-    def sink_recent(b, h, qi, kv):
-        return (kv < sinks) | (kv > qi - recent)
-
-    full = attention(q, k, v, causal=True, impl="reference")
-    stream = attention(q, k, v, mask=MaskMod(sink_recent), causal=True, impl="reference")
-    half = slice(S // 2, S)
-    err = ((full - stream)[:, :, half].float() ** 2).sum((0, 2, 3))
-    ref = (full[:, :, half].float() ** 2).sum((0, 2, 3)).clamp(min=1e-12)
-    return (err / ref).view(k.shape[1], -1).mean(1)
-
-
-def fit_gates(errors: Tensor, lam: float, steps: int = 300, lr: float = 0.05) -> Tensor:
-    """Gates in [0, 1] minimising (1 - α)² · error + λ·α per head, by projected Adam."""
-    alpha = torch.ones_like(errors, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([alpha], lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = ((1 - alpha) ** 2 * errors.float() + lam * alpha).sum()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            alpha.clamp_(0.0, 1.0)
-    return alpha.detach()
-
-
-def optimize_gates(model, path: str | Path, *, samples: int = 2, length: int = 512, sinks: int = 64,
-                   recent: int = 256, lam: float = 0.05, steps: int = 300, seed: int = 0) -> Tensor:
-    """Optimise DuoAttention gates for ``model`` on synthetic passkey prompts and save them as JSON at ``path``
-    (run once per model). Returns the gates [layers, kv_heads]."""
-    check_int("length", length, minimum=32)
-    if sinks + recent >= length:
-        raise ValueError(f"length: {length} tokens leave nothing to drop with sinks={sinks} + recent={recent}; "
-                         f"calibrate on longer prompts or a smaller window")
-    ids = passkey_ids(samples, length, int(model.config.vocab_size), seed=seed)
-    errors = torch.stack([streaming_error(q, k, v, sinks, recent) for q, k, v in capture_qkv(model, ids)])
-    gates = fit_gates(errors, lam, steps)
-    Path(path).write_text(json.dumps({"model_type": model.config.model_type, "samples": samples, "length": length,
-                                      "sinks": sinks, "recent": recent, "lambda": lam,
-                                      "errors": errors.tolist(), "gates": gates.tolist()}, indent=1))
-    return gates
-
-
