@@ -9,10 +9,12 @@ packed batch, ...) runs per pair of chunks: the mask's block bounds skip pairs i
 than a shard never sends work to far ranks' keys), run full pairs unmasked and the rest with the mask shifted to
 the pair's global positions.
 
-Backward sends the K/V shards around again with their gradient accumulators: each rank recomputes its partial
-attention for the visiting shard through the local kernel's own autograd (Triton on GPU, the reference on CPU),
-given the gradient of the merge — d out_j = w_j dO and d lse_j = w_j (rowsum(dO ∘ (out_j − out)) + dLSE), with
-w_j = exp(lse_j − lse) — and the accumulators reach their owners one hop after the last step."""
+Backward sends the K/V shards around again with their gradient accumulators, which reach their owners one hop
+after the last step. On the Triton kernel a partial's gradients come straight from the kernel's backward given the
+*merged* output and LSE (P = exp(s − lse) is then already the global probability, and delta = rowsum(dO ∘ out) −
+dLSE the global correction), so nothing is recomputed. Other backends recompute the partial through their own
+autograd and feed it the gradient of the merge: d out_j = w_j dO and d lse_j = w_j (rowsum(dO ∘ (out_j − out)) +
+dLSE), with w_j = exp(lse_j − lse)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longattn.api import IMPLS, _is_flex_block_mask, attention
+from longattn.api import IMPLS, _choose, _is_flex_block_mask, _to_block_sparse, attention
 from longattn.distributed.sharding import check_layout, check_qkv, chunk_ids, group_info, peer
 from longattn.masks.block_sparse import BlockSparse
 from longattn.masks.core import MaskMod, as_mask_mod
@@ -167,6 +169,12 @@ class _RingAttention(torch.autograd.Function):
 
 def _piece_grads(q, k, v, causal, mask, scale, impl, out, lse, d_out, d_lse):
     """Gradients of one partial attention given the gradient that reaches it through the LSE merge."""
+    if _choose(q, mask, impl, True, None, None) == "triton":
+        from longattn.kernels.block_sparse import block_sparse_backward
+
+        bs = _to_block_sparse(mask, causal, q, k, (128, 128), None, None)
+        dq, dk, dv, _, _ = block_sparse_backward(d_out, q, k, v, out, lse, d_lse, bs, scale)
+        return dq.to(lse.dtype), dk.to(lse.dtype), dv.to(lse.dtype)
     with torch.enable_grad():
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
         o_part, l_part = attention(q, k, v, mask=mask, causal=causal, scale=scale, impl=impl, return_lse=True)
