@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -27,4 +27,4 @@ def _entry(rank: int, world: int, port: int, fn, args: tuple) -> None:
 
 def spawn(fn, world: int, *args) -> None:
     """Call ``fn(rank, world, *args)`` on ``world`` fresh processes with the default group initialised."""
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)

@@ -7,13 +7,13 @@ import json
 import subprocess
 import sys
 
-from tests.distributed.launch import _free_port
+from tests.distributed.launch import free_port
 
 
 def test_bench_cp_under_torchrun(tmp_path):
     out = tmp_path / "cp.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "longattn.cli", "bench", "cp", "--lengths", "64", "--heads", "4", "--heads-kv",
+           str(free_port()), "-m", "longattn.cli", "bench", "cp", "--lengths", "64", "--heads", "4", "--heads-kv",
            "2", "--head-dim", "16", "--dtype", "fp32", "--reps", "1", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

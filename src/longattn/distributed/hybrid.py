@@ -8,12 +8,9 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
-from longattn.api import _is_flex_block_mask
 from longattn.distributed.ring import ring_attention
-from longattn.distributed.sharding import check_qkv, group_info, shard, unshard
+from longattn.distributed.sharding import as_global_mask, check_qkv, group_info, shard, unshard
 from longattn.distributed.ulysses import _AllToAll
-from longattn.masks.block_sparse import BlockSparse
-from longattn.masks.core import as_mask_mod
 
 
 def hybrid_groups(ulysses_size: int):
@@ -60,8 +57,9 @@ def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, *, ulysses_group, ring_gro
     for name, heads in (("q", q.shape[1]), ("k", k.shape[1])):
         if heads % ulysses:
             raise ValueError(f"{name}: {heads} heads do not split over a Ulysses group of {ulysses} ranks")
-    if mask is not None and not (isinstance(mask, BlockSparse) or _is_flex_block_mask(mask)):  # ring refuses those
-        mask = as_mask_mod(mask).head_offset(u_rank * q.shape[1] // ulysses)
+    mask = as_global_mask(mask, "hybrid_attention")
+    if mask is not None:
+        mask = mask.head_offset(u_rank * q.shape[1] // ulysses)
     heads_q, heads_k, heads_v = (_AllToAll.apply(t, ulysses_group, 1, 2) for t in (q, k, v))
     result = ring_attention(heads_q, heads_k, heads_v, mask=mask, causal=causal, scale=scale, group=ring_group,
                             layout=layout, impl=impl, return_lse=return_lse)

@@ -24,10 +24,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longattn.api import IMPLS, _choose, _is_flex_block_mask, _to_block_sparse, attention
-from longattn.distributed.sharding import check_layout, check_qkv, chunk_ids, group_info, peer
-from longattn.masks.block_sparse import BlockSparse
-from longattn.masks.core import MaskMod, as_mask_mod
+from longattn.api import _choose, _to_block_sparse, attention
+from longattn.distributed.sharding import (
+    as_global_mask,
+    check_impl,
+    check_layout,
+    check_qkv,
+    chunk_ids,
+    group_info,
+    peer,
+)
+from longattn.masks.core import MaskMod
 from longattn.masks.patterns import causal as causal_mask
 
 ALL = slice(None)
@@ -41,16 +48,13 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, causal: bool =
     positions (combined with ``causal``). Differentiable; GQA when q heads are a multiple of kv heads."""
     check_qkv(q, k, v)
     check_layout(layout)
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    check_impl(impl)
     if layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"q: the zigzag layout holds two equal chunks per rank; local length {q.shape[2]} is odd")
     group_info(group)
-    if mask is not None:
-        if isinstance(mask, BlockSparse) or _is_flex_block_mask(mask):
-            raise TypeError(f"mask: ring_attention takes a mask_mod (b, h, q_idx, kv_idx) over global positions "
-                            f"(block masks are built for one shard layout), got {type(mask).__name__}")
-        mask = as_mask_mod(mask) & causal_mask() if causal else as_mask_mod(mask)
+    mask = as_global_mask(mask, "ring_attention")
+    if mask is not None and causal:
+        mask = mask & causal_mask()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = _RingAttention.apply(q, k, v, causal, mask, scale, group, layout, impl)
     return (out, lse) if return_lse else out

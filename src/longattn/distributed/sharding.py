@@ -11,6 +11,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from longattn.api import IMPLS, _is_flex_block_mask
+from longattn.masks.block_sparse import BlockSparse
+from longattn.masks.core import MaskMod, as_mask_mod
+
 LAYOUTS = ("contiguous", "zigzag")
 
 
@@ -67,6 +71,22 @@ def unshard(local: Tensor, group=None, *, layout: str = "contiguous", dim: int =
     for got, owned in zip(gathered, chunk_ids(world, layout), strict=True):
         parts.update(zip(owned, got.chunk(len(owned), dim), strict=True))
     return torch.cat([parts[c] for c in sorted(parts)], dim)
+
+
+def check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+
+
+def as_global_mask(mask, who: str) -> MaskMod | None:
+    """A context-parallel call's mask as a MaskMod over global positions and heads; block masks are refused (they
+    are built for one shard layout and head slice)."""
+    if mask is None:
+        return None
+    if isinstance(mask, BlockSparse) or _is_flex_block_mask(mask):
+        raise TypeError(f"mask: {who} takes a mask_mod (b, h, q_idx, kv_idx) over global positions and heads "
+                        f"(block masks are built for one shard layout), got {type(mask).__name__}")
+    return as_mask_mod(mask)
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

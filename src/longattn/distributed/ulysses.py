@@ -1,8 +1,8 @@
 """Ulysses attention (DeepSpeed-Ulysses, Jacobs et al., 2023): an all-to-all turns sequence shards into head shards,
 so each rank runs ordinary attention over the whole sequence for H/W heads, and a second all-to-all turns the
-output back. Any longattn mask works unchanged — a mask_mod sees global positions and, through
-``MaskMod.head_offset``, global head indices — which is what the ring path cannot offer; heads (query and kv) must
-divide by the group size."""
+output back. Any mask_mod works unchanged — it sees global positions and, through ``MaskMod.head_offset``, global
+head indices — and the local call takes whatever backend suits it (SDPA for plain causal); heads (query and kv)
+must divide by the group size."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longattn.api import IMPLS, _is_flex_block_mask, attention
-from longattn.distributed.sharding import check_qkv, group_info
-from longattn.masks.block_sparse import BlockSparse
-from longattn.masks.core import as_mask_mod
+from longattn.api import attention
+from longattn.distributed.sharding import as_global_mask, check_impl, check_qkv, group_info
 
 
 class _AllToAll(torch.autograd.Function):
@@ -48,18 +46,15 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, causal: boo
     all-to-alls around one local ``longattn.attention`` call over all tokens and H/W heads. ``mask``: None or a
     mask_mod over global positions and global head indices. Returns this rank's output shard (and float32 LSE)."""
     check_qkv(q, k, v)
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    check_impl(impl)
     rank, world = group_info(group)
     for name, heads in (("q", q.shape[1]), ("k", k.shape[1])):
         if heads % world:
             raise ValueError(f"{name}: {heads} heads do not split over {world} ranks; Ulysses needs heads "
                              f"divisible by the group size (use ring_attention)")
+    mask = as_global_mask(mask, "ulysses_attention")
     if mask is not None:
-        if isinstance(mask, BlockSparse) or _is_flex_block_mask(mask):
-            raise TypeError(f"mask: ulysses_attention takes a mask_mod (b, h, q_idx, kv_idx) over global positions "
-                            f"and heads (block masks are built for one head layout), got {type(mask).__name__}")
-        mask = as_mask_mod(mask).head_offset(rank * q.shape[1] // world)
+        mask = mask.head_offset(rank * q.shape[1] // world)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     heads_q, heads_k, heads_v = (_AllToAll.apply(t, group, 1, 2) for t in (q, k, v))
     result = attention(heads_q, heads_k, heads_v, mask=mask, causal=causal, scale=scale, impl=impl,
