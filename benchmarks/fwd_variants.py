@@ -4,6 +4,7 @@ loop on one GPU call, each checked against the production kernel and timed besid
 Variants (constexpr switches of one experimental kernel; the partial-block loop is the production one):
   ROWS=64   each 128-row query block split over two 4-warp programs of 64 rows (two programs per SM with one
             K/V stage each, scheduled independently: no shared barrier keeps their softmax and MMA phases aligned)
+  COLS=64   each 128-key block walked as two 64-key steps (half the S tile per step; FlexAttention's block width)
   EXP=1     odd columns' exp2 on the FMA/ALU pipes (Cody-Waite split + degree-3 polynomial, rel. err 1e-4),
             even columns on the MUFU unit (FA4's split of the exponentials between the two pipes)
   LAZY      the running max is only raised (and acc rescaled) when some row's max grew by more than 2^8,
@@ -76,10 +77,12 @@ def _fwd_var_kernel(
     IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch,
     qk_scale, H, GROUP, SEQ_Q, N_QB,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, HEAD_DIM: tl.constexpr, DTYPE_KEY: tl.constexpr,
-    LAZY: tl.constexpr, EXP: tl.constexpr, ROWS: tl.constexpr,
+    LAZY: tl.constexpr, EXP: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
 ):
-    """The production _fwd_tma_kernel with the full-block loop's softmax switched by LAZY / EXP."""
+    """The production _fwd_tma_kernel with the full-block loop's softmax switched by LAZY / EXP, ROWS query rows
+    per program and COLS keys per step."""
     WORDS: tl.constexpr = BLOCK_KV // 32
+    STEPS: tl.constexpr = BLOCK_KV // COLS
     SUB: tl.constexpr = BLOCK_Q // ROWS
     pid_m = N_QB - 1 - tl.program_id(0) // SUB
     r0 = (tl.program_id(0) % SUB) * ROWS
@@ -98,23 +101,26 @@ def _fwd_var_kernel(
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     for j in range(0, n_full):
-        k0 = tl.load(IDX + row + j) * BLOCK_KV
-        s = tl.dot(q, tl.trans(kbs._tile(desc_k, b, hk, k0, BLOCK_KV, HEAD_DIM)))
-        v = kbs._tile(desc_v, b, hk, k0, BLOCK_KV, HEAD_DIM)
-        m_i, l_i, acc = _update(s, m_i, l_i, acc, v, qk_scale, LAZY, EXP)
+        for t in tl.static_range(STEPS):
+            k0 = tl.load(IDX + row + j) * BLOCK_KV + t * COLS
+            s = tl.dot(q, tl.trans(kbs._tile(desc_k, b, hk, k0, COLS, HEAD_DIM)))
+            v = kbs._tile(desc_v, b, hk, k0, COLS, HEAD_DIM)
+            m_i, l_i, acc = _update(s, m_i, l_i, acc, v, qk_scale, LAZY, EXP)
     for j in range(n_full, n_all):
-        k0 = tl.load(IDX + row + j) * BLOCK_KV
-        s = tl.dot(q, tl.trans(kbs._tile(desc_k, b, hk, k0, BLOCK_KV, HEAD_DIM))) * qk_scale
-        tile = tl.load(TID + row + j).to(tl.int64)
-        s = tl.where(kbs._tile_keep(TILES, tile, r0 + offs_m, 0, BLOCK_Q, WORDS, ROWS, BLOCK_KV), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = kbs._tile(desc_v, b, hk, k0, BLOCK_KV, HEAD_DIM)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        for t in tl.static_range(STEPS):
+            k0 = tl.load(IDX + row + j) * BLOCK_KV + t * COLS
+            s = tl.dot(q, tl.trans(kbs._tile(desc_k, b, hk, k0, COLS, HEAD_DIM))) * qk_scale
+            tile = tl.load(TID + row + j).to(tl.int64)
+            keep = kbs._tile_keep(TILES, tile, r0 + offs_m, t * COLS, BLOCK_Q, WORDS, ROWS, COLS)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = kbs._tile(desc_v, b, hk, k0, COLS, HEAD_DIM)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -122,8 +128,9 @@ def _fwd_var_kernel(
     tl.store(LSE + b.to(tl.int64) * s_lb + h * s_lh + q0 + offs_m, lse, mask=offs_m < SEQ_Q - q0)
 
 
-VARIANTS = {"base": (False, 0, 128), "lazy": (True, 0, 128), "exp-split": (False, 1, 128), "rows64": (False, 0, 64)}
-CONFIGS = {128: [(8, 2), (8, 3)], 64: [(4, 1), (4, 2)]}  # rows -> (warps, stages)
+VARIANTS = {"base": (False, 0, 128, 128), "lazy": (True, 0, 128, 128), "exp-split": (False, 1, 128, 128),
+            "rows64": (False, 0, 64, 128), "cols64": (False, 0, 128, 64)}  # lazy, exp, rows, cols
+CONFIGS = {(128, 128): [(8, 2), (8, 3)], (64, 128): [(4, 1), (4, 2)], (128, 64): [(8, 2), (8, 3), (8, 4)]}
 
 
 def variant(q, k, v, bs, name: str, cfg: tuple[int, int]):
@@ -133,12 +140,15 @@ def variant(q, k, v, bs, name: str, cfg: tuple[int, int]):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     grid, args, consts = kbs._fwd_tma_args(q, k, v, out, lse, bs, q.shape[-1] ** -0.5)
-    lazy, exp, rows = VARIANTS[name]
+    lazy, exp, rows, cols = VARIANTS[name]
     sub = consts["BLOCK_Q"] // rows
-    dq, do = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]]) for t in (q, out))
-    args = (dq, *args[1:3], do, *args[4:])
-    _fwd_var_kernel[(grid[0] * sub, grid[1])](*args, **consts, LAZY=lazy, EXP=exp, ROWS=rows, num_warps=cfg[0],
-                                              num_stages=cfg[1])
+
+    def desc(t, n):
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, n, t.shape[-1]])
+
+    args = (desc(q, rows), desc(k, cols), desc(v, cols), desc(out, rows), *args[4:])
+    _fwd_var_kernel[(grid[0] * sub, grid[1])](*args, **consts, LAZY=lazy, EXP=exp, ROWS=rows, COLS=cols,
+                                              num_warps=cfg[0], num_stages=cfg[1])
     return out, lse
 
 
@@ -151,19 +161,20 @@ def aot() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    desc = "tensordesc<bf16[1, 1, 128, 128]>"
-    sig = {"desc_q": None, "desc_k": desc, "desc_v": desc, "desc_o": None, "LSE": "*fp32", "s_lb": "i32",
+    sig = {"desc_q": None, "desc_k": None, "desc_v": None, "desc_o": None, "LSE": "*fp32", "s_lb": "i32",
            "s_lh": "i32", "IDX": "*i32", "CNT": "*i32", "FULL": "*i32", "TID": "*i32", "TILES": "*i32",
            "s_ib": "i32", "s_ih": "i32", "s_im": "i32", "s_cb": "i32", "s_ch": "i32", "qk_scale": "fp32",
            "H": "i32", "GROUP": "i32", "SEQ_Q": "i32", "N_QB": "i32", "BLOCK_Q": "constexpr",
            "BLOCK_KV": "constexpr", "HEAD_DIM": "constexpr", "DTYPE_KEY": "constexpr", "LAZY": "constexpr",
-           "EXP": "constexpr", "ROWS": "constexpr"}
+           "EXP": "constexpr", "ROWS": "constexpr",
+           "COLS": "constexpr"}
     bin_dir = triton.backends.nvidia.__path__[0] + "/bin"
-    for name, (lazy, exp, rows) in VARIANTS.items():
+    for name, (lazy, exp, rows, cols) in VARIANTS.items():
         sig["desc_q"] = sig["desc_o"] = f"tensordesc<bf16[1, 1, {rows}, 128]>"
-        for w, st in CONFIGS[rows]:
+        sig["desc_k"] = sig["desc_v"] = f"tensordesc<bf16[1, 1, {cols}, 128]>"
+        for w, st in CONFIGS[rows, cols]:
             consts = {"BLOCK_Q": 128, "BLOCK_KV": 128, "HEAD_DIM": 128, "DTYPE_KEY": "torch.bfloat16",
-                      "LAZY": lazy, "EXP": exp, "ROWS": rows}
+                      "LAZY": lazy, "EXP": exp, "ROWS": rows, "COLS": cols}
             src = ASTSource(_fwd_var_kernel, sig, consts)
             k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": w, "num_stages": st})
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -209,7 +220,7 @@ def main() -> None:
         ref, ref_lse = kbs.block_sparse_forward(q, k, v, bs, D ** -0.5)
         res = {"production": bench(lambda b=bs: kbs.block_sparse_forward(q, k, v, b, D ** -0.5))}
         for name in chosen:
-            for cfg in CONFIGS[VARIANTS[name][2]]:
+            for cfg in CONFIGS[VARIANTS[name][2:]]:
                 key = f"{name}{cfg}"
                 try:
                     o, lse = variant(q, k, v, bs, name, cfg)
