@@ -126,11 +126,12 @@ class _RingAttention(torch.autograd.Function):
         out = torch.zeros(B, H, n, D, dtype=acc, device=q.device)
         lse = torch.full((B, H, n), float("-inf"), dtype=acc, device=q.device)
         kv = torch.stack([k, v])
-        for step in range(world):
+        plans = [_plan((rank - step) % world, rank, world, q, causal, mask, layout) for step in range(world)]
+        for step, plan in enumerate(plans):
             pending = []
             if step < world - 1:
                 incoming, pending = _exchange(kv, group, rank, world)
-            for rows, cols, c, m in _plan((rank - step) % world, rank, world, q, causal, mask, layout):
+            for rows, cols, c, m in plan:
                 o_part, l_part = attention(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], mask=m, causal=c,
                                            scale=scale, impl=impl, return_lse=True)
                 _merge_into(out, lse, rows, o_part, l_part)
@@ -139,23 +140,23 @@ class _RingAttention(torch.autograd.Function):
                 kv = incoming
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, mask, scale, group, layout, impl)
+        ctx.args = (plans, scale, group, impl)  # the same pieces (and mask objects, so cached block maps) backward
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, mask, scale, group, layout, impl = ctx.args
+        plans, scale, group, impl = ctx.args
         rank, world = group_info(group)
         acc = lse.dtype
         dq = torch.zeros_like(q, dtype=acc)
         kv = torch.stack([k, v])
         dkv = torch.zeros_like(kv, dtype=acc)
-        for step in range(world):
+        for step, plan in enumerate(plans):
             pending = []
             if step < world - 1:
                 incoming, pending = _exchange(kv, group, rank, world)
-            for rows, cols, c, m in _plan((rank - step) % world, rank, world, q, causal, mask, layout):
+            for rows, cols, c, m in plan:
                 dq_p, dk_p, dv_p = _piece_grads(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], c, m, scale,
                                                 impl, out[:, :, rows], lse[:, :, rows], d_out[:, :, rows],
                                                 None if d_lse is None else d_lse[:, :, rows])
