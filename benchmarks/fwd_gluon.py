@@ -1,7 +1,8 @@
-"""The Gluon forward (kernels/block_sparse_gluon.py: explicit async wgmma, softmax overlapped with the previous
-block's P @ V) on one GPU call: first held equal to the production TMA kernel over odd lengths, GQA, head dims and
-masks, then timed beside it and compiled FlexAttention at SEQ (issue 2: forward >= 1.2x FlexAttention).
-Usage: fwd_gluon.py [SEQ] [PATTERNS] [VARIANT-sSTAGES,...]. Notes: benchmarks/NOTES-kernels.md."""
+"""The Hopper Gluon forward (kernels/block_sparse_gluon.py) on one GPU call: first held equal to the Triton TMA
+kernel over odd lengths, GQA, head dims and masks, then timed beside it and compiled FlexAttention at SEQ
+(issue 2: forward >= 1.2x FlexAttention). The variants compared in session 15 (8-warp overlap, ping-pong, 2 vs 3
+stages) are in commit aac53a5's copy of this script and the kernel module.
+Usage: fwd_gluon.py [SEQ] [PATTERNS]. Notes: benchmarks/NOTES-kernels.md."""
 
 import sys
 
@@ -10,20 +11,10 @@ import triton
 
 from longattn import masks
 from longattn.kernels import block_sparse as kbs
-from longattn.kernels import block_sparse_gluon as kbg
 from longattn.masks.block_sparse import BlockSparse
 
 
-def gluon(q, k, v, bs, stages: int, variant: str):
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    kbg.gluon_forward(q, k, v, out, lse, bs, q.shape[-1] ** -0.5,
-                      kbs._list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids)), kbs._tiles(bs),
-                      stages=stages, variant=variant)
-    return out, lse
-
-
-def check(configs: list[tuple[str, int]]) -> bool:
+def check() -> bool:
     """Gluon vs production TMA kernel: same inputs, max abs diff of outputs and LSE."""
     ok = True
     cases = [
@@ -42,18 +33,17 @@ def check(configs: list[tuple[str, int]]) -> bool:
         q = torch.randn(B, H, Sq, D, device="cuda", dtype=dt, generator=g)
         k, v = (torch.randn(B, Hk, Skv, D, device="cuda", dtype=dt, generator=g) for _ in range(2))
         bs = BlockSparse.from_mask_mod(mask, B, H, Sq, Skv, 128, device="cuda")
-        ref, ref_lse = kbs.block_sparse_forward(q, k, v, bs, D ** -0.5)
-        for var, st in configs:
-            o, lse = gluon(q, k, v, bs, st, var)
-            torch.cuda.synchronize()
-            finite = torch.isfinite(ref_lse)
-            err = (o.float() - ref.float()).abs().max().item()
-            lerr = (lse[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
-            same_inf = torch.equal(torch.isinf(lse), ~finite)
-            good = err <= 2e-2 and lerr <= 1e-3 and same_inf and not torch.isnan(o).any()
-            ok &= good
-            print(f"check B{B} H{H}/{Hk} {Sq}x{Skv} d{D} {str(dt)[6:]} {var}-s{st}: out {err:.2e} lse {lerr:.2e} "
-                  f"{'ok' if good else 'WRONG'}", flush=True)
+        ref, ref_lse = kbs.block_sparse_forward(q, k, v, bs, D ** -0.5, path="tma")
+        o, lse = kbs.block_sparse_forward(q, k, v, bs, D ** -0.5, path="gluon")
+        torch.cuda.synchronize()
+        finite = torch.isfinite(ref_lse)
+        err = (o.float() - ref.float()).abs().max().item()
+        lerr = (lse[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
+        same_inf = torch.equal(torch.isinf(lse), ~finite)
+        good = err <= 2e-2 and lerr <= 1e-3 and same_inf and not torch.isnan(o).any()
+        ok &= good
+        print(f"check B{B} H{H}/{Hk} {Sq}x{Skv} d{D} {str(dt)[6:]}: out {err:.2e} lse {lerr:.2e} "
+              f"{'ok' if good else 'WRONG'}", flush=True)
     return ok
 
 
@@ -67,11 +57,9 @@ def main() -> None:
     S = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
     names = sys.argv[2].split(",") if len(sys.argv) > 2 else ["causal", "sliding_window", "sink_window", "dilated",
                                                               "random_90"]
-    configs = [(c.split("-s")[0], int(c.split("-s")[1])) for c in sys.argv[3].split(",")] if len(sys.argv) > 3 \
-        else [("overlap", 3), ("ws", 2), ("ws", 3), ("pingpong", 2), ("pingpong", 3)]
     print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(), flush=True)
-    if not check(configs):
-        print("gluon kernel differs from the production kernel; timing anyway")
+    if not check():
+        print("gluon kernel differs from the TMA kernel; timing anyway")
     H, D, dev, dt = 32, 128, "cuda", torch.bfloat16
 
     def bench(fn) -> float:
@@ -85,9 +73,8 @@ def main() -> None:
     for pat in names:
         bs = BlockSparse.from_mask_mod(PATTERNS[pat](S, H, 128, dev), 1, H, S, S, 128, device=dev)
         ideal = cudnn * bs.density() * S * S / (S * (S + 1) / 2)
-        res = {"production": bench(lambda b=bs: kbs.block_sparse_forward(q, k, v, b, D ** -0.5))}
-        for var, st in configs:
-            res[f"{var}-s{st}"] = bench(lambda b=bs, s=st, x=var: gluon(q, k, v, b, s, x))
+        res = {path: bench(lambda b=bs, p=path: kbs.block_sparse_forward(q, k, v, b, D ** -0.5, path=p))
+               for path in ("gluon", "tma")}
         torch._dynamo.reset()
         flex = torch.compile(flex_attention, dynamic=False)
         bm = bs.to_flex()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import longattn.kernels.block_sparse as kbs
 from longattn import masks
@@ -72,14 +74,22 @@ TMA_MASKS = {
 }
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9, reason="needs sm90+")
-@pytest.mark.parametrize("path", ["tma", "generic"])
+def _needs(path: str) -> None:
+    """Skip a forced kernel path this GPU cannot run: Gluon wgmma is Hopper-only, TMA needs sm90+."""
+    major = torch.cuda.get_device_capability()[0]
+    if (path == "gluon" and major != 9) or (path == "tma" and major < 9):
+        pytest.skip(f"path {path!r} does not run on sm{major}x")
+
+
+@pytest.mark.parametrize("path", ["gluon", "tma", "generic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mask_name", list(TMA_MASKS))
 @pytest.mark.parametrize("shape", [(4097, 128, 8, 2), (3000, 64, 4, 4), (1000, 128, 4, 1), (2048, 128, 8, 2)],
                          ids=lambda s: f"s{s[0]}-d{s[1]}-h{s[2]}/{s[3]}")
 def test_gpu_forward_paths_match_oracle(shape, mask_name, dtype, path):
-    """Both forward paths (TMA on sm90+, generic) against the oracle: odd lengths, GQA, partial tiles, empty rows."""
+    """Every forward path (Gluon on Hopper, TMA on sm90+, generic) against the oracle: odd lengths, GQA, partial
+    tiles, empty rows."""
+    _needs(path)
     S, D, Hq, Hkv = shape
     q, k, v = _inputs(1, Hq, Hkv, S, S, D, dtype)
     mask = TMA_MASKS[mask_name](S)
@@ -90,11 +100,50 @@ def test_gpu_forward_paths_match_oracle(shape, mask_name, dtype, path):
         assert torch.isneginf(lse[:, 1, 2::5]).all() and (out[:, 1, 2::5] == 0).all()
 
 
-def test_gpu_auto_forward_takes_tma_on_hopper():
+@pytest.mark.parametrize("shape", [(2, 300, 1000, 128, 8, 2), (3, 1, 129, 64, 4, 1), (1, 5000, 5000, 128, 32, 8)],
+                         ids=lambda s: f"b{s[0]}-q{s[1]}-kv{s[2]}-d{s[3]}-h{s[4]}/{s[5]}")
+def test_gpu_gluon_chunked_prefill_and_batches(shape):
+    """The Gluon forward with seq_q != seq_kv (bottom-right causal, as chunked prefill), batches and GQA 4/8."""
+    _needs("gluon")
+    B, Sq, Skv, D, Hq, Hkv = shape
+    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D, torch.bfloat16)
+    mask = masks.causal(offset=Skv - Sq)
+    bs = BlockSparse.from_mask_mod(mask, B, Hq, Sq, Skv, (128, 128), device="cuda")
+    check_against_oracle(_forward_path(bs, "gluon"), q, k, v, mask=mask, backward=False)
+
+
+@settings(max_examples=30, deadline=None)
+@given(sq=st.integers(1, 700), skv=st.integers(1, 700), density=st.floats(0.0, 1.0), p=st.floats(0.3, 1.0),
+       group=st.sampled_from([1, 4]), seed=st.integers(0, 2**16))
+def test_gpu_gluon_random_masks(sq, skv, density, p, group, seed):
+    """Random block lists with random element holes (some rows empty) through the Gluon forward, against the
+    generic kernel on the same BlockSparse (itself held to the oracle above); LSE -inf exactly where it is."""
+    _needs("gluon")
+    q, k, v = _inputs(1, group, 1, sq, skv, 128, torch.bfloat16, seed)
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.rand(1, group, -(-sq // 128), -(-skv // 128), generator=g) < density
+    table = (torch.rand(group, sq, skv, generator=g) < p) & blocks.repeat_interleave(128, 2).repeat_interleave(
+        128, 3)[0, :, :sq, :skv]
+    mask = masks.MaskMod(lambda b, h, qi, kv: table.to(qi.device)[h, qi, kv])
+    bs = BlockSparse.from_mask_mod(mask, 1, group, sq, skv, (128, 128), device="cuda")
+    out, lse = kbs.block_sparse_forward(q, k, v, bs, 0.1, path="gluon")
+    ref, ref_lse = kbs.block_sparse_forward(q, k, v, bs, 0.1, path="generic")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=0)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=0)
+
+
+def test_gpu_auto_forward_takes_the_fastest_path():
+    """auto: the Gluon kernel on Hopper, the TMA kernel on other sm90+ parts, else the generic one."""
     q, k, v = _inputs(1, 2, 2, 256, 256, 128, torch.bfloat16)
     bs = BlockSparse.from_mask_mod(masks.causal(), 1, 2, 256, 256, 128, device="cuda")
-    hopper = torch.cuda.get_device_capability()[0] >= 9
-    assert kbs._tma_applies(q, k, v, torch.empty_like(q), bs, None) == hopper
+    major = torch.cuda.get_device_capability()[0]
+    assert kbs._tma_applies(q, k, v, torch.empty_like(q), bs, None) == (major >= 9)
+    assert kbs._gluon_applies(q, bs) == (major == 9)
+    if major == 9:
+        torch.testing.assert_close(kbs.block_sparse_forward(q, k, v, bs, 0.1)[0],
+                                   kbs.block_sparse_forward(q, k, v, bs, 0.1, path="gluon")[0], atol=0, rtol=0)
     torch.testing.assert_close(kbs.block_sparse_forward(q, k, v, bs, 0.1)[0],
                                kbs.block_sparse_forward(q, k, v, bs, 0.1, path="generic")[0], atol=2e-2, rtol=0)
 

@@ -245,3 +245,5 @@ def test_tma_path_refuses_what_it_cannot_take():
         kbs.block_sparse_forward(q.float(), k.float(), v.float(), bs, 0.2, path="tma")
     with pytest.raises(ValueError, match="path"):
         kbs.block_sparse_forward(q, k, v, bs, 0.2, path="fast")
+    with pytest.raises(ValueError, match="path: 'gluon'"):  # Hopper GPUs only; 32x32 blocks here in any case
+        kbs.block_sparse_forward(q, k, v, bs, 0.2, path="gluon")

@@ -1,0 +1,107 @@
+"""The Hopper Gluon forward compiled for sm_90 on this (GPU-less) machine: it must build with the installed Triton,
+without register spills, inside the shared-memory limit, and keep Q @ K^T and P @ V in flight together (the
+overlap it exists for). Running it is tests/gpu's job (test_gpu_kernels.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+import triton
+
+SM90_SHARED_LIMIT = 232448  # bytes of dynamic shared memory one block may use on sm_90
+
+
+def _cuobjdump() -> str:
+    import triton.backends.nvidia as nv
+
+    path = os.path.join(nv.__path__[0], "bin", "cuobjdump")
+    if not os.path.exists(path):
+        pytest.skip("this Triton wheel ships no cuobjdump")
+    return path
+
+
+def _compile(dtype: torch.dtype, head_dim: int):
+    """triton.compile of _fwd_ws_kernel for sm_90 with the launch's own signature and constants."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    from longattn.kernels import block_sparse_gluon as kbg
+
+    x = torch.zeros(1, 1, 256, head_dim, dtype=dtype)
+    gdtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+
+    def desc(rows: int) -> str:
+        block = [1, 1, rows, head_dim]
+        return mangle_type(TensorDescriptor(x, list(x.shape), list(x.stride()), block,
+                                            gl.NVMMASharedLayout.get_default_for(block, gdtype)))
+
+    fn = kbg._fwd_ws_kernel
+    sig = dict.fromkeys(fn.arg_names, "i32")
+    sig.update(desc_q=desc(kbg.BLOCK // 2), desc_o=desc(kbg.BLOCK // 2), desc_k=desc(kbg.BLOCK),
+               desc_v=desc(kbg.BLOCK), LSE="*fp32", IDX="*i32", CNT="*i32", FULL="*i32", TID="*i32",
+               TILES="*i32", qk_scale="fp32", BLOCK_Q="constexpr", NSLOT="constexpr")
+    consts = {"BLOCK_Q": kbg.BLOCK, "NSLOT": kbg.STAGES}
+    return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4})
+
+
+CONFIGS = {"bf16-d128": (torch.bfloat16, 128), "fp16-d64": (torch.float16, 64)}
+
+
+def report() -> None:
+    """Compile every config and print what the test checks, as JSON (run in a subprocess, see below)."""
+    import json
+    import tempfile
+
+    out = {}
+    for name, (dtype, head_dim) in CONFIGS.items():
+        kernel = _compile(dtype, head_dim)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        out[name] = {
+            "spills": bool(re.search(r"\b(LDL|STL)\b", sass)),
+            "shared": kernel.metadata.shared,
+            "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
+            "overlap": "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass,
+            "producer_regs": bool(re.search(r"SETMAXREG\.DEALLOC\S* 0x18\b", sass)),
+            "consumer_regs": bool(re.search(r"SETMAXREG\.TRY_ALLOC\S* UP0, 0xe8\b", sass)),
+        }
+    print(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    """The report from a fresh interpreter without TRITON_INTERPRET: under the interpreter (as the rest of the
+    suite runs) triton.language's own jit helpers are interpreted functions the compiler cannot inline."""
+    import json
+    import sys
+
+    _cuobjdump()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run([sys.executable, "-c", "from tests.kernels.test_block_sparse_gluon_sass import report; "
+                          "report()"], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gluon_forward_compiles_for_hopper(compiled, name):
+    got, head_dim = compiled[name], CONFIGS[name][1]
+    assert not got["spills"], "register spills to local memory"
+    assert got["shared"] <= SM90_SHARED_LIMIT
+    # two consumers x (first Q @ K^T, loop Q @ K^T, loop P @ V, last P @ V): head_dim/16 or 128/16 wgmmas each
+    assert got["hgmma"] == 2 * (2 * (head_dim // 16) + 2 * (128 // 16))
+    # the loop waits for Q @ K^T with P @ V still in flight: a wait that leaves one wgmma group outstanding
+    assert got["overlap"]
+    # warp specialisation happened: the producer warp gives registers up, the second consumer takes 232
+    assert got["producer_regs"] and got["consumer_regs"]
