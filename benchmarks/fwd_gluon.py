@@ -2,7 +2,7 @@
 kernel over odd lengths, GQA, head dims and masks, then timed beside it and compiled FlexAttention at SEQ
 (issue 2: forward >= 1.2x FlexAttention). The variants compared in session 15 (8-warp overlap, ping-pong, 2 vs 3
 stages) are in commit aac53a5's copy of this script and the kernel module.
-Usage: fwd_gluon.py [SEQ] [PATTERNS]. Notes: benchmarks/NOTES-kernels.md."""
+Usage: fwd_gluon.py [SEQ] [PATTERNS] [HEAD_DIM] [nocheck]. Notes: benchmarks/NOTES-kernels.md."""
 
 import sys
 
@@ -58,9 +58,10 @@ def main() -> None:
     names = sys.argv[2].split(",") if len(sys.argv) > 2 else ["causal", "sliding_window", "sink_window", "dilated",
                                                               "random_90"]
     print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(), flush=True)
-    if not check():
+    if "nocheck" not in sys.argv and not check():
         print("gluon kernel differs from the TMA kernel; timing anyway")
-    H, D, dev, dt = 32, 128, "cuda", torch.bfloat16
+    D = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3].isdigit() else 128
+    H, dev, dt = 32, "cuda", torch.bfloat16
 
     def bench(fn) -> float:
         return do_bench(fn, warmup=50, rep=300, return_mode="median")
