@@ -247,3 +247,19 @@ def test_tma_path_refuses_what_it_cannot_take():
         kbs.block_sparse_forward(q, k, v, bs, 0.2, path="fast")
     with pytest.raises(ValueError, match="path: 'gluon'"):  # Hopper GPUs only; 32x32 blocks here in any case
         kbs.block_sparse_forward(q, k, v, bs, 0.2, path="gluon")
+
+
+def test_forward_kernel_names_the_kernel_a_call_runs():
+    """auto takes the generic kernel off the GPU (the interpreter runs the TMA one only when asked); a forced
+    path that cannot run is refused by name."""
+    q, k, v = _inputs(1, 2, 2, 64, 64, 32, torch.float16)
+    bs = BlockSparse.from_mask_mod(masks.causal(), 1, 2, 64, 64, (32, 32), device=DEVICE)
+    if DEVICE == "cpu":
+        assert kbs.forward_kernel(q, k, v, bs) == "generic"
+        assert kbs.forward_kernel(q, k, v, bs, path="generic") == "generic"
+        if kbs.INTERPRET:
+            assert kbs.forward_kernel(q, k, v, bs, path="tma") == "tma"
+    with pytest.raises(ValueError, match="path: 'gluon'"):
+        kbs.forward_kernel(q, k, v, bs, path="gluon")
+    with pytest.raises(ValueError, match="path: expected"):
+        kbs.forward_kernel(q, k, v, bs, path="cudnn")

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from longattn import masks
 from longattn.api import attention
 from longattn.bench.timing import append_jsonl, environment, median_ms, peak_memory
+from longattn.kernels.block_sparse import forward_kernel
 from longattn.kernels.reference import reference_attention
 from longattn.masks.block_sparse import BlockSparse
 from longattn.masks.core import MaskMod
@@ -128,7 +129,8 @@ def run(patterns: list[str], lengths: list[int], *, directions: tuple[str, ...] 
                 "density_vs_causal": retained_area / causal_area, "build_ms": t_build, "ms": ms,
                 "tflops_actual": _flops(shape, retained_area, direction) / ms / 1e9,
                 "tflops_dense_equiv": _flops(shape, causal_area, direction) / ms / 1e9,
-                "peak_mem_bytes": mem, "max_abs_err": err, "correct": None if err is None else err <= tol, **env,
+                "peak_mem_bytes": mem, "max_abs_err": err, "correct": None if err is None else err <= tol,
+                "fwd_kernel": forward_kernel(q, k, v, bs) if on_gpu else None, **env,
             }
             if anchors:
                 row.update(_anchors(direction, shape, mask, bs, dev, sdpa_cache, on_gpu))

@@ -587,17 +587,14 @@ def _gluon_applies(q: Tensor, bs: BlockSparse) -> bool:
     return gluon_applies(q, bs)
 
 
-def block_sparse_forward(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale: float,
-                         bias: tuple[Tensor, Tensor] | None = None, path: str = "auto") -> tuple[Tensor, Tensor]:
-    """Launch the forward kernel. Inputs validated by the caller; last dims contiguous, bias rank padded to 16k.
-    ``path``: "gluon" (warp-specialised Hopper kernel, kernels/block_sparse_gluon.py), "tma" (Triton
-    tensor-descriptor kernel), "generic", or "auto" (the first of these that applies)."""
+def forward_kernel(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, bias: tuple[Tensor, Tensor] | None = None,
+                   path: str = "auto", out: Tensor | None = None) -> str:
+    """Which forward kernel a call runs: "gluon" (warp-specialised Hopper kernel, kernels/block_sparse_gluon.py),
+    "tma" (Triton tensor-descriptor kernel) or "generic"; ``path="auto"`` takes the first that applies, a forced
+    path is checked (ValueError naming ``path`` when it cannot run these inputs). Benchmarks record it per row."""
     if path not in ("auto", "gluon", "tma", "generic"):
         raise ValueError(f"path: expected 'auto', 'gluon', 'tma' or 'generic', got {path!r}")
-    B, H, Sq, D = q.shape
-    out = _empty_like(q)
-    lse = _empty((B, H, Sq), torch.float32, q.device)
-    applies = path != "generic" and _tma_applies(q, k, v, out, bs, bias)
+    applies = path != "generic" and _tma_applies(q, k, v, q if out is None else out, bs, bias)
     if path in ("tma", "gluon") and not applies:
         raise ValueError(f"path: {path!r} needs fp16/bf16 plain batches without bias or gathered columns, "
                          "16-byte aligned, on a CUDA sm90+ device" + (" or the interpreter" if path == "tma" else ""))
@@ -605,12 +602,25 @@ def block_sparse_forward(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale
     if path == "gluon" and not gluon:
         raise ValueError("path: 'gluon' needs a Hopper (sm90) GPU, 128 x 128 blocks and head_dim 64 or 128")
     if gluon:
+        return "gluon"
+    return "tma" if applies and (path == "tma" or not INTERPRET) else "generic"
+
+
+def block_sparse_forward(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale: float,
+                         bias: tuple[Tensor, Tensor] | None = None, path: str = "auto") -> tuple[Tensor, Tensor]:
+    """Launch the forward kernel. Inputs validated by the caller; last dims contiguous, bias rank padded to 16k.
+    ``path``: "gluon", "tma", "generic" or "auto" (see forward_kernel)."""
+    B, H, Sq, D = q.shape
+    out = _empty_like(q)
+    lse = _empty((B, H, Sq), torch.float32, q.device)
+    kernel = forward_kernel(q, k, v, bs, bias, path, out)
+    if kernel == "gluon":
         from longattn.kernels.block_sparse_gluon import gluon_forward
 
         lists = _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
         gluon_forward(q, k, v, out, lse, bs, scale * LOG2E, lists, _tiles(bs))
         return out, lse
-    if applies and (path == "tma" or not INTERPRET):
+    if kernel == "tma":
         grid, args, consts = _fwd_tma_args(q, k, v, out, lse, bs, scale)
         _fwd_tma_kernel[grid](*args, **consts)
         return out, lse
