@@ -163,14 +163,14 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     from longattn.eval.methods import parse_method
     from longattn.eval.perplexity import text_ids
     from longattn.hf.models import load_model
+    from longattn.jsonl import open_append
 
     specs = [parse_method(m) for m in args.methods.split(",")]
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     print("| method | length | density | mass recall (mean / min head) | output rel. error (mean / max head) |")
     print("|---|---|---|---|---|")
-    with out.open("a") as f:
+    with open_append(out) as f:
         for n in _ints(args.lengths):
             ids = text_ids(tokenizer, n, args.haystack)
             for spec in specs:
@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--block", type=int, default=128)
         parser.add_argument("--device", choices=["auto", "cpu"], default="auto")
         parser.add_argument("--no-anchors", action="store_true", help="skip SDPA / FlexAttention anchors")
-        parser.add_argument("--out", default=None, help="JSONL file to append rows to")
+        parser.add_argument("--out", default=None, help="JSONL file to append rows to; cases it already holds "
+                            "for this device, versions and commit are not re-run (resume)")
         parser.add_argument("--plot", default=None, help="PNG path for the summary plot")
         parser.set_defaults(fn=fn)
     for name, fn, helptext, defaults in (

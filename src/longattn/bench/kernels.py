@@ -92,18 +92,47 @@ def _max_err_vs_reference(q, k, v, mask, bs: BlockSparse, impl: str) -> float:
     return float((ours.float() - ref.float()).abs().max())
 
 
+# What makes a row the same measurement: a rerun into the same file skips these (a new commit re-measures).
+KEY_FIELDS = ("suite", "op", "pattern", "batch", "heads_q", "heads_kv", "seq_q", "head_dim", "dtype", "block",
+              "anchors", "device", "torch", "triton", "git_sha")
+
+
+def _finished(out: Path) -> dict[tuple, dict]:
+    """Rows already in ``out`` by KEY_FIELDS (a torn last line from a killed run is skipped)."""
+    from longattn.eval.report import load_rows
+
+    if not out.exists():
+        return {}
+    return {tuple(r.get(k) for k in KEY_FIELDS): r for r in load_rows([out]) if r.get("suite") == "kernels"}
+
+
 def run(patterns: list[str], lengths: list[int], *, directions: tuple[str, ...] = ("fwd", "bwd"),
         heads: int = 32, heads_kv: int | None = None, head_dim: int = 128, batch: int = 1,
         dtype: torch.dtype = torch.bfloat16, block: int = 128, out: Path, anchors: bool = True,
         device: str | None = None) -> list[dict]:
-    """Benchmark every (pattern, length, direction); append rows to ``out`` (JSONL) and return them."""
+    """Benchmark every (pattern, length, direction); append rows to ``out`` (JSONL) and return them. Cases whose
+    rows ``out`` already holds for this device, versions and commit are not re-run (their rows are returned), so a
+    killed run resumes where it stopped."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = dev.type == "cuda"
     env = environment(dev)
     rows: list[dict] = []
+    done = _finished(out)
+    dtype_name = str(dtype).removeprefix("torch.")
+
+    def key(name: str, S: int, direction: str) -> tuple:
+        fields = {"suite": "kernels", "op": direction, "pattern": name, "batch": batch, "heads_q": heads,
+                  "heads_kv": heads_kv or heads, "seq_q": S, "head_dim": head_dim, "dtype": dtype_name,
+                  "block": block, "anchors": anchors, **env}
+        return tuple(fields[k] for k in KEY_FIELDS)
+
     jobs = [(p, s) for s in lengths for p in patterns]
     sdpa_cache: dict[tuple[int, str, str], float | None] = {}
     for name, S in tqdm(jobs, desc="bench kernels", unit="case"):
+        todo = [d for d in directions if key(name, S, d) not in done]
+        rows.extend(done[key(name, S, d)] for d in directions if d not in todo)
+        if not todo:
+            continue
         shape = Shape(batch, heads, heads_kv or heads, S, head_dim, dtype)
         g = torch.Generator(device=dev).manual_seed(S)
         q = torch.randn(batch, heads, S, head_dim, device=dev, dtype=dtype, generator=g)
@@ -119,13 +148,13 @@ def run(patterns: list[str], lengths: list[int], *, directions: tuple[str, ...] 
         impl = "triton" if on_gpu else "gather"  # the fast path of each device, checked against the reference
         err = _max_err_vs_reference(q, k, v, mask, bs, impl)
         tol = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
-        for direction in directions:
+        for direction in todo:
             leaves = [t.detach().requires_grad_(direction == "bwd") for t in (q, k, v)]
             ms, mem = _timed(direction, lambda lv=leaves, m=bs, i=impl: attention(*lv, mask=m, impl=i), leaves, dev)
             row = {
                 "suite": "kernels", "op": direction, "pattern": name, "impl": impl, "batch": batch,
                 "heads_q": heads, "heads_kv": shape.heads_kv, "seq_q": S, "seq_kv": S, "head_dim": head_dim,
-                "dtype": str(dtype).removeprefix("torch."), "block": block, "density": density,
+                "dtype": dtype_name, "block": block, "anchors": anchors, "density": density,
                 "density_vs_causal": retained_area / causal_area, "build_ms": t_build, "ms": ms,
                 "tflops_actual": _flops(shape, retained_area, direction) / ms / 1e9,
                 "tflops_dense_equiv": _flops(shape, causal_area, direction) / ms / 1e9,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from longattn.jsonl import open_append
+
 
 def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, reps: int = 20) -> float:
     """Median wall time of ``fn`` in milliseconds after warm-up; CUDA events (triton's do_bench) on GPU."""
@@ -58,6 +60,5 @@ def environment(device: torch.device) -> dict[str, str]:
 
 def append_jsonl(path: Path, row: dict) -> None:
     """Append one row (one JSON object per line); the file is created with its folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
+    with open_append(path) as f:
         f.write(json.dumps(row) + "\n")

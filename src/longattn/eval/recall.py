@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longattn.jsonl import open_append
 from longattn.methods.linear.base import LinearLayer
 from longattn.methods.linear.window import WindowAttention
 from longattn.methods.registry import get, names
@@ -273,7 +274,7 @@ def run_recall(configs: list[RecallConfig], out: Path, plot: Path | None = None,
         row = train(cfg, log_every, device)
         print(f"[{i + 1}/{len(configs)}] {row['label']} S={cfg.seq_len}: acc {row['accuracy']:.3f} "
               f"state {row['state_bytes']} B loss {row['final_loss']:.3f} ({row['train_s']} s)", flush=True)
-        with out.open("a") as f:
+        with open_append(out) as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
     keys = {c.key() for c in configs}

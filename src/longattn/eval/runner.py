@@ -28,6 +28,7 @@ from longattn.eval.perplexity import perplexity, text_ids
 from longattn.eval.tasks import make_sample, score
 from longattn.eval.tasks.needles import DEPTHLESS
 from longattn.hf.compat import cache_kwargs, output_cache
+from longattn.jsonl import open_append
 
 KEY_FIELDS = ("task", "haystack", "length", "depth", "seed", "method", "decode", "kv_setting", "model", "dtype")
 # rows written before decode policies (or the question-agnostic setting) were evaluated: dense cache, question-aware
@@ -110,7 +111,7 @@ def run(jobs: list[Job], model, tokenizer, out: Path, *, model_name: str, impl: 
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     bar = tqdm(total=len(todo), disable=not progress, desc="eval", unit="sample")
-    with out.open("a") as f:
+    with open_append(out) as f:
         for method, decode in dict.fromkeys((j.method, j.decode) for j in todo):
             with applied(model, method, impl, decode=decode) as handle:
                 for job in (j for j in todo if (j.method, j.decode) == (method, decode)):
