@@ -263,3 +263,20 @@ def test_forward_kernel_names_the_kernel_a_call_runs():
         kbs.forward_kernel(q, k, v, bs, path="gluon")
     with pytest.raises(ValueError, match="path: expected"):
         kbs.forward_kernel(q, k, v, bs, path="cudnn")
+
+
+def test_gluon_unavailable_warns_once_and_keeps_the_tma_kernel(monkeypatch):
+    """A Triton without Gluon's Hopper API: the choice falls to the TMA kernel, said once, never silently."""
+    import sys
+    import types
+    import warnings
+
+    monkeypatch.setattr(kbs, "INTERPRET", False)
+    monkeypatch.setattr(kbs, "_GLUON_MISSING", [])
+    monkeypatch.setitem(sys.modules, "longattn.kernels.block_sparse_gluon", None)  # import raises ImportError
+    fake_cuda_q = types.SimpleNamespace(is_cuda=True)
+    with pytest.warns(RuntimeWarning, match="Gluon kernel needs Triton"):
+        assert kbs._gluon_applies(fake_cuda_q, None) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kbs._gluon_applies(fake_cuda_q, None) is False
