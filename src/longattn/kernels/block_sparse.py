@@ -16,8 +16,8 @@ On sm90+ GPUs the forward of plain batches (no bias, no gathered columns, fp16/b
 _fwd_tma_kernel: Q/K/V/O move through 4-d tensor descriptors (TMA), query blocks run last-first (longest causal
 rows first), and the softmax folds the scale into one FMA with the P@V product accumulating in place. On Hopper
 with 128 x 128 blocks a third, warp-specialised Gluon kernel takes those calls (block_sparse_gluon.py: softmax
-overlapped with the tensor cores, 1.2-1.3x faster). Everything else, and the interpreter, takes the generic
-kernel; ``block_sparse_forward(path=...)`` forces any of them.
+overlapped with the tensor cores, 1.2-1.5x faster on an H200). Everything else, and the interpreter, takes the
+generic kernel; ``block_sparse_forward(path=...)`` forces any of them.
 """
 
 from __future__ import annotations
