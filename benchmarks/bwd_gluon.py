@@ -181,17 +181,14 @@ def _bwd_dkdv_ws_kernel(desc_q, desc_do, desc_k, desc_v, desc_dk, desc_dv, LSE, 
 
 def dkdv(q, k, v, do, lse, delta, bs, scale: float):
     """dK, dV by the Gluon kernel (lse, delta as the production backward has them: [B, H, S] fp32 contiguous)."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from longattn.kernels.block_sparse_gluon import descriptor
 
     B, H, Sq, D = q.shape
     Hkv = k.shape[1]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
 
     def desc(t, rows=ROWS):
-        block = [1, 1, rows, D]
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
-                                gl.NVMMASharedLayout.get_default_for(block, gdtype))
+        return descriptor(t, rows)
 
     lists = kbs._list_args(tuple(bs.transposed()))
     _bwd_dkdv_ws_kernel[(len(bs.kv_blocks), B * Hkv)](
@@ -226,17 +223,16 @@ def aot() -> None:
 
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
+
+    from longattn.kernels.block_sparse_gluon import descriptor
 
     bin_dir = triton.backends.nvidia.__path__[0] + "/bin"
     for D in (128, 64):
         x = torch.zeros(1, 1, 256, D, dtype=torch.bfloat16)
 
-        def d(rows, x=x, D=D):
-            block = [1, 1, rows, D]
-            return mangle_type(TensorDescriptor(x, list(x.shape), list(x.stride()), block,
-                                                gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)))
+        def d(rows, x=x):
+            return mangle_type(descriptor(x, rows))
 
         fn = _bwd_dkdv_ws_kernel
         sig = dict.fromkeys(fn.arg_names, "i32")

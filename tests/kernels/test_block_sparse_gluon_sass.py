@@ -27,20 +27,15 @@ def _cuobjdump() -> str:
 def _compile(dtype: torch.dtype, head_dim: int):
     """triton.compile of _fwd_ws_kernel for sm_90 with the launch's own signature and constants."""
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
     from longattn.kernels import block_sparse_gluon as kbg
 
     x = torch.zeros(1, 1, 256, head_dim, dtype=dtype)
-    gdtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
 
     def desc(rows: int) -> str:
-        block = [1, 1, rows, head_dim]
-        return mangle_type(TensorDescriptor(x, list(x.shape), list(x.stride()), block,
-                                            gl.NVMMASharedLayout.get_default_for(block, gdtype)))
+        return mangle_type(kbg.descriptor(x, rows))
 
     fn = kbg._fwd_ws_kernel
     sig = dict.fromkeys(fn.arg_names, "i32")

@@ -217,21 +217,24 @@ def gluon_applies(q: Tensor, bs: BlockSparse) -> bool:
             and tuple(bs.block_size) == (BLOCK, BLOCK) and q.shape[-1] in (64, 128))
 
 
+def descriptor(t: Tensor, rows: int) -> TensorDescriptor:
+    """TMA descriptor over a (batch, heads, seq, head_dim) fp16/bf16 tensor moving ``rows`` rows of one head at a
+    time (the launch's, and the sm_90 compile test's, one way of building them)."""
+    block = [1, 1, rows, t.shape[-1]]
+    gdtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
+                            gl.NVMMASharedLayout.get_default_for(block, gdtype))
+
+
 def gluon_forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bs: BlockSparse, qk_scale: float,
                   lists: tuple, tiles: Tensor) -> None:
     """Launch into ``out`` / ``lse``. ``qk_scale`` is softmax scale x log2(e); ``lists`` and ``tiles`` as
     block_sparse._list_args / _tiles give them."""
     B, H, Sq, D = q.shape
-    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-
-    def desc(t: Tensor, rows: int) -> TensorDescriptor:
-        block = [1, 1, rows, D]
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
-                                gl.NVMMASharedLayout.get_default_for(block, gdtype))
-
     nqb = len(bs.q_blocks)
     _fwd_ws_kernel[(nqb, B * H)](
-        desc(q, BLOCK // 2), desc(k, BLOCK), desc(v, BLOCK), desc(out, BLOCK // 2), lse, lse.stride(0),
+        descriptor(q, BLOCK // 2), descriptor(k, BLOCK), descriptor(v, BLOCK), descriptor(out, BLOCK // 2), lse,
+        lse.stride(0),
         lse.stride(1), *lists[:4], tiles, *lists[4:], qk_scale, H, H // k.shape[1], nqb, Sq,
         BLOCK_Q=BLOCK, NSLOT=STAGES, num_warps=4,
     )
