@@ -19,7 +19,8 @@ def test_bench_kernels_rows(tmp_path):
     assert [json.loads(line) for line in out.read_text().splitlines()] == json.loads(json.dumps(rows))
     for r in rows:
         assert r["correct"] is True and r["max_abs_err"] < 1e-4
-        assert r["impl"] == "gather" and r["fwd_kernel"] is None  # no GPU kernel ran
+        assert (r["max_grad_rel_err"] < 1e-4) if r["op"] == "bwd" else r["max_grad_rel_err"] is None
+        assert r["impl"] == "gather" and r["fwd_kernel"] is None and r["bwd_kernel"] is None  # no GPU kernel ran
         assert r["ms"] > 0 and r["density_vs_causal"] > 0 and r["sdpa_math_causal_ms"] > 0  # the CPU anchor
 
 
@@ -40,3 +41,11 @@ def test_bench_kernels_resumes(tmp_path, monkeypatch):
     assert len(lines) == 3 and json.loads(lines[2])["op"] == "bwd"
     monkeypatch.setenv("LONGATTN_GIT_SHA", "another")
     assert len(kernels.run(["causal"], [200], directions=("fwd",), **args)) == 1 and len(calls) == 2
+
+
+def test_bench_kernels_backward_row_fails_on_wrong_gradients(tmp_path, monkeypatch):
+    """A backward row is correct only when its gradients match the reference too, not just the forward output."""
+    monkeypatch.setattr(kernels, "_max_grad_err_vs_reference", lambda *a: 0.5)
+    rows = kernels.run(["causal"], [200], directions=("fwd", "bwd"), heads=2, head_dim=32, dtype=torch.float32,
+                       block=64, out=tmp_path / "rows.jsonl", device="cpu", anchors=False)
+    assert [r["correct"] for r in rows] == [True, False] and rows[1]["max_grad_rel_err"] == 0.5

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import longattn.kernels.block_sparse as kbs
 from longattn import masks
 from longattn.masks.block_sparse import BlockSparse
-from tests.kernels.test_block_sparse_kernel import _inputs, _run_block_sparse
+from tests.kernels.test_block_sparse_kernel import _inputs, _run_block_sparse, nan_filled_outputs  # noqa: F401
 from tests.oracle import check_against_oracle
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -61,8 +61,9 @@ def test_build_128k_under_a_second():
 
 
 def _forward_path(bs, path):
+    """Forward and backward (dK/dV kernel) on a forced path, through autograd."""
     def run(q, k, v, bias):
-        return kbs.block_sparse_forward(q, k, v, bs, q.shape[-1] ** -0.5, path=path)
+        return kbs.BlockSparseAttention.apply(q, k, v, None, None, bs, q.shape[-1] ** -0.5, path)
     return run
 
 
@@ -87,14 +88,14 @@ def _needs(path: str) -> None:
 @pytest.mark.parametrize("shape", [(4097, 128, 8, 2), (3000, 64, 4, 4), (1000, 128, 4, 1), (2048, 128, 8, 2)],
                          ids=lambda s: f"s{s[0]}-d{s[1]}-h{s[2]}/{s[3]}")
 def test_gpu_forward_paths_match_oracle(shape, mask_name, dtype, path):
-    """Every forward path (Gluon on Hopper, TMA on sm90+, generic) against the oracle: odd lengths, GQA, partial
-    tiles, empty rows."""
+    """Every kernel path (Gluon forward and dK/dV on Hopper, TMA forward on sm90+, generic) against the oracle,
+    forward and gradients: odd lengths, GQA, partial tiles, empty rows."""
     _needs(path)
     S, D, Hq, Hkv = shape
     q, k, v = _inputs(1, Hq, Hkv, S, S, D, dtype)
     mask = TMA_MASKS[mask_name](S)
     bs = BlockSparse.from_mask_mod(mask, 1, Hq, S, S, (128, 128), device="cuda")
-    check_against_oracle(_forward_path(bs, path), q, k, v, mask=mask, backward=False)
+    check_against_oracle(_forward_path(bs, path), q, k, v, mask=mask)
     if mask_name == "holes":
         out, lse = _forward_path(bs, path)(q, k, v, None)
         assert torch.isneginf(lse[:, 1, 2::5]).all() and (out[:, 1, 2::5] == 0).all()
@@ -103,21 +104,23 @@ def test_gpu_forward_paths_match_oracle(shape, mask_name, dtype, path):
 @pytest.mark.parametrize("shape", [(2, 300, 1000, 128, 8, 2), (3, 1, 129, 64, 4, 1), (1, 5000, 5000, 128, 32, 8)],
                          ids=lambda s: f"b{s[0]}-q{s[1]}-kv{s[2]}-d{s[3]}-h{s[4]}/{s[5]}")
 def test_gpu_gluon_chunked_prefill_and_batches(shape):
-    """The Gluon forward with seq_q != seq_kv (bottom-right causal, as chunked prefill), batches and GQA 4/8."""
+    """The Gluon forward and dK/dV with seq_q != seq_kv (bottom-right causal, as chunked prefill), batches and GQA
+    4/8."""
     _needs("gluon")
     B, Sq, Skv, D, Hq, Hkv = shape
     q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D, torch.bfloat16)
     mask = masks.causal(offset=Skv - Sq)
     bs = BlockSparse.from_mask_mod(mask, B, Hq, Sq, Skv, (128, 128), device="cuda")
-    check_against_oracle(_forward_path(bs, "gluon"), q, k, v, mask=mask, backward=False)
+    check_against_oracle(_forward_path(bs, "gluon"), q, k, v, mask=mask)
 
 
 @settings(max_examples=30, deadline=None)
 @given(sq=st.integers(1, 700), skv=st.integers(1, 700), density=st.floats(0.0, 1.0), p=st.floats(0.3, 1.0),
        group=st.sampled_from([1, 4]), seed=st.integers(0, 2**16))
 def test_gpu_gluon_random_masks(sq, skv, density, p, group, seed):
-    """Random block lists with random element holes (some rows empty) through the Gluon forward, against the
-    generic kernel on the same BlockSparse (itself held to the oracle above); LSE -inf exactly where it is."""
+    """Random block lists with random element holes (some rows and kv blocks empty) through the Gluon forward and
+    dK/dV, against the generic kernels on the same BlockSparse (held to the oracle above); LSE -inf exactly where it
+    is."""
     _needs("gluon")
     q, k, v = _inputs(1, group, 1, sq, skv, 128, torch.bfloat16, seed)
     g = torch.Generator().manual_seed(seed)
@@ -132,15 +135,22 @@ def test_gpu_gluon_random_masks(sq, skv, density, p, group, seed):
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=0)
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=0)
+    do = torch.randn_like(q)
+    _, dk, dv, _, _ = kbs.block_sparse_backward(do, q, k, v, ref, ref_lse, None, bs, 0.1, path="gluon")
+    _, rdk, rdv, _, _ = kbs.block_sparse_backward(do, q, k, v, ref, ref_lse, None, bs, 0.1, path="generic")
+    torch.testing.assert_close(dk, rdk, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dv, rdv, atol=2e-2, rtol=2e-2)
 
 
 def test_gpu_auto_forward_takes_the_fastest_path():
-    """auto: the Gluon kernel on Hopper, the TMA kernel on other sm90+ parts, else the generic one."""
+    """auto: the Gluon kernels on Hopper (forward and dK/dV), the TMA forward on other sm90+ parts, else the generic
+    ones."""
     q, k, v = _inputs(1, 2, 2, 256, 256, 128, torch.bfloat16)
     bs = BlockSparse.from_mask_mod(masks.causal(), 1, 2, 256, 256, 128, device="cuda")
     major = torch.cuda.get_device_capability()[0]
     assert kbs._tma_applies(q, k, v, torch.empty_like(q), bs, None) == (major >= 9)
     assert kbs._gluon_applies(q, bs) == (major == 9)
+    assert kbs.backward_kernel(q, k, v, q, bs) == ("gluon" if major == 9 else "generic")
     if major == 9:
         torch.testing.assert_close(kbs.block_sparse_forward(q, k, v, bs, 0.1)[0],
                                    kbs.block_sparse_forward(q, k, v, bs, 0.1, path="gluon")[0], atol=0, rtol=0)

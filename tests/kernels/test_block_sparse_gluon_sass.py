@@ -1,6 +1,7 @@
-"""The Hopper Gluon forward compiled for sm_90 on this (GPU-less) machine: it must build with the installed Triton,
-without register spills, inside the shared-memory limit, and keep Q @ K^T and P @ V in flight together (the
-overlap it exists for). Running it is tests/gpu's job (test_gpu_kernels.py)."""
+"""The Hopper Gluon kernels (forward, backward dK/dV) compiled for sm_90 on this (GPU-less) machine: they must build
+with the installed Triton, without register spills, inside the shared-memory limit, with the warp-specialised
+register split, and keep two products in flight together (the overlap they exist for). Running them is tests/gpu's
+job (test_gpu_kernels.py)."""
 
 from __future__ import annotations
 
@@ -24,30 +25,45 @@ def _cuobjdump() -> str:
     return path
 
 
-def _compile(dtype: torch.dtype, head_dim: int):
-    """triton.compile of _fwd_ws_kernel for sm_90 with the launch's own signature and constants."""
+def _compile(kernel: str, dtype: torch.dtype, head_dim: int):
+    """triton.compile for sm_90 of the forward ("fwd"), dK/dV ("dkdv") or dQ ("dq") kernel with the launch's own
+    signature and constants."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     from longattn.kernels import block_sparse_gluon as kbg
+    from longattn.kernels import block_sparse_gluon_bwd as kbgb
 
     x = torch.zeros(1, 1, 256, head_dim, dtype=dtype)
 
     def desc(rows: int) -> str:
         return mangle_type(kbg.descriptor(x, rows))
 
-    fn = kbg._fwd_ws_kernel
+    fn = {"fwd": kbg._fwd_ws_kernel, "dkdv": kbgb._bwd_dkdv_ws_kernel, "dq": kbgb._bwd_dq_ws_kernel}[kernel]
     sig = dict.fromkeys(fn.arg_names, "i32")
-    sig.update(desc_q=desc(kbg.BLOCK // 2), desc_o=desc(kbg.BLOCK // 2), desc_k=desc(kbg.BLOCK),
-               desc_v=desc(kbg.BLOCK), LSE="*fp32", IDX="*i32", CNT="*i32", FULL="*i32", TID="*i32",
-               TILES="*i32", qk_scale="fp32", BLOCK_Q="constexpr", NSLOT="constexpr")
-    consts = {"BLOCK_Q": kbg.BLOCK, "NSLOT": kbg.STAGES}
+    sig.update(LSE="*fp32", IDX="*i32", CNT="*i32", FULL="*i32", TID="*i32", TILES="*i32", qk_scale="fp32")
+    if kernel == "fwd":
+        sig.update(desc_q=desc(kbg.BLOCK // 2), desc_o=desc(kbg.BLOCK // 2), desc_k=desc(kbg.BLOCK),
+                   desc_v=desc(kbg.BLOCK), BLOCK_Q="constexpr", NSLOT="constexpr")
+        consts = {"BLOCK_Q": kbg.BLOCK, "NSLOT": kbg.STAGES}
+    elif kernel == "dq":
+        sig.update(desc_q=desc(kbg.BLOCK // 2), desc_do=desc(kbg.BLOCK // 2), desc_dq=desc(kbg.BLOCK // 2),
+                   desc_k=desc(kbg.BLOCK), desc_v=desc(kbg.BLOCK), DELTA="*fp32", sm_scale="fp32",
+                   NSLOT="constexpr")
+        consts = {"NSLOT": kbgb.DQ_SLOTS}
+    else:
+        sig.update({n: desc(kbgb.KV_ROWS) for n in ("desc_k", "desc_v", "desc_dk", "desc_dv")})
+        sig.update({n: desc(kbgb.Q_ROWS[head_dim]) for n in ("desc_q", "desc_do")})
+        sig.update(DELTA="*fp32", sm_scale="fp32", NS="constexpr")
+        consts = {"NS": kbgb.SLOTS}
     return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4})
 
 
-CONFIGS = {"bf16-d128": (torch.bfloat16, 128), "fp16-d64": (torch.float16, 64)}
+CONFIGS = {"fwd-bf16-d128": ("fwd", torch.bfloat16, 128), "fwd-fp16-d64": ("fwd", torch.float16, 64),
+           "dkdv-bf16-d128": ("dkdv", torch.bfloat16, 128), "dkdv-fp16-d64": ("dkdv", torch.float16, 64),
+           "dq-bf16-d128": ("dq", torch.bfloat16, 128), "dq-fp16-d64": ("dq", torch.float16, 64)}
 
 
 def report() -> None:
@@ -56,8 +72,8 @@ def report() -> None:
     import tempfile
 
     out = {}
-    for name, (dtype, head_dim) in CONFIGS.items():
-        kernel = _compile(dtype, head_dim)
+    for name, (which, dtype, head_dim) in CONFIGS.items():
+        kernel = _compile(which, dtype, head_dim)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"])
             f.flush()
@@ -68,7 +84,7 @@ def report() -> None:
             "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
             "overlap": "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass,
             "producer_regs": bool(re.search(r"SETMAXREG\.DEALLOC\S* 0x18\b", sass)),
-            "consumer_regs": bool(re.search(r"SETMAXREG\.TRY_ALLOC\S* UP0, 0xe8\b", sass)),
+            "consumer_regs": sorted(set(re.findall(r"SETMAXREG\.TRY_ALLOC\S* UP\d, (0x[0-9a-f]+)\b", sass))),
         }
     print(json.dumps(out))
 
@@ -89,9 +105,9 @@ def compiled() -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("fwd")])
 def test_gluon_forward_compiles_for_hopper(compiled, name):
-    got, head_dim = compiled[name], CONFIGS[name][1]
+    got, head_dim = compiled[name], CONFIGS[name][2]
     assert not got["spills"], "register spills to local memory"
     assert got["shared"] <= SM90_SHARED_LIMIT
     # two consumers x (first Q @ K^T, loop Q @ K^T, loop P @ V, last P @ V): head_dim/16 or 128/16 wgmmas each
@@ -99,4 +115,30 @@ def test_gluon_forward_compiles_for_hopper(compiled, name):
     # the loop waits for Q @ K^T with P @ V still in flight: a wait that leaves one wgmma group outstanding
     assert got["overlap"]
     # warp specialisation happened: the producer warp gives registers up, the second consumer takes 232
-    assert got["producer_regs"] and got["consumer_regs"]
+    assert got["producer_regs"] and hex(232) in got["consumer_regs"]
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("dkdv")])
+def test_gluon_dkdv_compiles_for_hopper(compiled, name):
+    from longattn.kernels.block_sparse_gluon_bwd import Q_ROWS
+
+    got, head_dim = compiled[name], CONFIGS[name][2]
+    assert not got["spills"], "register spills to local memory"
+    assert got["shared"] <= SM90_SHARED_LIMIT
+    # two consumers x (S^T = K Q^T and dP^T = V dO^T: head_dim/16 wgmmas each; dV and dK: query rows/16 each)
+    assert got["hgmma"] == 2 * (2 * (head_dim // 16) + 2 * (Q_ROWS[head_dim] // 16))
+    # S^T is waited for with dP^T still in flight
+    assert got["overlap"]
+    # the producer (default partition) gives registers up; both consumers take 240
+    assert got["producer_regs"] and hex(240) in got["consumer_regs"]
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("dq")])
+def test_gluon_dq_compiles_for_hopper(compiled, name):
+    got, head_dim = compiled[name], CONFIGS[name][2]
+    assert not got["spills"], "register spills to local memory"
+    assert got["shared"] <= SM90_SHARED_LIMIT
+    # two consumers x (S = Q Kᵀ and dP = dO Vᵀ: head_dim/16 wgmmas each; dQ += dS K: 128/16)
+    assert got["hgmma"] == 2 * (2 * (head_dim // 16) + 128 // 16)
+    assert got["overlap"]  # S is waited for with dP still in flight
+    assert got["producer_regs"] and hex(240) in got["consumer_regs"]

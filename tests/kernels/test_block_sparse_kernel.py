@@ -265,6 +265,22 @@ def test_forward_kernel_names_the_kernel_a_call_runs():
         kbs.forward_kernel(q, k, v, bs, path="cudnn")
 
 
+def test_backward_kernel_choice_and_forced_paths():
+    """dK/dV: "generic" wherever the Hopper Gluon kernel cannot run (here: this device, 32 x 32 blocks); a forced
+    "gluon" that cannot run is an error naming the argument, as is an unknown path; "tma" runs the generic one."""
+    q, k, v = _inputs(1, 2, 2, 64, 64, 32, torch.float16)
+    bs = BlockSparse.from_mask_mod(masks.causal(), 1, 2, 64, 64, (32, 32), device=DEVICE)
+    for path in ("auto", "generic", "tma"):
+        assert kbs.backward_kernel(q, k, v, q, bs, path=path) == "generic"
+    with pytest.raises(ValueError, match="path: 'gluon'"):
+        kbs.backward_kernel(q, k, v, q, bs, path="gluon")
+    with pytest.raises(ValueError, match="path: expected"):
+        kbs.backward_kernel(q, k, v, q, bs, path="flash")
+    out, lse = kbs.block_sparse_forward(q, k, v, bs, 0.2)
+    with pytest.raises(ValueError, match="path: 'gluon'"):
+        kbs.block_sparse_backward(q, q, k, v, out, lse, None, bs, 0.2, path="gluon")
+
+
 def test_gluon_unavailable_warns_once_and_keeps_the_tma_kernel(monkeypatch):
     """A Triton without Gluon's Hopper API: the choice falls to the TMA kernel, said once, never silently."""
     import sys
@@ -275,7 +291,7 @@ def test_gluon_unavailable_warns_once_and_keeps_the_tma_kernel(monkeypatch):
     monkeypatch.setattr(kbs, "_GLUON_MISSING", [])
     monkeypatch.setitem(sys.modules, "longattn.kernels.block_sparse_gluon", None)  # import raises ImportError
     fake_cuda_q = types.SimpleNamespace(is_cuda=True)
-    with pytest.warns(RuntimeWarning, match="Gluon kernel needs Triton"):
+    with pytest.warns(RuntimeWarning, match="Gluon kernels need Triton"):
         assert kbs._gluon_applies(fake_cuda_q, None) is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")

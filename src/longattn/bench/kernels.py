@@ -15,7 +15,7 @@ from tqdm import tqdm
 from longattn import masks
 from longattn.api import attention
 from longattn.bench.timing import append_jsonl, environment, median_ms, peak_memory
-from longattn.kernels.block_sparse import forward_kernel
+from longattn.kernels.block_sparse import backward_kernel, forward_kernel
 from longattn.kernels.reference import reference_attention
 from longattn.masks.block_sparse import BlockSparse
 from longattn.masks.core import MaskMod
@@ -81,15 +81,34 @@ def _timed(direction: str, fn: Callable[[], torch.Tensor], inputs: list[torch.Te
     return median_ms(bwd, device), peak_memory(bwd, device)
 
 
+def _checked_heads(q, k, v) -> tuple[torch.Tensor, ...]:
+    """The first CHECK_HEADS query heads and the kv heads they read."""
+    hq = min(CHECK_HEADS, q.shape[1])
+    hk = math.ceil(hq / (q.shape[1] // k.shape[1]))
+    return q[:, :hq], k[:, :hk], v[:, :hk]
+
+
 def _max_err_vs_reference(q, k, v, mask, bs: BlockSparse, impl: str) -> float:
     """Max abs error of our output against the fp32 chunked reference on the first CHECK_HEADS heads."""
-    hq = min(CHECK_HEADS, q.shape[1])
-    group = q.shape[1] // k.shape[1]
-    qs, ks, vs = q[:, :hq], k[:, : math.ceil(hq / group)], v[:, : math.ceil(hq / group)]
+    qs, ks, vs = _checked_heads(q, k, v)
     with torch.no_grad():
         ours = attention(qs, ks, vs, mask=mask, impl=impl, block=bs.block_size)
         ref, _ = reference_attention(qs, ks, vs, mask=mask, compute_dtype=torch.float32)
     return float((ours.float() - ref.float()).abs().max())
+
+
+def _max_grad_err_vs_reference(q, k, v, mask, bs: BlockSparse, impl: str) -> float:
+    """Largest error of dq, dk, dv (first CHECK_HEADS heads, one random output gradient) against the fp32 chunked
+    reference's, relative to that gradient's largest magnitude (gradients grow with the rows a key serves)."""
+    qs, ks, vs = (t.detach().requires_grad_(True) for t in _checked_heads(q, k, v))
+    ours = attention(qs, ks, vs, mask=mask, impl=impl, block=bs.block_size)
+    dout = torch.randn_like(ours)
+    got = torch.autograd.grad(ours, (qs, ks, vs), dout)
+    ref_in = [t.detach().float().requires_grad_(True) for t in (qs, ks, vs)]
+    ref, _ = reference_attention(*ref_in, mask=mask, compute_dtype=torch.float32)
+    want = torch.autograd.grad(ref, ref_in, dout.float())
+    errs = [(g.float() - w).abs().max() / w.abs().max().clamp_min(1e-30) for g, w in zip(got, want, strict=True)]
+    return float(max(errs))
 
 
 # What makes a row the same measurement: a rerun into the same file skips these (a new commit re-measures).
@@ -149,6 +168,8 @@ def run(patterns: list[str], lengths: list[int], *, directions: tuple[str, ...] 
         err = _max_err_vs_reference(q, k, v, mask, bs, impl)
         tol = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
         for direction in todo:
+            grad_err = _max_grad_err_vs_reference(q, k, v, mask, bs, impl) if direction == "bwd" else None
+            correct = None if err is None else err <= tol and (grad_err is None or grad_err <= tol)
             leaves = [t.detach().requires_grad_(direction == "bwd") for t in (q, k, v)]
             ms, mem = _timed(direction, lambda lv=leaves, m=bs, i=impl: attention(*lv, mask=m, impl=i), leaves, dev)
             row = {
@@ -158,8 +179,9 @@ def run(patterns: list[str], lengths: list[int], *, directions: tuple[str, ...] 
                 "density_vs_causal": retained_area / causal_area, "build_ms": t_build, "ms": ms,
                 "tflops_actual": _flops(shape, retained_area, direction) / ms / 1e9,
                 "tflops_dense_equiv": _flops(shape, causal_area, direction) / ms / 1e9,
-                "peak_mem_bytes": mem, "max_abs_err": err, "correct": None if err is None else err <= tol,
-                "fwd_kernel": forward_kernel(q, k, v, bs) if on_gpu else None, **env,
+                "peak_mem_bytes": mem, "max_abs_err": err, "max_grad_rel_err": grad_err, "correct": correct,
+                "fwd_kernel": forward_kernel(q, k, v, bs) if on_gpu else None,
+                "bwd_kernel": backward_kernel(q, k, v, q, bs) if on_gpu and direction == "bwd" else None, **env,
             }
             if anchors:
                 row.update(_anchors(direction, shape, mask, bs, dev, sdpa_cache, on_gpu))

@@ -16,8 +16,9 @@ On sm90+ GPUs the forward of plain batches (no bias, no gathered columns, fp16/b
 _fwd_tma_kernel: Q/K/V/O move through 4-d tensor descriptors (TMA), query blocks run last-first (longest causal
 rows first), and the softmax folds the scale into one FMA with the P@V product accumulating in place. On Hopper
 with 128 x 128 blocks a third, warp-specialised Gluon kernel takes those calls (block_sparse_gluon.py: softmax
-overlapped with the tensor cores, 1.2-1.5x faster on an H200). Everything else, and the interpreter, takes the
-generic kernel; ``block_sparse_forward(path=...)`` forces any of them.
+overlapped with the tensor cores, 1.2-1.5x faster on an H200), and Gluon kernels of the same layout run the
+backward's dQ and dK/dV (block_sparse_gluon_bwd.py). Everything else, and the interpreter, takes the generic kernels;
+``block_sparse_forward(path=...)`` / ``block_sparse_backward(path=...)`` force any of them.
 """
 
 from __future__ import annotations
@@ -589,8 +590,8 @@ def _gluon_applies(q: Tensor, bs: BlockSparse) -> bool:
     except ImportError as e:
         if not _GLUON_MISSING:
             _GLUON_MISSING.append(str(e))
-            warnings.warn(f"block-sparse forward: the Hopper Gluon kernel needs Triton >= 3.5 ({e}); running the "
-                          f"Triton TMA kernel (about 1.3x slower on sm90)", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"block-sparse attention: the Hopper Gluon kernels need Triton >= 3.5 ({e}); running "
+                          f"the Triton kernels (about 1.3x slower forward on sm90)", RuntimeWarning, stacklevel=3)
         return False
     return gluon_applies(q, bs)
 
@@ -653,16 +654,39 @@ def block_sparse_forward(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale
     return out, lse
 
 
+def backward_kernel(q: Tensor, k: Tensor, v: Tensor, do: Tensor, bs: BlockSparse,
+                    bias: tuple[Tensor, Tensor] | None = None, path: str = "auto") -> str:
+    """Which backward kernels (dQ and dK/dV) a call runs: "gluon" (warp-specialised Hopper kernels,
+    block_sparse_gluon_bwd.py) or "generic". ``path`` as in forward_kernel; "tma" has no backward of its own and
+    runs the generic one; a forced "gluon" that cannot run these inputs is a ValueError naming ``path``."""
+    if path not in ("auto", "gluon", "tma", "generic"):
+        raise ValueError(f"path: expected 'auto', 'gluon', 'tma' or 'generic', got {path!r}")
+    gluon = (path in ("auto", "gluon") and _tma_applies(q, k, v, do, bs, bias) and _gluon_applies(q, bs))
+    if path == "gluon" and not gluon:
+        raise ValueError("path: 'gluon' needs fp16/bf16 plain batches without bias or gathered columns, 16-byte "
+                         "aligned, on a Hopper (sm90) GPU, with 128 x 128 blocks and head_dim 64 or 128")
+    return "gluon" if gluon else "generic"
+
+
 def block_sparse_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                           dlse: Tensor | None, bs: BlockSparse, scale: float,
-                          bias: tuple[Tensor, Tensor] | None = None):
-    """Gradients (dq, dk, dv, du, dw). A gradient on the LSE output folds into delta (dL/ds += dlse * p)."""
+                          bias: tuple[Tensor, Tensor] | None = None, path: str = "auto"):
+    """Gradients (dq, dk, dv, du, dw). A gradient on the LSE output folds into delta (dL/ds += dlse * p).
+    ``path`` picks the kernels (see backward_kernel)."""
     B, H, Sq, D = q.shape
     Hkv = k.shape[1]
     q, k, v, do = (t.contiguous() for t in (q, k, v, do))
     delta = _delta(out, do, dlse)
     lse = lse.contiguous()
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    if backward_kernel(q, k, v, do, bs, bias, path) == "gluon":
+        from longattn.kernels.block_sparse_gluon_bwd import gluon_dkdv, gluon_dq
+
+        tiles = _tiles(bs)
+        gluon_dq(q, k, v, do, lse, delta, dq, bs, scale,
+                 _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids)), tiles)
+        gluon_dkdv(q, k, v, do, lse, delta, dk, dv, bs, scale, _list_args(tuple(bs.transposed())), tiles)
+        return dq, dk, dv, None, None
     if bias is not None:
         bias = (bias[0].contiguous(), bias[1].contiguous())
     bu, bw, bias_strides, rank = _bias_args(bias, q)
@@ -692,18 +716,19 @@ def block_sparse_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
 
 
 class BlockSparseAttention(torch.autograd.Function):
-    """Autograd wrapper: returns (out, lse); both carry gradients."""
+    """Autograd wrapper: returns (out, lse); both carry gradients. ``path`` (default "auto") forces the forward and
+    dK/dV kernels (forward_kernel, backward_kernel)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias_u, bias_w, bs, scale):
+    def forward(ctx, q, k, v, bias_u, bias_w, bs, scale, path="auto"):
         if bs.columns is not None and any(ctx.needs_input_grad[:5]):
             raise ValueError("mask: a BlockSparse with gathered columns (with_columns) runs forward only (prefill); "
                              "the inputs require grad: call under torch.no_grad() or pass a mask without columns")
         bias = (bias_u, bias_w) if bias_u is not None else None
-        out, lse = block_sparse_forward(q, k, v, bs, scale, bias)
+        out, lse = block_sparse_forward(q, k, v, bs, scale, bias, path)
         ctx.set_materialize_grads(False)  # an unused LSE output gets no zero-filled gradient to subtract
         ctx.save_for_backward(q, k, v, out, lse, bias_u, bias_w)
-        ctx.bs, ctx.scale = bs, scale
+        ctx.bs, ctx.scale, ctx.path = bs, scale, path
         return out, lse
 
     @staticmethod
@@ -712,8 +737,9 @@ class BlockSparseAttention(torch.autograd.Function):
         bias = (bias_u, bias_w) if bias_u is not None else None
         if dout is None:  # only the LSE output was used
             dout = torch.zeros_like(out)
-        dq, dk, dv, du, dw = block_sparse_backward(dout, q, k, v, out, lse, dlse, ctx.bs, ctx.scale, bias)
-        return dq, dk, dv, du, dw, None, None
+        dq, dk, dv, du, dw = block_sparse_backward(dout, q, k, v, out, lse, dlse, ctx.bs, ctx.scale, bias,
+                                                   ctx.path)
+        return dq, dk, dv, du, dw, None, None, None
 
 
 def pad_rank(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
