@@ -39,7 +39,7 @@ PRODUCER_REGS = gl.constexpr(24)
 
 
 @gluon.jit
-def _masked_rows(s, TILES, TID, row, j, n_full, r0, ROWS: gl.constexpr, BLOCK_Q: gl.constexpr,
+def masked_rows(s, TILES, TID, row, j, n_full, r0, ROWS: gl.constexpr, BLOCK_Q: gl.constexpr,
                  BLOCK_KV: gl.constexpr, layout: gl.constexpr):
     """Scores of query rows r0 .. r0 + ROWS of the j-th listed block, its bit tile applied when the block is
     partial (j >= n_full). Each thread reads the words of its own elements (from L1 after the first)."""
@@ -55,7 +55,7 @@ def _masked_rows(s, TILES, TID, row, j, n_full, r0, ROWS: gl.constexpr, BLOCK_Q:
 
 
 @gluon.jit
-def _k_t(k_smem, slot, BLOCK_KV: gl.constexpr, HEAD_DIM: gl.constexpr):
+def transposed_tile(k_smem, slot, BLOCK_KV: gl.constexpr, HEAD_DIM: gl.constexpr):
     """K tile of ring slot ``slot`` as the [HEAD_DIM, BLOCK_KV] operand of Q @ K^T (a transposed view)."""
     return k_smem.index(slot).reshape([BLOCK_KV, HEAD_DIM]).permute((1, 0))
 
@@ -77,11 +77,18 @@ def _producer(desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_bars, k_
     """One warp: the two 64-row halves of Q, then every listed K/V block into the ring as soon as both consumers
     have released its slot (mbarriers start with phase 1 complete, so the first STAGES waits pass at once)."""
     ROWS: gl.constexpr = desc_q.block_type.shape[2]
-    BLOCK_KV: gl.constexpr = desc_k.block_type.shape[2]
-    NSLOT: gl.constexpr = k_smem.type.shape[0]
     for c in gl.static_range(2):
         mbarrier.expect(q_bars.index(c), desc_q.block_type.nbytes)
         tma.async_copy_global_to_shared(desc_q, [b, h, q0 + c * ROWS, 0], q_bars.index(c), q_smem.index(c))
+    stream_kv_blocks(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, IDX, row, n_all, b, hk)
+
+
+@gluon.jit
+def stream_kv_blocks(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, IDX, row, n_all, b, hk):
+    """Producer loop: each listed K/V block (list row ``row`` of IDX) into the ring as soon as both consumers have
+    released its slot; K and V complete separate barriers, so Q @ K^T can start before V has landed."""
+    BLOCK_KV: gl.constexpr = desc_k.block_type.shape[2]
+    NSLOT: gl.constexpr = k_smem.type.shape[0]
     for j in range(0, n_all):
         slot = j % NSLOT
         mbarrier.wait(empty.index(slot), ((j // NSLOT) & 1) ^ 1)
@@ -135,9 +142,9 @@ def _consume(desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_bars, k_r
     mbarrier.wait(q_bars.index(HALF), 0)
     if n_all > 0:
         mbarrier.wait(k_ready.index(0), 0)
-        s_tok = warpgroup_mma(q, _k_t(k_smem, 0, BLOCK_KV, HEAD_DIM), s_zero, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q, transposed_tile(k_smem, 0, BLOCK_KV, HEAD_DIM), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok,))
-        s = _masked_rows(s, TILES, TID, row, 0, n_full, r0, ROWS, 2 * ROWS, BLOCK_KV, s_layout)
+        s = masked_rows(s, TILES, TID, row, 0, n_full, r0, ROWS, 2 * ROWS, BLOCK_KV, s_layout)
         p32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
         p = gl.convert_layout(p32.to(dtype), p_layout)
         for j in range(1, n_all):
@@ -145,10 +152,11 @@ def _consume(desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_bars, k_r
             prev = (j - 1) % NSLOT
             mbarrier.wait(k_ready.index(slot), (j // NSLOT) & 1)
             mbarrier.wait(v_ready.index(prev), ((j - 1) // NSLOT) & 1)
-            s_tok = warpgroup_mma(q, _k_t(k_smem, slot, BLOCK_KV, HEAD_DIM), s_zero, use_acc=False, is_async=True)
+            k_t = transposed_tile(k_smem, slot, BLOCK_KV, HEAD_DIM)
+            s_tok = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
             acc_tok = warpgroup_mma(p, v_smem.index(prev).reshape([BLOCK_KV, HEAD_DIM]), acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok,))
-            s = _masked_rows(s, TILES, TID, row, j, n_full, r0, ROWS, 2 * ROWS, BLOCK_KV, s_layout)
+            s = masked_rows(s, TILES, TID, row, j, n_full, r0, ROWS, 2 * ROWS, BLOCK_KV, s_layout)
             p32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
             acc, p = warpgroup_mma_wait(0, deps=(acc_tok, p))
             mbarrier.arrive(empty.index(prev), count=1)

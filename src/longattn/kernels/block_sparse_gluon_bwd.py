@@ -24,7 +24,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from longattn.kernels.block_sparse_gluon import BLOCK, LOG2E, _k_t, _masked_rows, descriptor
+from longattn.kernels.block_sparse_gluon import BLOCK, LOG2E, descriptor, masked_rows, stream_kv_blocks, transposed_tile
 from longattn.masks.block_sparse import BlockSparse
 
 KV_ROWS = BLOCK // 2  # kv rows per consumer warpgroup
@@ -37,8 +37,8 @@ DQ_SLOTS = 2  # K/V ring slots of the dQ kernel: with Q and dO resident, 192 KB 
 
 @gluon.jit
 def _dkdv_producer(desc_q, desc_do, desc_k, desc_v, desc_dk, desc_dv, q_smem, do_smem, k_smem, v_smem, kv_bars, ready,
-              empty, LSE, DELTA, s_lb, s_lh, IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch, b, hk, kb,
-              GROUP, qk_scale, sm_scale, SEQ_Q):
+                   empty, LSE, DELTA, s_lb, s_lh, IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch, b, hk, kb,
+                   GROUP, qk_scale, sm_scale, SEQ_Q):
     """Both K/V halves, then each listed query block's Q and dO slices (QR rows each), head by head."""
     QR: gl.constexpr = desc_q.block_type.shape[2]
     R: gl.constexpr = desc_k.block_type.shape[2]
@@ -65,26 +65,26 @@ def _dkdv_producer(desc_q, desc_do, desc_k, desc_v, desc_dk, desc_dv, q_smem, do
 
 @gluon.jit
 def _dkdv_consumer_lo(desc_q, desc_do, desc_k, desc_v, desc_dk, desc_dv, q_smem, do_smem, k_smem, v_smem, kv_bars,
-                 ready, empty, LSE, DELTA, s_lb, s_lh, IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch, b,
-                 hk, kb, GROUP, qk_scale, sm_scale, SEQ_Q):
+                      ready, empty, LSE, DELTA, s_lb, s_lh, IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch, b,
+                      hk, kb, GROUP, qk_scale, sm_scale, SEQ_Q):
     _dkdv_consume(desc_q, desc_do, desc_k, desc_v, desc_dk, desc_dv, q_smem, do_smem, k_smem, v_smem, kv_bars, ready,
-             empty, LSE, DELTA, s_lb, s_lh, IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch, b, hk, kb,
-             GROUP, qk_scale, sm_scale, SEQ_Q, 0)
+                  empty, LSE, DELTA, s_lb, s_lh, IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch, b, hk, kb,
+                  GROUP, qk_scale, sm_scale, SEQ_Q, 0)
 
 
 @gluon.jit
 def _dkdv_consumer_hi(desc_q, desc_do, desc_k, desc_v, desc_dk, desc_dv, q_smem, do_smem, k_smem, v_smem, kv_bars,
-                 ready, empty, LSE, DELTA, s_lb, s_lh, IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch, b,
-                 hk, kb, GROUP, qk_scale, sm_scale, SEQ_Q):
+                      ready, empty, LSE, DELTA, s_lb, s_lh, IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch, b,
+                      hk, kb, GROUP, qk_scale, sm_scale, SEQ_Q):
     _dkdv_consume(desc_q, desc_do, desc_k, desc_v, desc_dk, desc_dv, q_smem, do_smem, k_smem, v_smem, kv_bars, ready,
-             empty, LSE, DELTA, s_lb, s_lh, IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch, b, hk, kb,
-             GROUP, qk_scale, sm_scale, SEQ_Q, 1)
+                  empty, LSE, DELTA, s_lb, s_lh, IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch, b, hk, kb,
+                  GROUP, qk_scale, sm_scale, SEQ_Q, 1)
 
 
 @gluon.jit
 def _dkdv_consume(desc_q, desc_do, desc_k, desc_v, desc_dk, desc_dv, q_smem, do_smem, k_smem, v_smem, kv_bars, ready,
-             empty, LSE, DELTA, s_lb, s_lh, IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch, b, hk, kb,
-             GROUP, qk_scale, sm_scale, SEQ_Q, HALF: gl.constexpr):
+                  empty, LSE, DELTA, s_lb, s_lh, IDX, CNT, FULL, TID, TILES, s_ib, s_ih, s_im, s_cb, s_ch, b, hk, kb,
+                  GROUP, qk_scale, sm_scale, SEQ_Q, HALF: gl.constexpr):
     """kv rows HALF * 64 .. + 64 of the block: dK and dV accumulate over every listed query slice of every head."""
     QR: gl.constexpr = desc_q.block_type.shape[2]
     R: gl.constexpr = desc_k.block_type.shape[2]
@@ -203,20 +203,11 @@ def _dq_producer(desc_q, desc_do, desc_k, desc_v, desc_dq, q_smem, do_smem, k_sm
     """Both 64-row halves of Q and dO, then every listed K/V block into the ring once both consumers released
     its slot."""
     ROWS: gl.constexpr = desc_q.block_type.shape[2]
-    BLOCK_KV: gl.constexpr = desc_k.block_type.shape[2]
-    NSLOT: gl.constexpr = k_smem.type.shape[0]
     for c in gl.static_range(2):
         mbarrier.expect(q_bars.index(c), 2 * desc_q.block_type.nbytes)
         tma.async_copy_global_to_shared(desc_q, [b, h, q0 + c * ROWS, 0], q_bars.index(c), q_smem.index(c))
         tma.async_copy_global_to_shared(desc_do, [b, h, q0 + c * ROWS, 0], q_bars.index(c), do_smem.index(c))
-    for j in range(0, n_all):
-        slot = j % NSLOT
-        mbarrier.wait(empty.index(slot), ((j // NSLOT) & 1) ^ 1)
-        k0 = gl.load(IDX + row + j) * BLOCK_KV
-        mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_k, [b, hk, k0, 0], k_ready.index(slot), k_smem.index(slot))
-        mbarrier.expect(v_ready.index(slot), desc_v.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_v, [b, hk, k0, 0], v_ready.index(slot), v_smem.index(slot))
+    stream_kv_blocks(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, IDX, row, n_all, b, hk)
 
 
 @gluon.jit
@@ -271,11 +262,11 @@ def _dq_consume(desc_q, desc_do, desc_k, desc_v, desc_dq, q_smem, do_smem, k_sme
         phase = (j // NSLOT) & 1
         s_zero = gl.zeros([ROWS, BLOCK_KV], gl.float32, layout=s_layout)  # made here, not held across the loop
         mbarrier.wait(k_ready.index(slot), phase)
-        s_tok = warpgroup_mma(q, _k_t(k_smem, slot, BLOCK_KV, D), s_zero, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q, transposed_tile(k_smem, slot, BLOCK_KV, D), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(slot), phase)
-        dp_tok = warpgroup_mma(do, _k_t(v_smem, slot, BLOCK_KV, D), s_zero, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do, transposed_tile(v_smem, slot, BLOCK_KV, D), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s_tok,))
-        s = _masked_rows(s, TILES, TID, row, j, n_full, r0, ROWS, 2 * ROWS, BLOCK_KV, s_layout)
+        s = masked_rows(s, TILES, TID, row, j, n_full, r0, ROWS, 2 * ROWS, BLOCK_KV, s_layout)
         p = gl.exp2(s * qk_scale - lse[:, None])
         dp = warpgroup_mma_wait(0, deps=(dp_tok,))
         ds16 = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), a_layout)
