@@ -25,12 +25,12 @@ def triton_kernels(q, k, v, do, lse, delta, bs, scale: float):
     common = dict(HEAD_DIM=D, HAS_BIAS=False, RANK=16, PREC=kbs._prec(q), DTYPE_KEY=str(q.dtype), PACKED=False)
     spans = (bs.q_blocks.starts, bs.q_blocks.lens, bs.kv_blocks.starts, bs.kv_blocks.lens)
     bq, bkv = bs.block_size
-    lists = kbs._list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
+    lists = kbs._q_lists(bs)
     kbs._bwd_dq_kernel[(len(bs.q_blocks), B * H)](
         q, k, v, do, lse, delta, dq, q, q, q, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *lse.stride()[:2],
         *(0,) * 6, *lists[:4], kbs._tiles(bs), *lists[4:], *spans, scale, H, H // Hkv, Sq, k.shape[2],
         BLOCK_Q=bq, BLOCK_KV=bkv, **common)
-    tl_lists = kbs._list_args(tuple(bs.transposed()))
+    tl_lists = kbs._kv_lists(bs)
     kbs._bwd_dkdv_kernel[(len(bs.kv_blocks), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, q, q, q, *q.stride()[:3], *k.stride()[:3], *lse.stride()[:2], *(0,) * 6,
         *tl_lists[:4], kbs._tiles(bs), *tl_lists[4:], *spans, scale, Hkv, H // Hkv, Sq, k.shape[2],
@@ -42,10 +42,9 @@ def gluon_kernels(q, k, v, do, lse, delta, bs, scale: float, which: str = "both"
     dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
     tiles = kbs._tiles(bs)
     if which in ("both", "dq"):
-        kbgb.gluon_dq(q, k, v, do, lse, delta, dq, bs, scale,
-                      kbs._list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids)), tiles)
+        kbgb.gluon_dq(q, k, v, do, lse, delta, dq, bs, scale, kbs._q_lists(bs), tiles)
     if which in ("both", "dkdv"):
-        kbgb.gluon_dkdv(q, k, v, do, lse, delta, dk, dv, bs, scale, kbs._list_args(tuple(bs.transposed())), tiles)
+        kbgb.gluon_dkdv(q, k, v, do, lse, delta, dk, dv, bs, scale, kbs._kv_lists(bs), tiles)
     return dq, dk, dv
 
 

@@ -21,7 +21,7 @@ do = torch.randn_like(q)
 def fwd_with(bs, cfg):
     out = torch.empty_like(q)
     lse = torch.empty((1, H, S), dtype=torch.float32, device=dev)
-    lists = kbs._list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
+    lists = kbs._q_lists(bs)
     bn, w, st = cfg
     kbs._fwd_kernel.fn[(len(bs.q_blocks), H)](
         q, k, v, out, lse, q, q, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],

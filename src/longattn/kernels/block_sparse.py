@@ -513,6 +513,16 @@ def _list_args(bs_lists) -> tuple:
     return (idx, cnt, full, tid, s_ib, s_ih, idx.stride(2), s_cb, s_ch)
 
 
+def _q_lists(bs: BlockSparse) -> tuple:
+    """Per query block: the kv blocks it reads (the forward's and dQ's lists), as _list_args gives them."""
+    return _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
+
+
+def _kv_lists(bs: BlockSparse) -> tuple:
+    """Per kv block: the query blocks that read it (dK/dV's lists), as _list_args gives them."""
+    return _list_args(tuple(bs.transposed()))
+
+
 def _tiles(bs: BlockSparse) -> Tensor:
     return bs.tiles if bs.tiles.numel() else torch.zeros(1, *bs.tiles.shape[1:], dtype=torch.int32,
                                                          device=bs.device)
@@ -573,7 +583,7 @@ def _fwd_tma_args(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bs:
     def desc(t: Tensor, rows: int) -> TensorDescriptor:
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, D])
 
-    lists = _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
+    lists = _q_lists(bs)
     nqb = len(bs.q_blocks)
     args = (desc(q, bq), desc(k, bkv), desc(v, bkv), desc(out, bq), lse, lse.stride(0), lse.stride(1),
             *lists[:4], _tiles(bs), *lists[4:], scale * LOG2E, H, H // k.shape[1], Sq, nqb)
@@ -629,7 +639,7 @@ def block_sparse_forward(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale
     if kernel == "gluon":
         from longattn.kernels.block_sparse_gluon import gluon_forward
 
-        lists = _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
+        lists = _q_lists(bs)
         gluon_forward(q, k, v, out, lse, bs, scale * LOG2E, lists, _tiles(bs))
         return out, lse
     if kernel == "tma":
@@ -638,7 +648,7 @@ def block_sparse_forward(q: Tensor, k: Tensor, v: Tensor, bs: BlockSparse, scale
         return out, lse
     bu, bw, bias_strides, rank = _bias_args(bias, q)
     bq, bkv = bs.block_size
-    lists = _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
+    lists = _q_lists(bs)
     grid = (len(bs.q_blocks), B * H)
     _fwd_kernel[grid](
         q, k, v, out, lse, bu, bw,
@@ -683,16 +693,15 @@ def block_sparse_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         from longattn.kernels.block_sparse_gluon_bwd import gluon_dkdv, gluon_dq
 
         tiles = _tiles(bs)
-        gluon_dq(q, k, v, do, lse, delta, dq, bs, scale,
-                 _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids)), tiles)
-        gluon_dkdv(q, k, v, do, lse, delta, dk, dv, bs, scale, _list_args(tuple(bs.transposed())), tiles)
+        gluon_dq(q, k, v, do, lse, delta, dq, bs, scale, _q_lists(bs), tiles)
+        gluon_dkdv(q, k, v, do, lse, delta, dk, dv, bs, scale, _kv_lists(bs), tiles)
         return dq, dk, dv, None, None
     if bias is not None:
         bias = (bias[0].contiguous(), bias[1].contiguous())
     bu, bw, bias_strides, rank = _bias_args(bias, q)
     du, dw = (_empty_like(bu), _empty_like(bw)) if bias is not None else (q, q)
     bq, bkv = bs.block_size
-    lists = _list_args((bs.kv_indices, bs.kv_counts, bs.full_counts, bs.tile_ids))
+    lists = _q_lists(bs)
     common = dict(HEAD_DIM=D, HAS_BIAS=bias is not None, RANK=rank, PREC=_prec(q), DTYPE_KEY=str(q.dtype),
                   PACKED=bs.varlen)
     _bwd_dq_kernel[(len(bs.q_blocks), B * H)](
@@ -703,7 +712,7 @@ def block_sparse_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         bs.q_blocks.starts, bs.q_blocks.lens, bs.kv_blocks.starts, bs.kv_blocks.lens,
         scale, H, H // Hkv, Sq, k.shape[2], BLOCK_Q=bq, BLOCK_KV=bkv, **common,
     )
-    tl_lists = _list_args(tuple(bs.transposed()))
+    tl_lists = _kv_lists(bs)
     _bwd_dkdv_kernel[(len(bs.kv_blocks), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, bu, bw, dw,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -717,7 +726,7 @@ def block_sparse_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
 
 class BlockSparseAttention(torch.autograd.Function):
     """Autograd wrapper: returns (out, lse); both carry gradients. ``path`` (default "auto") forces the forward and
-    dK/dV kernels (forward_kernel, backward_kernel)."""
+    backward kernels (forward_kernel, backward_kernel)."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias_u, bias_w, bs, scale, path="auto"):

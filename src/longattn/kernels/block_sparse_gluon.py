@@ -237,7 +237,7 @@ def descriptor(t: Tensor, rows: int) -> TensorDescriptor:
 def gluon_forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bs: BlockSparse, qk_scale: float,
                   lists: tuple, tiles: Tensor) -> None:
     """Launch into ``out`` / ``lse``. ``qk_scale`` is softmax scale x log2(e); ``lists`` and ``tiles`` as
-    block_sparse._list_args / _tiles give them."""
+    block_sparse._q_lists / _tiles give them."""
     B, H, Sq, D = q.shape
     nqb = len(bs.q_blocks)
     _fwd_ws_kernel[(nqb, B * H)](

@@ -186,7 +186,7 @@ def _bwd_dkdv_ws_kernel(desc_q, desc_do, desc_k, desc_v, desc_dk, desc_dv, LSE, 
 def gluon_dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, dk: Tensor, dv: Tensor,
                bs: BlockSparse, scale: float, lists: tuple, tiles: Tensor) -> None:
     """Launch into ``dk`` / ``dv``. ``lse`` and ``delta`` are [B, H, S] float32 contiguous (natural-log LSE);
-    ``lists`` are the transposed block lists as block_sparse._list_args gives them, ``tiles`` block_sparse._tiles."""
+    ``lists`` are the per-kv-block lists (block_sparse._kv_lists), ``tiles`` block_sparse._tiles."""
     B, H, Sq, D = q.shape
     Hkv = k.shape[1]
     _bwd_dkdv_ws_kernel[(len(bs.kv_blocks), B * Hkv)](
@@ -320,7 +320,7 @@ def _bwd_dq_ws_kernel(desc_q, desc_do, desc_k, desc_v, desc_dq, LSE, DELTA, s_lb
 
 def gluon_dq(q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, dq: Tensor, bs: BlockSparse,
              scale: float, lists: tuple, tiles: Tensor) -> None:
-    """Launch into ``dq``; ``lists`` are the forward's block lists (block_sparse._list_args), the rest as in
+    """Launch into ``dq``; ``lists`` are the per-query-block lists (block_sparse._q_lists), the rest as in
     gluon_dkdv."""
     B, H, Sq, D = q.shape
     nqb = len(bs.q_blocks)
